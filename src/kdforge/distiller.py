@@ -1,0 +1,135 @@
+"""Distiller: one training step's loss for a student against a teacher, as a sum of named, weighted terms.
+
+`Distiller(teacher, student, objective)(batch)` returns `(total_loss, {term: detached value})`, so kdforge drops into
+any training loop. Causal-LM convention: position t predicts token t+1, so logits and masks are shifted here once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import KDForgeError
+from .losses.registry import check_arguments, lookup
+from .models import vocab_size
+from .recipe import Term
+from .teachers.live import LiveTeacher, TeacherOutput
+
+
+@dataclass
+class BoundTerm:
+    term: Term
+    kind: str  # "label" | "logit" | "feature"
+    fn: Callable
+    kwargs: dict[str, Any]
+    warmup_steps: int = 0
+
+
+def bind_term(term: Term) -> BoundTerm:
+    kind, fn = lookup(term.loss)
+    kwargs = term.params
+    warmup_steps = int(kwargs.pop("warmup_steps", 0))
+    if warmup_steps and "warmup" not in kwargs:
+        check_arguments(term.loss, fn, {"warmup": 1.0})
+    check_arguments(term.loss, fn, kwargs)
+    return BoundTerm(term, kind, fn, kwargs, warmup_steps)
+
+
+def shifted_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token labels [B, T-1] and the mask of positions that count."""
+    labels = batch.get("labels", batch["input_ids"])[:, 1:]
+    mask = labels != -100
+    if batch.get("attention_mask") is not None:
+        mask = mask & batch["attention_mask"][:, 1:].bool()
+    return labels.clamp_min(0), mask
+
+
+class Distiller(nn.Module):
+    """Student + teacher source + objective terms. Trainable extras (projectors) live in this module too."""
+
+    def __init__(self, teacher, student: nn.Module, objective: list[Term | dict], *,
+                 truncate_to_shared_vocab: bool = False, teacher_dtype: str = "float32"):
+        super().__init__()
+        self.student = student
+        self.terms = [bind_term(t if isinstance(t, Term) else Term.model_validate(t)) for t in objective]
+        labels = {b.term.label for b in self.terms}
+        if len(labels) != len(self.terms):
+            raise KDForgeError("two objective terms share a name; give each a distinct `name:`")
+        needs_teacher = any(b.kind != "label" for b in self.terms)
+        if teacher is None and needs_teacher:
+            raise KDForgeError("the objective has distillation terms but no teacher; set `teacher:` in the recipe")
+        if isinstance(teacher, nn.Module):
+            teacher = LiveTeacher(teacher, teacher_dtype)
+        self.teacher_source = teacher if needs_teacher else None
+        self.shared_vocab: int | None = None
+        teacher_model = getattr(self.teacher_source, "model", None)
+        if teacher_model is not None:
+            vt, vs = vocab_size(teacher_model), vocab_size(student)
+            if vt != vs:
+                if not truncate_to_shared_vocab:
+                    raise KDForgeError(
+                        f"teacher vocabulary has {vt} entries but the student's has {vs}; use a student with the "
+                        "teacher's tokenizer, or set truncate_to_shared_vocab: true if they differ only by padding"
+                    )
+                self.shared_vocab = min(vt, vs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher_source is not None and hasattr(self.teacher_source, "model"):
+            self.teacher_source.model.eval()
+        return self
+
+    def forward(self, batch: dict[str, torch.Tensor], *, num_tokens: float | None = None,
+                step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and detached per-term values.
+
+        num_tokens: the global count of valid target tokens in the whole optimizer step (all micro-batches, all
+        ranks). Each term's mean over this micro-batch is scaled by local/global count, so accumulated gradients equal
+        those of one big batch. None means this batch alone.
+        """
+        labels, mask = shifted_targets(batch)
+        out = self.student(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+        student_logits = out.logits[:, :-1]
+        teacher: TeacherOutput | None = None
+        if self.teacher_source is not None:
+            teacher = self.teacher_source(batch)
+        n_local = mask.sum()
+        scale = 1.0 if num_tokens is None else n_local.float() / num_tokens
+        total = student_logits.new_zeros((), dtype=torch.float32)
+        values: dict[str, torch.Tensor] = {}
+        for b in self.terms:
+            value = self._term_value(b, student_logits, labels, mask, teacher, step)
+            values[b.term.label] = value.detach()
+            total = total + b.term.weight * value * scale
+        return total, values
+
+    def _term_value(self, b: BoundTerm, student_logits, labels, mask, teacher: TeacherOutput | None, step: int):
+        if b.kind == "label":
+            return b.fn(self._vocab(student_logits), labels, mask=mask, **b.kwargs)
+        if b.kind == "logit":
+            kwargs = dict(b.kwargs)
+            if "labels" in _keyword_names(b.fn):
+                kwargs["labels"] = labels
+            if b.warmup_steps:
+                kwargs["warmup"] = min(1.0, (step + 1) / b.warmup_steps)
+            t_logits = teacher.logits
+            if isinstance(t_logits, torch.Tensor):
+                t_logits = self._vocab(t_logits[:, :-1])
+            else:  # a top-k teacher: drop the last position like the dense logits
+                t_logits = dataclasses.replace(
+                    t_logits, ids=t_logits.ids[:, :-1], logits=t_logits.logits[:, :-1],
+                    logsumexp=None if t_logits.logsumexp is None else t_logits.logsumexp[:, :-1],
+                )
+            return b.fn(self._vocab(student_logits), t_logits, mask=mask, **kwargs)
+        raise KDForgeError(f"loss '{b.term.loss}' of kind {b.kind} is not supported by this distiller")
+
+    def _vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.shared_vocab is None else logits[..., : self.shared_vocab]
+
+
+def _keyword_names(fn: Callable) -> set[str]:
+    return set(inspect.signature(fn).parameters)

@@ -1,0 +1,489 @@
+"""Logit-distillation losses as pure functions.
+
+Conventions shared by every loss here:
+
+* ``student_logits`` is dense ``[..., V]``; ``teacher_logits`` is dense
+  ``[..., V]`` or a :class:`~kdforge.losses.sparse.SparseLogits` top-k cache.
+  How a sparse teacher's missing tail is treated is set by ``missing_mass``
+  ("bucket" | "renormalize" | "uniform"); see :mod:`kdforge.losses.sparse`.
+* Both sides are softened with the same ``temperature`` T, and every loss
+  returns its per-position divergence multiplied by **T²** (Hinton et al.,
+  2015) so gradient magnitudes stay comparable across temperatures. This holds
+  for total variation and the DKD/CAKD parts too, for uniformity.
+* ``standardize=True`` z-scores each logit vector before dividing by T
+  (logit standardization, Sun et al., CVPR 2024); dense teachers only.
+* ``mask`` is a bool tensor of the leading shape ``[...]``, True where a position
+  counts (None = all count). Positions that do not count are replaced by
+  harmless values *before* any arithmetic and dropped with ``torch.where``, so
+  NaN/inf garbage there cannot leak into the value or the gradient.
+* ``reduction``: "mean" = sum over counted positions / number of counted
+  positions (0 when there are none), "sum" = sum over counted positions,
+  "none" = per-position tensor of the leading shape with 0 where not counted.
+* Arithmetic runs in at least float32 (float64 inputs stay float64); terms with
+  zero probability contribute 0, so -inf vocabulary slots are fine.
+
+``LOGIT_LOSSES`` maps stable names to the teacher-vs-student losses (note that
+"decoupled_kd" also requires ``labels=``). The label-only ``cross_entropy`` has
+a different signature, so it lives in ``LABEL_LOSSES``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kdforge.losses.sparse import (
+    SparseLogits,
+    aligned_log_probs,
+    check_policy,
+    check_temperature,
+    compute_dtype,
+    full_vocab_log_probs,
+    safe_log_softmax,
+    safe_logsumexp,
+)
+
+Teacher = torch.Tensor | SparseLogits
+
+REDUCTIONS = ("mean", "sum", "none")
+_NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _valid_positions(mask: torch.Tensor | None, lead: torch.Size, device: torch.device) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(lead, dtype=torch.bool, device=device)
+    mask = torch.as_tensor(mask, device=device).bool()
+    try:
+        return torch.broadcast_to(mask, lead)
+    except RuntimeError:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the leading shape {tuple(lead)}") from None
+
+
+def _sanitize(student: torch.Tensor, teacher: Teacher, valid: torch.Tensor) -> tuple[torch.Tensor, Teacher]:
+    """Replace uncounted positions by uniform logits so garbage there cannot make NaN gradients."""
+    keep = valid.unsqueeze(-1)
+    student = torch.where(keep, student, torch.zeros_like(student))
+    if isinstance(teacher, SparseLogits):
+        if teacher.ids.shape[:-1] != student.shape[:-1]:
+            raise ValueError(
+                f"SparseLogits leading shape {tuple(teacher.ids.shape[:-1])} does not match the student's "
+                f"{tuple(student.shape[:-1])}"
+            )
+        vocab_size, k = student.shape[-1], teacher.k
+        filler = (torch.arange(k, device=student.device) % vocab_size).expand(teacher.ids.shape)
+        lse = teacher.logsumexp
+        if lse is not None:  # logits 0 and lse log(V): a valid uniform teacher at any temperature
+            lse = torch.where(valid, lse, torch.full_like(lse, math.log(vocab_size)))
+        return student, SparseLogits(
+            ids=torch.where(keep, teacher.ids.long(), filler),
+            logits=torch.where(keep, teacher.logits, torch.zeros_like(teacher.logits)),
+            logsumexp=lse,
+            lse_temperature=teacher.lse_temperature,
+        )
+    if teacher.shape != student.shape:
+        raise ValueError(
+            f"teacher logits {tuple(teacher.shape)} and student logits {tuple(student.shape)} differ in shape"
+        )
+    return student, torch.where(keep, teacher, torch.zeros_like(teacher))
+
+
+def _reduce(per_position: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    per_position = torch.where(valid, per_position, torch.zeros_like(per_position))
+    if reduction == "none":
+        return per_position
+    total = per_position.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp_min(1).to(total.dtype)
+
+
+def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dim from log-probs, with 0·log(0/q) = 0.
+
+    The double ``where`` keeps -inf slots (p = 0) out of the gradient.
+    """
+    p = log_p.exp()
+    present = p > 0
+    diff = torch.where(present, log_p - log_q, torch.zeros_like(log_p))
+    return (p * diff).sum(dim=-1)
+
+
+def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(w·a + (1-w)·b), safe where both are -inf."""
+    if weight_a == 0:
+        return log_b
+    if weight_a == 1:
+        return log_a
+    both_empty = torch.isneginf(log_a) & torch.isneginf(log_b)
+    zero = torch.zeros_like(log_a)
+    mixed = torch.logaddexp(
+        torch.where(both_empty, zero, log_a) + math.log(weight_a),
+        torch.where(both_empty, zero, log_b) + math.log1p(-weight_a),
+    )
+    return torch.where(both_empty, torch.full_like(mixed, _NEG_INF), mixed)
+
+
+def _check_unit_interval(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def _pointwise_loss(
+    divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    student_logits: torch.Tensor,
+    teacher_logits: Teacher,
+    mask,
+    temperature: float,
+    reduction: str,
+    standardize: bool,
+    missing_mass: str,
+) -> torch.Tensor:
+    _check_reduction(reduction)
+    check_temperature(temperature)
+    check_policy(missing_mass)
+    valid = _valid_positions(mask, student_logits.shape[:-1], student_logits.device)
+    student, teacher = _sanitize(student_logits, teacher_logits, valid)
+    log_ps, log_pt = aligned_log_probs(
+        student, teacher, temperature=temperature, standardize=standardize, missing_mass=missing_mass
+    )
+    return _reduce(divergence(log_ps, log_pt) * temperature**2, valid, reduction)
+
+
+# --------------------------------------------------------------------------- divergences
+
+
+def forward_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: Teacher,
+    *,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    standardize: bool = False,
+    missing_mass: str = "bucket",
+) -> torch.Tensor:
+    """KL(p_teacher || p_student) · T², Hinton KD: mass-covering."""
+    return _pointwise_loss(
+        lambda ls, lt: kl_divergence(lt, ls),
+        student_logits, teacher_logits, mask, temperature, reduction, standardize, missing_mass,
+    )
+
+
+def reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: Teacher,
+    *,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    standardize: bool = False,
+    missing_mass: str = "bucket",
+) -> torch.Tensor:
+    """KL(p_student || p_teacher) · T²: mode-seeking (MiniLLM-style)."""
+    return _pointwise_loss(
+        lambda ls, lt: kl_divergence(ls, lt),
+        student_logits, teacher_logits, mask, temperature, reduction, standardize, missing_mass,
+    )
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: Teacher,
+    *,
+    beta: float = 0.5,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    standardize: bool = False,
+    missing_mass: str = "bucket",
+) -> torch.Tensor:
+    """Generalized JSD of GKD (Agarwal et al., 2024, Eq. 1), TRL's convention, · T².
+
+    m = beta·p_t + (1-beta)·p_s;  JSD_beta = beta·KL(p_t||m) + (1-beta)·KL(p_s||m),
+    not divided by anything (as TRL's ``generalized_jsd_loss``). Like TRL,
+    beta == 0 returns forward KL(p_t||p_s) and beta == 1 reverse KL(p_s||p_t).
+    These endpoints are a jump, not a limit: JSD_beta -> 0 as beta -> 0 or 1;
+    it is JSD_beta/beta -> forward KL and JSD_beta/(1-beta) -> reverse KL.
+    """
+    _check_unit_interval("beta", beta)
+
+    def divergence(ls, lt):
+        if beta == 0:
+            return kl_divergence(lt, ls)
+        if beta == 1:
+            return kl_divergence(ls, lt)
+        lm = _log_mixture(lt, ls, beta)
+        return beta * kl_divergence(lt, lm) + (1 - beta) * kl_divergence(ls, lm)
+
+    return _pointwise_loss(
+        divergence, student_logits, teacher_logits, mask, temperature, reduction, standardize, missing_mass
+    )
+
+
+def skew_forward_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: Teacher,
+    *,
+    alpha: float = 0.1,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    standardize: bool = False,
+    missing_mass: str = "bucket",
+) -> torch.Tensor:
+    """Skew KL of DistiLLM (Ko et al., ICML 2024): KL(p_t || alpha·p_t + (1-alpha)·p_s) · T².
+
+    Mixing some teacher into the student keeps the log bounded when the student
+    assigns ~0 where the teacher does not. Same convention as the authors'
+    ``skewed_forward_kl`` (their default alpha = 0.1), except that we return the
+    true KL: theirs drops the teacher-entropy constant, which has no gradient.
+    alpha = 0 is plain forward KL.
+    """
+    _check_unit_interval("alpha", alpha)
+    return _pointwise_loss(
+        lambda ls, lt: kl_divergence(lt, _log_mixture(lt, ls, alpha)),
+        student_logits, teacher_logits, mask, temperature, reduction, standardize, missing_mass,
+    )
+
+
+def skew_reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: Teacher,
+    *,
+    alpha: float = 0.1,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    standardize: bool = False,
+    missing_mass: str = "bucket",
+) -> torch.Tensor:
+    """Skew reverse KL of DistiLLM: KL(p_s || alpha·p_s + (1-alpha)·p_t) · T².
+
+    Matches the authors' ``skewed_reverse_kl`` (mixture (1-alpha)·p_t + alpha·p_s).
+    alpha = 0 is plain reverse KL.
+    """
+    _check_unit_interval("alpha", alpha)
+    return _pointwise_loss(
+        lambda ls, lt: kl_divergence(ls, _log_mixture(ls, lt, alpha)),
+        student_logits, teacher_logits, mask, temperature, reduction, standardize, missing_mass,
+    )
+
+
+def total_variation(
+    student_logits: torch.Tensor,
+    teacher_logits: Teacher,
+    *,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    standardize: bool = False,
+    missing_mass: str = "bucket",
+) -> torch.Tensor:
+    """0.5·Σ|p_t - p_s| · T² (the T² only for consistency with the family; TV itself is in [0, 1])."""
+    return _pointwise_loss(
+        lambda ls, lt: 0.5 * (lt.exp() - ls.exp()).abs().sum(dim=-1),
+        student_logits, teacher_logits, mask, temperature, reduction, standardize, missing_mass,
+    )
+
+
+# --------------------------------------------------------------------------- decoupled losses
+
+
+def _binary_kl(log_t_a, log_t_b, log_s_a, log_s_b) -> torch.Tensor:
+    return kl_divergence(torch.stack([log_t_a, log_t_b], dim=-1), torch.stack([log_s_a, log_s_b], dim=-1))
+
+
+def _full_vocab_setup(student_logits, teacher_logits, valid, temperature, reduction, standardize, missing_mass):
+    _check_reduction(reduction)
+    check_temperature(temperature)
+    check_policy(missing_mass)
+    student, teacher = _sanitize(student_logits, teacher_logits, valid)
+    return full_vocab_log_probs(
+        student, teacher, temperature=temperature, standardize=standardize, missing_mass=missing_mass
+    )
+
+
+def _label_positions(labels, mask, student_logits: torch.Tensor, ignore_index: int):
+    """(counted positions, labels made safe to gather at every position)."""
+    valid = _valid_positions(mask, student_logits.shape[:-1], student_logits.device)
+    labels = torch.as_tensor(labels, device=student_logits.device).long()
+    if labels.shape != valid.shape:
+        raise ValueError(f"labels of shape {tuple(labels.shape)} must match the leading shape {tuple(valid.shape)}")
+    valid = valid & (labels != ignore_index)
+    return valid, torch.where(valid, labels, torch.zeros_like(labels))
+
+
+def decoupled_kd(
+    student_logits: torch.Tensor,
+    teacher_logits: Teacher,
+    *,
+    labels: torch.Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    warmup: float = 1.0,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    standardize: bool = False,
+    missing_mass: str = "bucket",
+    ignore_index: int = -100,
+    return_parts: bool = False,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Decoupled KD (Zhao et al., CVPR 2022): warmup·(alpha·TCKD + beta·NCKD)·T².
+
+    TCKD = KL over the binary [p_target, 1 - p_target]; NCKD = KL between the
+    teacher's and student's distributions over the non-target classes
+    (renormalised). Classic KD is TCKD + (1 - p_target^teacher)·NCKD; DKD frees
+    NCKD from that suppressing factor. alpha=1, beta=8 are the paper's CIFAR-100
+    values; temperature defaults to 1.0 like the rest of this module (the paper
+    used T=4). ``warmup`` is the trainer's min(step / warmup_steps, 1).
+    Positions with ``labels == ignore_index`` are dropped on top of ``mask``.
+
+    A sparse teacher is densified (see ``full_vocab_log_probs``): "bucket" and
+    "uniform" spread the exact tail mass evenly, "renormalize" gives it zero,
+    because the label may lie outside the cached top-k.
+
+    ``return_parts=True`` returns a dict with "loss", "tckd", "nckd" (both ·T²,
+    unweighted) and "teacher_target_prob", each reduced like the loss.
+    """
+    valid, labels = _label_positions(labels, mask, student_logits, ignore_index)
+    log_ps, log_pt = _full_vocab_setup(
+        student_logits, teacher_logits, valid, temperature, reduction, standardize, missing_mass
+    )
+    target = labels.unsqueeze(-1)
+
+    log_ps_target = torch.gather(log_ps, -1, target).squeeze(-1)
+    log_pt_target = torch.gather(log_pt, -1, target).squeeze(-1)
+    log_ps_others = log_ps.scatter(-1, target, _NEG_INF)
+    log_pt_others = log_pt.scatter(-1, target, _NEG_INF)
+
+    tckd = _binary_kl(log_pt_target, safe_logsumexp(log_pt_others), log_ps_target, safe_logsumexp(log_ps_others))
+    nckd = kl_divergence(safe_log_softmax(log_pt_others), safe_log_softmax(log_ps_others))
+    scale = temperature**2
+    loss = warmup * (alpha * tckd + beta * nckd) * scale
+    if not return_parts:
+        return _reduce(loss, valid, reduction)
+    return {
+        "loss": _reduce(loss, valid, reduction),
+        "tckd": _reduce(tckd * scale, valid, reduction),
+        "nckd": _reduce(nckd * scale, valid, reduction),
+        "teacher_target_prob": _reduce(log_pt_target.exp(), valid, reduction),
+    }
+
+
+def correlation_aware_kd(
+    student_logits: torch.Tensor,
+    teacher_logits: Teacher,
+    *,
+    strong_k: int = 10,
+    w_binary: float = 1.0,
+    w_strong: float = 1.0,
+    w_weak: float = 1.0,
+    scale_by_teacher_mass: bool = True,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    standardize: bool = False,
+    missing_mass: str = "bucket",
+    return_parts: bool = False,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """CAKD (Zhang et al., arXiv 2410.14741): forward KL split by teacher correlation.
+
+    Strong group S = the teacher's top-``strong_k`` classes per position
+    (default 10; clamped to V), weak group W = the rest. By the chain rule of KL
+
+        KL(p_t||p_s) = BCD + P_t(S)·SCD + P_t(W)·WCD,
+
+    BCD = KL of the binary [P(S), P(W)] masses, SCD/WCD = KL within each group,
+    renormalised. The loss is
+
+        (w_binary·BCD + w_strong·c_S·SCD + w_weak·c_W·WCD)·T²,
+
+    with c = P_t(group) when ``scale_by_teacher_mass`` (unit weights = forward
+    KL exactly) and c = 1 otherwise. The paper's point is that P_t(S), P_t(W)
+    suppress SCD and WCD, and it re-weights them with its own alpha (SCD) and
+    beta (WCD); as we read it those replace the teacher masses as in DKD, i.e.
+    ``scale_by_teacher_mass=False, w_strong=alpha, w_weak=beta``.
+
+    A sparse teacher is densified as in :func:`decoupled_kd`.
+    ``return_parts=True`` returns "loss", "bcd", "scd", "wcd" (·T², unweighted)
+    and "teacher_strong_mass", each reduced like the loss.
+    """
+    if strong_k < 1:
+        raise ValueError(f"strong_k must be >= 1, got {strong_k}")
+    valid = _valid_positions(mask, student_logits.shape[:-1], student_logits.device)
+    log_ps, log_pt = _full_vocab_setup(
+        student_logits, teacher_logits, valid, temperature, reduction, standardize, missing_mass
+    )
+    top = log_pt.topk(min(strong_k, log_pt.shape[-1]), dim=-1).indices
+    strong = torch.zeros_like(log_pt, dtype=torch.bool).scatter(-1, top, True)
+    neg_inf = torch.full_like(log_pt, _NEG_INF)
+
+    def split(log_p):
+        in_s, in_w = torch.where(strong, log_p, neg_inf), torch.where(strong, neg_inf, log_p)
+        return in_s, in_w, safe_logsumexp(in_s), safe_logsumexp(in_w)
+
+    t_s, t_w, t_mass_s, t_mass_w = split(log_pt)
+    s_s, s_w, s_mass_s, s_mass_w = split(log_ps)
+    bcd = _binary_kl(t_mass_s, t_mass_w, s_mass_s, s_mass_w)
+    scd = kl_divergence(safe_log_softmax(t_s), safe_log_softmax(s_s))
+    wcd = kl_divergence(safe_log_softmax(t_w), safe_log_softmax(s_w))
+    if scale_by_teacher_mass:
+        c_s, c_w = t_mass_s.exp(), t_mass_w.exp()
+    else:
+        c_s = c_w = 1.0
+    scale = temperature**2
+    loss = (w_binary * bcd + w_strong * c_s * scd + w_weak * c_w * wcd) * scale
+    if not return_parts:
+        return _reduce(loss, valid, reduction)
+    return {
+        "loss": _reduce(loss, valid, reduction),
+        "bcd": _reduce(bcd * scale, valid, reduction),
+        "scd": _reduce(scd * scale, valid, reduction),
+        "wcd": _reduce(wcd * scale, valid, reduction),
+        "teacher_strong_mass": _reduce(t_mass_s.exp(), valid, reduction),
+    }
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def cross_entropy(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Token cross-entropy with the same mask/reduction semantics (mean over counted tokens)."""
+    _check_reduction(reduction)
+    valid, labels = _label_positions(labels, mask, student_logits, ignore_index)
+    logits = torch.where(valid.unsqueeze(-1), student_logits, torch.zeros_like(student_logits))
+    log_p = F.log_softmax(logits.to(compute_dtype(logits)), dim=-1)
+    return _reduce(-torch.gather(log_p, -1, labels.unsqueeze(-1)).squeeze(-1), valid, reduction)
+
+
+LOGIT_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "generalized_jsd": generalized_jsd,
+    "skew_forward_kl": skew_forward_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "total_variation": total_variation,
+    "decoupled_kd": decoupled_kd,
+    "correlation_aware_kd": correlation_aware_kd,
+}
+
+LABEL_LOSSES: dict[str, Callable[..., torch.Tensor]] = {"cross_entropy": cross_entropy}

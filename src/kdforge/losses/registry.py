@@ -1,0 +1,42 @@
+"""Stable loss names -> functions, grouped by what the function compares. Recipes use these names."""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from ..errors import KDForgeError
+from . import logits
+
+# cross_entropy(student_logits, labels, *, mask): the ground-truth term.
+LABEL_LOSSES: dict[str, Callable] = {"cross_entropy": logits.cross_entropy}
+# fn(student_logits, teacher_logits, *, mask, temperature, ...): logit distillation.
+LOGIT_LOSSES: dict[str, Callable] = dict(logits.LOGIT_LOSSES)
+# fn(student_tensor, teacher_tensor, *, mask, ...): tensors captured by taps (filled in by kdforge.losses.__init__).
+FEATURE_LOSSES: dict[str, Callable] = {}
+
+
+def all_loss_names() -> list[str]:
+    return sorted({*LABEL_LOSSES, *LOGIT_LOSSES, *FEATURE_LOSSES})
+
+
+def lookup(name: str) -> tuple[str, Callable]:
+    for kind, table in (("label", LABEL_LOSSES), ("logit", LOGIT_LOSSES), ("feature", FEATURE_LOSSES)):
+        if name in table:
+            return kind, table[name]
+    raise KDForgeError(f"unknown loss '{name}'; valid losses: {', '.join(all_loss_names())}")
+
+
+def keyword_arguments(fn: Callable) -> list[str]:
+    """Keyword arguments a recipe may set for this loss (tensor inputs and mask are supplied by kdforge)."""
+    skip = {"mask", "labels", "reduction"}
+    params = inspect.signature(fn).parameters.values()
+    return [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name not in skip]
+
+
+def check_arguments(name: str, fn: Callable, given: dict) -> None:
+    valid = keyword_arguments(fn)
+    for key in given:
+        if key not in valid:
+            raise KDForgeError(
+                f"loss '{name}' has no argument '{key}'; valid: {', '.join(valid) or '(none)'}"
+            )

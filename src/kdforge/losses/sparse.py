@@ -1,0 +1,274 @@
+"""Putting student and teacher distributions on a common support.
+
+Every logit loss compares two log-probability tensors over the same outcomes.
+With a dense teacher that support is the vocabulary. With a cached top-k teacher
+(:class:`SparseLogits`) the teacher's tail is unknown, and ``missing_mass``
+decides what to do with it:
+
+``"bucket"`` (default)
+    Support = the k cached ids plus one "everything else" outcome. Teacher
+    top-k log-probs are ``logits / T - logsumexp`` (exact, so the cached
+    logsumexp must have been taken at the loss temperature); the teacher bucket
+    is ``log(1 - sum(top-k probs))``, clamped at zero mass. The student's
+    bucket is the logsumexp of its own non-top-k log-probs (no ``1 - x``
+    cancellation). Both sides are the exact coarsening of the full
+    distributions, so any divergence computed here is <= the dense one
+    (data-processing inequality). With k >= V there is no tail: the bucket is
+    dropped.
+``"renormalize"``
+    Support = the k ids only; both sides are softmaxes over those k ids. Needs
+    no logsumexp, but ignores how much mass lies outside the top-k.
+``"uniform"``
+    Densify: the top-k keep their exact probabilities and the remaining mass
+    is spread evenly over the other V - k ids. Support = the vocabulary.
+
+``ids`` must be distinct and lie in ``[0, V)`` at every position that counts.
+
+``standardize=True`` (Sun et al., CVPR 2024) z-scores each logit vector before
+the temperature; it needs the full teacher vector, so it refuses a sparse one.
+Everything is computed in at least float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MISSING_MASS_POLICIES = ("bucket", "renormalize", "uniform")
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class SparseLogits:
+    """A top-k teacher, typically read from an offline cache.
+
+    ``logsumexp`` is the logsumexp of the FULL teacher logit vector divided by
+    ``lse_temperature``; it is what turns the k raw logits into exact
+    probabilities (needed by the "bucket" and "uniform" policies).
+    """
+
+    ids: torch.Tensor
+    logits: torch.Tensor
+    logsumexp: torch.Tensor | None = None
+    lse_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.ids.shape != self.logits.shape:
+            raise ValueError(
+                f"SparseLogits.ids {tuple(self.ids.shape)} and .logits {tuple(self.logits.shape)} must have the same shape"
+            )
+        if self.logsumexp is not None and self.logsumexp.shape != self.ids.shape[:-1]:
+            raise ValueError(
+                f"SparseLogits.logsumexp must have shape {tuple(self.ids.shape[:-1])}, got {tuple(self.logsumexp.shape)}"
+            )
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+    @classmethod
+    def from_dense(cls, logits: torch.Tensor, k: int, *, lse_temperature: float = 1.0) -> "SparseLogits":
+        """Keep the top-k of a dense teacher, with the logsumexp the exact policies need."""
+        values, ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
+        lse = torch.logsumexp(logits.to(compute_dtype(logits)) / lse_temperature, dim=-1)
+        return cls(ids=ids, logits=values, logsumexp=lse, lse_temperature=lse_temperature)
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32, or float64 if an input already is: bf16/fp16 losses are too lossy."""
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None and t.is_floating_point():
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def check_policy(missing_mass: str) -> None:
+    if missing_mass not in MISSING_MASS_POLICIES:
+        raise ValueError(f"missing_mass must be one of {MISSING_MASS_POLICIES}, got {missing_mass!r}")
+
+
+def check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Z-score each logit vector: (z - mean) / (std + eps), Sun et al. (CVPR 2024).
+
+    Uses the unbiased std like the authors' reference. Statistics are taken over
+    the finite entries only, so a vocabulary slot masked with -inf stays -inf
+    instead of turning the whole row into NaN.
+    """
+    finite = torch.isfinite(logits)
+    x = torch.where(finite, logits, torch.zeros_like(logits))
+    n = finite.sum(dim=-1, keepdim=True)
+    mean = x.sum(dim=-1, keepdim=True) / n.clamp_min(1)
+    dev = torch.where(finite, x - mean, torch.zeros_like(x))
+    var = dev.pow(2).sum(dim=-1, keepdim=True) / (n - 1).clamp_min(1)
+    # clamp keeps sqrt's gradient finite for constant rows (e.g. masked padding)
+    std = var.clamp_min(1e-12).sqrt()
+    return torch.where(finite, dev / (std + eps), logits)
+
+
+def safe_logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """logsumexp that returns -inf for an all -inf row without a NaN gradient."""
+    empty = torch.isneginf(x).all(dim=dim, keepdim=True)
+    out = torch.logsumexp(torch.where(empty, torch.zeros_like(x), x), dim=dim, keepdim=True)
+    return torch.where(empty, torch.full_like(out, _NEG_INF), out).squeeze(dim)
+
+
+def safe_log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """log_softmax that maps an all -inf row to all -inf (zero mass) instead of NaN."""
+    empty = torch.isneginf(x).all(dim=dim, keepdim=True)
+    out = F.log_softmax(torch.where(empty, torch.zeros_like(x), x), dim=dim)
+    return torch.where(empty, torch.full_like(out, _NEG_INF), out)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate near both ends; x > 0 (rounding) gives -inf."""
+    x = x.clamp_max(0.0)
+    near_zero = x > -math.log(2.0)
+    a = torch.where(near_zero, x, torch.full_like(x, -1.0))
+    b = torch.where(near_zero, torch.full_like(x, -1.0), x)
+    return torch.where(near_zero, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(b)))
+
+
+def _exact_top_log_probs(teacher: SparseLogits, temperature: float, missing_mass: str, dtype) -> torch.Tensor:
+    if teacher.logsumexp is None:
+        raise ValueError(
+            f'missing_mass="{missing_mass}" needs SparseLogits.logsumexp of the full teacher logits; '
+            'cache it, or use missing_mass="renormalize"'
+        )
+    if not math.isclose(teacher.lse_temperature, temperature, rel_tol=1e-6):
+        raise ValueError(
+            f"SparseLogits.logsumexp was cached at temperature {teacher.lse_temperature} but the loss uses "
+            f'{temperature}; cache the logsumexp at temperature {temperature} or use missing_mass="renormalize"'
+        )
+    return teacher.logits.to(dtype) / temperature - teacher.logsumexp.to(dtype).unsqueeze(-1)
+
+
+def _check_sparse_shapes(student_logits: torch.Tensor, teacher: SparseLogits) -> None:
+    if teacher.ids.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"SparseLogits leading shape {tuple(teacher.ids.shape[:-1])} does not match the student's "
+            f"{tuple(student_logits.shape[:-1])}"
+        )
+
+
+def _densify(top_log_probs: torch.Tensor, ids: torch.Tensor, vocab_size: int, tail: str) -> torch.Tensor:
+    k = ids.shape[-1]
+    if tail == "uniform" and vocab_size > k:
+        rest = log1mexp(torch.logsumexp(top_log_probs, dim=-1)) - math.log(vocab_size - k)
+    else:
+        rest = torch.full(top_log_probs.shape[:-1], _NEG_INF, dtype=top_log_probs.dtype, device=top_log_probs.device)
+    dense = rest.unsqueeze(-1).expand(*rest.shape, vocab_size).clone()
+    return dense.scatter(-1, ids, top_log_probs)
+
+
+def densify_teacher(
+    teacher: SparseLogits, vocab_size: int, *, temperature: float = 1.0, tail: str = "uniform"
+) -> torch.Tensor:
+    """Full-vocabulary teacher log-probs [..., V] from a top-k cache.
+
+    ``tail="uniform"``: exact top-k probabilities, remaining mass spread evenly
+    (needs ``logsumexp``). ``tail="zero"``: softmax over the k ids, zero elsewhere.
+    """
+    check_temperature(temperature)
+    dtype = compute_dtype(teacher.logits)
+    ids = teacher.ids.long()
+    if tail == "uniform":
+        top = _exact_top_log_probs(teacher, temperature, "uniform", dtype)
+    elif tail == "zero":
+        top = F.log_softmax(teacher.logits.to(dtype) / temperature, dim=-1)
+    else:
+        raise ValueError(f'tail must be "uniform" or "zero", got {tail!r}')
+    return _densify(top, ids, vocab_size, tail)
+
+
+def aligned_log_probs(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor | SparseLogits,
+    *,
+    temperature: float = 1.0,
+    standardize: bool = False,
+    missing_mass: str = "bucket",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log_p_student, log_p_teacher) at ``temperature`` over a common support.
+
+    The last dimension is the support: V for a dense teacher or "uniform", k for
+    "renormalize", k + 1 (bucket last) for "bucket" when k < V.
+    """
+    check_policy(missing_mass)
+    check_temperature(temperature)
+    dtype = compute_dtype(student_logits, teacher.logits if isinstance(teacher, SparseLogits) else teacher)
+    s = student_logits.to(dtype)
+
+    if not isinstance(teacher, SparseLogits):
+        t = teacher.to(dtype)
+        if t.shape != s.shape:
+            raise ValueError(f"teacher logits {tuple(t.shape)} and student logits {tuple(s.shape)} differ in shape")
+        if standardize:
+            s, t = standardize_logits(s), standardize_logits(t)
+        return F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1)
+
+    if standardize:
+        raise ValueError(
+            "standardize=True needs the full teacher logits (z-scoring uses all V entries); "
+            "pass dense teacher logits or set standardize=False"
+        )
+    _check_sparse_shapes(s, teacher)
+    ids = teacher.ids.long()
+    vocab_size, k = s.shape[-1], ids.shape[-1]
+
+    if missing_mass == "renormalize":
+        s_top = torch.gather(s / temperature, -1, ids)
+        return F.log_softmax(s_top, dim=-1), F.log_softmax(teacher.logits.to(dtype) / temperature, dim=-1)
+
+    t_top = _exact_top_log_probs(teacher, temperature, missing_mass, dtype)
+    s_full = F.log_softmax(s / temperature, dim=-1)
+    if missing_mass == "uniform":
+        return s_full, _densify(t_top, ids, vocab_size, "uniform")
+
+    s_top = torch.gather(s_full, -1, ids)
+    if k >= vocab_size:  # the ids cover the vocabulary: there is no tail to bucket
+        return s_top, t_top
+    s_rest = safe_logsumexp(s_full.scatter(-1, ids, _NEG_INF))
+    t_rest = log1mexp(torch.logsumexp(t_top, dim=-1))
+    return torch.cat([s_top, s_rest.unsqueeze(-1)], dim=-1), torch.cat([t_top, t_rest.unsqueeze(-1)], dim=-1)
+
+
+def full_vocab_log_probs(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor | SparseLogits,
+    *,
+    temperature: float = 1.0,
+    standardize: bool = False,
+    missing_mass: str = "bucket",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`aligned_log_probs` but always over the whole vocabulary.
+
+    For losses that need a per-class teacher probability everywhere (DKD's
+    label may fall outside the cached top-k; CAKD's within-group KLs are
+    per-class). A coarse bucket cannot give that, so a sparse teacher is
+    densified: "bucket" and "uniform" spread the exact tail mass evenly,
+    "renormalize" gives the tail zero mass.
+    """
+    check_policy(missing_mass)
+    if not isinstance(teacher, SparseLogits) or missing_mass != "renormalize":
+        policy = "uniform" if isinstance(teacher, SparseLogits) else missing_mass
+        return aligned_log_probs(
+            student_logits, teacher, temperature=temperature, standardize=standardize, missing_mass=policy
+        )
+    if standardize:  # same refusal as aligned_log_probs
+        aligned_log_probs(student_logits, teacher, temperature=temperature, standardize=True)
+    check_temperature(temperature)
+    _check_sparse_shapes(student_logits, teacher)
+    dtype = compute_dtype(student_logits, teacher.logits)
+    s_full = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    t_top = F.log_softmax(teacher.logits.to(dtype) / temperature, dim=-1)
+    return s_full, _densify(t_top, teacher.ids.long(), student_logits.shape[-1], "zero")

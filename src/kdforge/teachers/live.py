@@ -1,0 +1,45 @@
+"""A live teacher: a frozen model run forward for each batch (eval mode, no grad, optional bf16 autocast)."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TeacherOutput:
+    """What terms may read from the teacher for one batch: logits (dense or top-k) and tapped tensors."""
+
+    logits: Any  # torch.Tensor [B, T, V] or kdforge.losses.sparse.SparseLogits
+    features: dict[str, Any] = field(default_factory=dict)
+
+
+class LiveTeacher:
+    def __init__(self, model: nn.Module, dtype: str = "float32"):
+        self.model = model
+        self.dtype = dtype
+        model.eval()
+        model.requires_grad_(False)
+
+    def autocast(self):
+        if self.dtype == "bfloat16":
+            device = next(self.model.parameters()).device.type
+            return torch.autocast(device, dtype=torch.bfloat16)
+        return nullcontext()
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, torch.Tensor], taps=None) -> TeacherOutput:
+        self.model.eval()  # a wrapper's .train() must never put the teacher in train mode
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        features: dict[str, Any] = {}
+        with self.autocast():
+            if taps is None:
+                out = self.model(**inputs, use_cache=False)
+            else:
+                with taps.capture() as features:
+                    out = self.model(**inputs, use_cache=False, **taps.needs_hf_outputs())
+                taps.collect_outputs(features, out)
+        return TeacherOutput(out.logits, features)

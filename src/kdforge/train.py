@@ -1,0 +1,355 @@
+"""The training loop, top to bottom: build everything from a recipe, train on accelerate, checkpoint, resume exactly.
+
+A run directory holds: manifest.json (resolved recipe, hash, seed, versions, commit, hardware), metrics.jsonl (one
+row per logged step / eval), checkpoints/step_XXXXXXXX/ (student, trainable extras, optimizer, scheduler, RNG), and
+student/ (the final student, loadable with plain transformers) plus final.json (held-out metrics).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data.corpus import load_corpus
+from .data.packing import TokenBlocks, batch_indices, make_batch, pack, tokenize_documents
+from .distiller import Distiller, shifted_targets
+from .errors import KDForgeError
+from .evaluate.metrics import evaluate_models
+from .io import atomic_write_dir, atomic_write_json, atomic_write_text
+from .models import build_student, count_parameters, load_teacher, load_tokenizer
+from .recipe import ModelSpec, Recipe
+
+log = logging.getLogger("kdforge")
+
+
+@dataclass
+class Setup:
+    recipe: Recipe
+    tokenizer: Any
+    teacher: nn.Module | None
+    student: nn.Module
+    distiller: Distiller
+    train_blocks: TokenBlocks
+    val_blocks: TokenBlocks
+
+
+def prepare(recipe: Recipe, teacher: nn.Module | None = None, tokenizer=None) -> Setup:
+    """Load teacher, tokenizer, student and data as the recipe says. A preloaded teacher/tokenizer may be passed in."""
+    spec = recipe.teacher
+    if spec is not None and teacher is None:
+        teacher = load_teacher(spec)
+    if tokenizer is None:
+        tok_spec = spec or (ModelSpec(model=recipe.student.model) if recipe.student.model else None)
+        if tok_spec is None:
+            raise KDForgeError("no tokenizer: set teacher.model, or student.model for a CE-only run")
+        tokenizer = load_tokenizer(tok_spec)
+    torch.manual_seed(recipe.seed)
+    student = build_student(recipe.student, teacher, recipe.seed)
+    distiller = Distiller(teacher, student, recipe.objective, truncate_to_shared_vocab=recipe.truncate_to_shared_vocab,
+                          teacher_dtype=spec.dtype if spec else "float32")
+    train_blocks, val_blocks = tokenize_corpus(recipe, tokenizer)
+    return Setup(recipe, tokenizer, teacher, student, distiller, train_blocks, val_blocks)
+
+
+def tokenize_corpus(recipe: Recipe, tokenizer) -> tuple[TokenBlocks, TokenBlocks]:
+    corpus = load_corpus(recipe.data)
+    seq = recipe.data.seq_len
+    ids, chars = tokenize_documents(tokenizer, corpus.train)
+    train = pack(ids, chars, seq, recipe.data.max_train_tokens, "training corpus", min_blocks=recipe.train.batch_size)
+    vids, vchars = tokenize_documents(tokenizer, corpus.validation)
+    val = pack(vids, vchars, seq, recipe.data.max_eval_tokens, "held-out corpus", min_blocks=1)
+    return train, val
+
+
+def manifest(recipe: Recipe, world_size: int = 1) -> dict[str, Any]:
+    import accelerate
+    import transformers
+
+    from . import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "recipe": recipe.model_dump(mode="json"),
+        "recipe_hash": recipe.hash(),
+        "seed": recipe.seed,
+        "versions": {"kdforge": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+                     "transformers": transformers.__version__, "accelerate": accelerate.__version__},
+        "git_commit": commit,
+        "hardware": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
+                     "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+                     "world_size": world_size},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to min_ratio of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(distiller: Distiller, recipe: Recipe) -> list[dict[str, Any]]:
+    """Student weights (decay on matrices only) and, with their own lr, the distillation extras (projectors)."""
+    decay, no_decay, extras = [], [], []
+    student_ids = {id(p) for p in distiller.student.parameters()}
+    for p in {id(p): p for p in distiller.parameters() if p.requires_grad}.values():
+        if id(p) not in student_ids:
+            extras.append(p)
+        elif p.ndim >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    t = recipe.train
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if extras:
+        groups.append({"params": extras, "weight_decay": 0.0, "lr": t.projector_lr or t.lr})
+    return groups
+
+
+def _check_output_dir(out: Path, recipe: Recipe) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise KDForgeError(f"cannot write to output dir '{out}' ({err.strerror}); choose another with --out") from None
+    existing = out / "manifest.json"
+    if existing.is_file():
+        old = json.loads(existing.read_text()).get("recipe_hash")
+        if old != recipe.hash():
+            raise KDForgeError(
+                f"output dir '{out}' holds a run of a different recipe (hash {old}, this one {recipe.hash()}); "
+                "use another --out or delete that folder"
+            )
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("step_*"))
+    return ckpts[-1] if ckpts else None
+
+
+def _extras_state(distiller: Distiller) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in distiller.state_dict().items() if not k.startswith("student.")}
+
+
+def save_checkpoint(out: Path, step: int, distiller: Distiller, optimizer, scheduler, keep: int) -> Path:
+    from safetensors.torch import save_file
+
+    path = out / "checkpoints" / f"step_{step:08d}"
+
+    def fill(tmp: Path) -> None:
+        distiller.student.save_pretrained(tmp / "student")
+        extras = {k: v.detach().contiguous() for k, v in _extras_state(distiller).items()}
+        if extras:
+            save_file(extras, str(tmp / "extras.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                    "rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+
+    atomic_write_dir(path, fill)
+    for old in sorted((out / "checkpoints").glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(path: Path, distiller: Distiller, optimizer, scheduler) -> int:
+    from safetensors.torch import load_file
+
+    student_state = load_file(str(path / "student" / "model.safetensors"))
+    missing, unexpected = distiller.student.load_state_dict(student_state, strict=False)
+    # Tied weights are stored once; anything else missing means a different model.
+    if unexpected or any("lm_head" not in k for k in missing):
+        raise KDForgeError(f"checkpoint {path} does not match the student of this recipe; use another --out")
+    if (path / "extras.safetensors").is_file():
+        distiller.load_state_dict(load_file(str(path / "extras.safetensors")), strict=False)
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _rewrite_metrics(path: Path, upto_step: int) -> None:
+    """On resume, drop metric rows written after the checkpoint, so the log matches an uninterrupted run."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= upto_step]
+    atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
+class _Progress:
+    """A rich progress bar with live loss terms (rank 0 only), or nothing."""
+
+    def __init__(self, enabled: bool, total: int, start: int, title: str):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), TextColumn("{task.fields[terms]}"), transient=False)
+            self.task = self.bar.add_task(title, total=total, completed=start, terms="")
+            self.bar.start()
+
+    def update(self, step: int, values: dict[str, float]) -> None:
+        if self.bar is not None:
+            terms = " ".join(f"{k}={v:.3f}" for k, v in values.items())
+            self.bar.update(self.task, completed=step, terms=terms)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, out: Path | None = None) -> Path:
+    """Run (or resume) the recipe's training and final evaluation. Returns the run directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out = Path(out or recipe.output_dir)
+    accelerator = Accelerator()
+    is_main = accelerator.is_main_process
+    world = accelerator.num_processes
+    if is_main:
+        _check_output_dir(out, recipe)
+    accelerator.wait_for_everyone()
+    if (out / "final.json").is_file():
+        log.info("%s is already finished; delete it or use another --out to retrain", out)
+        return out
+    set_seed(recipe.seed)
+    if recipe.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    setup = setup or prepare(recipe)
+    t = recipe.train
+    distiller = setup.distiller
+    optimizer = torch.optim.AdamW(param_groups(distiller, recipe), lr=t.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.steps, t.min_lr_ratio))
+    start = 0
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, distiller, optimizer, scheduler)
+        log.info("resuming from %s (step %d)", ckpt, start)
+    if is_main:
+        _rewrite_metrics(out / "metrics.jsonl", start)
+        if not (out / "manifest.json").is_file():
+            atomic_write_json(out / "manifest.json", manifest(recipe, world))
+    model, optimizer = accelerator.prepare(distiller, optimizer)
+    device = accelerator.device
+    blocks = setup.train_blocks
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.bf16 else nullcontext()
+    bar = _Progress(progress and is_main, t.steps, start, recipe.name)
+    metrics_path = out / "metrics.jsonl"
+    last_good = ckpt
+    tokens_seen, t_start = 0, time.perf_counter()
+    model.train()
+    try:
+        for step in range(start, t.steps):
+            micro = [make_batch(blocks, batch_indices(len(blocks.ids), t.batch_size, step * t.grad_accum + j,
+                                                      recipe.seed, accelerator.process_index, world))
+                     for j in range(t.grad_accum)]
+            micro = [{k: v.to(device) for k, v in mb.items()} for mb in micro]
+            local_count = sum(shifted_targets(mb)[1].sum() for mb in micro).float()
+            global_count = accelerator.reduce(local_count.clone(), reduction="sum")
+            # DDP averages gradients over ranks, so each rank's share is scaled by world size.
+            per_rank_norm = global_count / world
+            sums: dict[str, torch.Tensor] = {}
+            total_loss = torch.zeros((), device=device)
+            for j, mb in enumerate(micro):
+                sync = accelerator.no_sync(model) if j < len(micro) - 1 else nullcontext()
+                with sync:
+                    with autocast:
+                        loss, values = model(mb, num_tokens=per_rank_norm, step=step)
+                    accelerator.backward(loss)
+                n = shifted_targets(mb)[1].sum()
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0) + v.float() * n
+                total_loss += loss.detach()
+            total_loss = accelerator.reduce(total_loss, reduction="sum") / world
+            if not torch.isfinite(total_loss):
+                where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
+                raise KDForgeError(
+                    f"loss became {float(total_loss)} at step {step}; training stopped ({where}); "
+                    "lower train.lr, enable train.clip_grad_norm, or check the data"
+                )
+            grad_norm = None
+            if t.clip_grad_norm:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += int(global_count)
+            done = step + 1
+            terms = {k: float(accelerator.reduce(v, reduction="sum") / global_count) for k, v in sums.items()}
+            bar.update(done, {"loss": float(total_loss), **terms})
+            if is_main and (done % t.log_every == 0 or done == t.steps or done == start + 1):
+                row = {"step": done, "loss": float(total_loss), **{f"loss/{k}": v for k, v in terms.items()},
+                       "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
+                       "tokens_per_s": tokens_seen / (time.perf_counter() - t_start)}
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+                _periodic_eval(setup, out, done, is_main)
+            if t.save_every and (done % t.save_every == 0 or done == t.steps):
+                if is_main:
+                    last_good = save_checkpoint(out, done, accelerator.unwrap_model(model), optimizer, scheduler,
+                                                t.keep_checkpoints)
+                accelerator.wait_for_everyone()
+    finally:
+        bar.close()
+    if is_main:
+        finish(setup, out)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _periodic_eval(setup: Setup, out: Path, step: int, is_main: bool) -> None:
+    if not is_main:
+        return
+    res = evaluate_models({"student": setup.student}, setup.val_blocks, batch_size=setup.recipe.train.batch_size)
+    setup.student.train()
+    row = {"step": step, "eval/perplexity": res["student"]["perplexity"],
+           "eval/bits_per_char": res["student"]["bits_per_char"]}
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def finish(setup: Setup, out: Path) -> dict[str, Any]:
+    """Export the student (plain transformers folder) and write held-out metrics against the teacher."""
+    student = setup.student
+
+    def fill(tmp: Path) -> None:
+        student.save_pretrained(tmp)
+        setup.tokenizer.save_pretrained(tmp)
+
+    atomic_write_dir(out / "student", fill)
+    models = {"student": student}
+    if setup.teacher is not None:
+        models["teacher"] = setup.teacher
+    res = evaluate_models(models, setup.val_blocks, reference="teacher" if setup.teacher is not None else None,
+                          batch_size=setup.recipe.train.batch_size,
+                          bf16={"teacher": bool(setup.recipe.teacher and setup.recipe.teacher.dtype == "bfloat16")})
+    final = {"step": setup.recipe.train.steps, "student": res["student"], "teacher": res.get("teacher"),
+             "student_parameters": count_parameters(student)}
+    atomic_write_json(out / "final.json", final)
+    return final
