@@ -8,6 +8,12 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+
+# Tiny models gain nothing from threads, and tests often share the CPU with other processes.
+torch.set_num_threads(1)
 
 WORDS = ("the king queen lord lady speak night day love death crown sword heart blood fair foul sweet "
          "good ill storm sea land father daughter brother sister hath doth thou thee thy mine").split()

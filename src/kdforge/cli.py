@@ -19,10 +19,15 @@ _state = {"debug": False}
 @app.callback()
 def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
     _state["debug"] = debug
-    os.environ.setdefault("HF_HUB_OFFLINE", "1") if not os.environ.get("KDFORGE_ONLINE") else None
+    if not os.environ.get("KDFORGE_ONLINE"):  # no model hub by default; set KDFORGE_ONLINE=1 to allow hub ids
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "accelerate", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _run(fn, *args, **kwargs):

@@ -1,0 +1,141 @@
+"""End-to-end training on tiny offline assets: runs, exports, resumes exactly, and refuses bad input clearly."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdforge import Distiller
+from kdforge.errors import KDForgeError
+from kdforge.recipe import parse_recipe
+from kdforge.train import train
+
+
+def _final(out: Path) -> dict:
+    return json.loads((out / "final.json").read_text())
+
+
+def test_distill_end_to_end_exports_plain_transformers_student(tiny_recipe):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = train(parse_recipe(tiny_recipe), progress=False)
+    final = _final(out)
+    assert final["student"]["perplexity"] > 1 and final["teacher"]["perplexity"] > 1
+    assert 0 <= final["student"]["top1_agreement"] <= 1 and final["student"]["kl_teacher_student"] >= 0
+    model = AutoModelForCausalLM.from_pretrained(out / "student")
+    tok = AutoTokenizer.from_pretrained(out / "student")
+    logits = model(**tok("the king", return_tensors="pt")).logits
+    assert torch.isfinite(logits).all()
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["recipe_hash"] == parse_recipe(tiny_recipe).hash()
+    assert {"torch", "transformers", "accelerate"} <= set(man["versions"]) and man["seed"] == 0
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["loss/cross_entropy"] < rows[0]["loss/cross_entropy"]
+
+
+def test_killed_run_resumes_exactly(tiny_recipe, tmp_path, monkeypatch):
+    ref = train(parse_recipe({**tiny_recipe, "output_dir": str(tmp_path / "ref")}), progress=False)
+
+    recipe = parse_recipe({**tiny_recipe, "output_dir": str(tmp_path / "killed")})
+    original = Distiller.forward
+
+    def dies_at_step_4(self, batch, **kw):
+        if kw.get("step") == 4:
+            raise KeyboardInterrupt  # a kill between the checkpoints at steps 3 and 6
+        return original(self, batch, **kw)
+
+    monkeypatch.setattr(Distiller, "forward", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, progress=False)
+    assert not (tmp_path / "killed" / "final.json").exists()
+    monkeypatch.setattr(Distiller, "forward", original)
+    resumed = train(recipe, progress=False)
+
+    quality = lambda out: {k: v for k, v in _final(out)["student"].items() if k != "tokens_per_s"}  # noqa: E731
+    assert quality(resumed) == quality(ref)  # bit-identical, not approximately equal
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("tokens")} for r in rows]  # noqa: E731
+    read = lambda p: [json.loads(l) for l in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert strip(read(resumed)) == strip(read(ref))
+
+
+def test_nan_loss_stops_and_names_the_step(tiny_recipe, monkeypatch):
+    original = Distiller.forward
+
+    def nan_at_step_4(self, batch, **kw):
+        total, values = original(self, batch, **kw)
+        return (total * float("nan") if kw.get("step") == 4 else total), values
+
+    monkeypatch.setattr(Distiller, "forward", nan_at_step_4)
+    with pytest.raises(KDForgeError, match=r"loss became nan at step 4.*step_00000003"):
+        train(parse_recipe(tiny_recipe), progress=False)
+    assert (Path(tiny_recipe["output_dir"]) / "checkpoints" / "step_00000003").is_dir()
+
+
+def test_other_recipe_in_same_output_dir_is_refused(tiny_recipe):
+    train(parse_recipe(tiny_recipe), progress=False)
+    changed = {**tiny_recipe, "seed": 1}
+    with pytest.raises(KDForgeError, match="different recipe"):
+        train(parse_recipe(changed), progress=False)
+
+
+def test_unwritable_output_dir(tiny_recipe, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(KDForgeError, match="cannot write to output dir"):
+        train(parse_recipe({**tiny_recipe, "output_dir": str(blocker / "run")}), progress=False)
+
+
+def test_too_short_corpus(tiny_recipe, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("the king")
+    with pytest.raises(KDForgeError, match="fewer than .* needed"):
+        train(parse_recipe({**tiny_recipe, "data": {**tiny_recipe["data"], "corpus": str(short)}}), progress=False)
+
+
+def test_jsonl_corpus_and_missing_field(tiny_recipe, tiny_assets, tmp_path):
+    rows = [{"text": line} for line in tiny_assets["train"].read_text().splitlines()]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    recipe = {**tiny_recipe, "data": {**tiny_recipe["data"], "corpus": str(path)}}
+    recipe["train"] = {**recipe["train"], "steps": 2}
+    assert (train(parse_recipe(recipe), progress=False) / "final.json").is_file()
+    recipe["data"]["text_field"] = "body"
+    with pytest.raises(KDForgeError, match="no field 'body'"):
+        train(parse_recipe({**recipe, "output_dir": str(tmp_path / "o2")}), progress=False)
+
+
+def test_grad_accumulation_matches_one_big_batch(tiny_recipe):
+    """Two micro-batches normalised by the global token count give the big batch's gradient."""
+    from kdforge.train import prepare
+    from kdforge.distiller import shifted_targets
+
+    setup = prepare(parse_recipe(tiny_recipe))
+    d = setup.distiller
+    ids = setup.train_blocks.ids[:4]
+    mask = torch.ones_like(ids)
+    mask[0, 20:] = 0  # uneven valid counts make a per-micro-batch mean wrong
+    big = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    loss, _ = d(big)
+    loss.backward()
+    ref = [p.grad.clone() for p in d.student.parameters()]
+    d.zero_grad()
+    halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
+    n = sum(shifted_targets(h)[1].sum() for h in halves).float()
+    for h in halves:
+        d(h, num_tokens=n)[0].backward()
+    for a, b in zip(ref, (p.grad for p in d.student.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_distiller_returns_detached_named_terms(tiny_recipe):
+    from kdforge.train import prepare
+
+    setup = prepare(parse_recipe(tiny_recipe))
+    ids = setup.train_blocks.ids[:2]
+    total, terms = setup.distiller({"input_ids": ids, "labels": ids})
+    assert set(terms) == {"cross_entropy", "forward_kl"}
+    assert total.requires_grad and not any(v.requires_grad for v in terms.values())
+    torch.testing.assert_close(total, 0.5 * terms["cross_entropy"] + 0.5 * terms["forward_kl"])
