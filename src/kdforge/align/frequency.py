@@ -64,6 +64,9 @@ class FrequencyAttention(nn.Module):
     initialised to 0.5 (the authors' implementation; the paper describes the
     sum of the two branches). The filter is initialised uniformly in
     ``[0, 1/(in*out))`` for real and imaginary parts, as the authors do.
+    We use the real FFT (half spectrum) where the authors take a full FFT and
+    keep the real part of the inverse: the same family of real outputs with
+    half the filter parameters.
 
     The filter is tied to ``(height, width)``; other sizes raise (resize the
     feature first).

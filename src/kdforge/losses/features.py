@@ -264,7 +264,8 @@ def cka_loss(
 
     ``level="token"`` treats every valid token as one example (N = valid
     tokens); ``level="batch"`` first mean-pools each sequence over its valid
-    tokens and compares the B pooled vectors (needs B >= 2 to say anything).
+    tokens and compares the B pooled vectors (B <= 2 is degenerate: CKA is 1
+    for two points and 0 for one, so use batches of at least 3 sequences).
     CKA is a statistic of the whole set, so the result is always a scalar:
     ``reduction`` accepts "mean"/"sum" (identical here) for call-site
     uniformity and rejects "none".

@@ -304,14 +304,13 @@ def _binary_kl(log_t_a, log_t_b, log_s_a, log_s_b) -> torch.Tensor:
     return kl_divergence(torch.stack([log_t_a, log_t_b], dim=-1), torch.stack([log_s_a, log_s_b], dim=-1))
 
 
-def _full_vocab_setup(student_logits, teacher_logits, valid, temperature, reduction, standardize, missing_mass):
+def _setup(student_logits, teacher_logits, valid, temperature, reduction, standardize, missing_mass, full_vocab):
     _check_reduction(reduction)
     check_temperature(temperature)
     check_policy(missing_mass)
     student, teacher = _sanitize(student_logits, teacher_logits, valid)
-    return full_vocab_log_probs(
-        student, teacher, temperature=temperature, standardize=standardize, missing_mass=missing_mass
-    )
+    align = full_vocab_log_probs if full_vocab else aligned_log_probs
+    return align(student, teacher, temperature=temperature, standardize=standardize, missing_mass=missing_mass)
 
 
 def _label_positions(labels, mask, student_logits: torch.Tensor, ignore_index: int):
@@ -350,16 +349,19 @@ def decoupled_kd(
     used T=4). ``warmup`` is the trainer's min(step / warmup_steps, 1).
     Positions with ``labels == ignore_index`` are dropped on top of ``mask``.
 
-    A sparse teacher is densified (see ``full_vocab_log_probs``): "bucket" and
-    "uniform" spread the exact tail mass evenly, "renormalize" gives it zero,
-    because the label may lie outside the cached top-k.
+    The label may lie outside a sparse teacher's top-k, where a bucket has no
+    per-class probability, so a sparse teacher is densified (see
+    ``full_vocab_log_probs``): "bucket" and "uniform" spread the exact tail
+    mass evenly over the other ids, "renormalize" gives the tail zero mass.
+    With the former, an id the student rules out (-inf) makes the loss
+    infinite; use "renormalize" there.
 
     ``return_parts=True`` returns a dict with "loss", "tckd", "nckd" (both ·T²,
     unweighted) and "teacher_target_prob", each reduced like the loss.
     """
     valid, labels = _label_positions(labels, mask, student_logits, ignore_index)
-    log_ps, log_pt = _full_vocab_setup(
-        student_logits, teacher_logits, valid, temperature, reduction, standardize, missing_mass
+    log_ps, log_pt = _setup(
+        student_logits, teacher_logits, valid, temperature, reduction, standardize, missing_mass, full_vocab=True
     )
     target = labels.unsqueeze(-1)
 
@@ -416,17 +418,23 @@ def correlation_aware_kd(
     beta (WCD); as we read it those replace the teacher masses as in DKD, i.e.
     ``scale_by_teacher_mass=False, w_strong=alpha, w_weak=beta``.
 
-    A sparse teacher is densified as in :func:`decoupled_kd`.
+    Runs on the same support as the other losses (see ``missing_mass``); with
+    "bucket" the "everything else" outcome always sits in the weak group, so at
+    unit weights this equals ``forward_kl`` under every policy.
     ``return_parts=True`` returns "loss", "bcd", "scd", "wcd" (·T², unweighted)
     and "teacher_strong_mass", each reduced like the loss.
     """
     if strong_k < 1:
         raise ValueError(f"strong_k must be >= 1, got {strong_k}")
     valid = _valid_positions(mask, student_logits.shape[:-1], student_logits.device)
-    log_ps, log_pt = _full_vocab_setup(
-        student_logits, teacher_logits, valid, temperature, reduction, standardize, missing_mass
+    log_ps, log_pt = _setup(
+        student_logits, teacher_logits, valid, temperature, reduction, standardize, missing_mass, full_vocab=False
     )
-    top = log_pt.topk(min(strong_k, log_pt.shape[-1]), dim=-1).indices
+    rank_by = log_pt
+    has_bucket = isinstance(teacher_logits, SparseLogits) and log_pt.shape[-1] == teacher_logits.k + 1
+    if has_bucket:  # "everything else" is never a strong class
+        rank_by = torch.cat([log_pt[..., :-1], torch.full_like(log_pt[..., -1:], _NEG_INF)], dim=-1)
+    top = rank_by.topk(min(strong_k, log_pt.shape[-1] - has_bucket), dim=-1).indices
     strong = torch.zeros_like(log_pt, dtype=torch.bool).scatter(-1, top, True)
     neg_inf = torch.full_like(log_pt, _NEG_INF)
 

@@ -28,7 +28,7 @@ def lookup(name: str) -> tuple[str, Callable]:
 
 def keyword_arguments(fn: Callable) -> list[str]:
     """Keyword arguments a recipe may set for this loss (tensor inputs and mask are supplied by kdforge)."""
-    skip = {"mask", "labels", "reduction"}
+    skip = {"mask", "labels", "reduction", "return_parts"}
     params = inspect.signature(fn).parameters.values()
     return [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name not in skip]
 

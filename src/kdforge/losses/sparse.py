@@ -20,7 +20,9 @@ decides what to do with it:
     no logsumexp, but ignores how much mass lies outside the top-k.
 ``"uniform"``
     Densify: the top-k keep their exact probabilities and the remaining mass
-    is spread evenly over the other V - k ids. Support = the vocabulary.
+    is spread evenly over the other V - k ids. Support = the vocabulary. The
+    invented tail puts mass on every id, so a student that rules an id out
+    (-inf logit) gets an infinite forward KL; prefer "bucket" then.
 
 ``ids`` must be distinct and lie in ``[0, V)`` at every position that counts.
 
@@ -59,11 +61,13 @@ class SparseLogits:
     def __post_init__(self) -> None:
         if self.ids.shape != self.logits.shape:
             raise ValueError(
-                f"SparseLogits.ids {tuple(self.ids.shape)} and .logits {tuple(self.logits.shape)} must have the same shape"
+                f"SparseLogits.ids {tuple(self.ids.shape)} and .logits {tuple(self.logits.shape)} "
+                "must have the same shape"
             )
         if self.logsumexp is not None and self.logsumexp.shape != self.ids.shape[:-1]:
             raise ValueError(
-                f"SparseLogits.logsumexp must have shape {tuple(self.ids.shape[:-1])}, got {tuple(self.logsumexp.shape)}"
+                f"SparseLogits.logsumexp must have shape {tuple(self.ids.shape[:-1])}, "
+                f"got {tuple(self.logsumexp.shape)}"
             )
 
     @property
