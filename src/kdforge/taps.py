@@ -58,7 +58,7 @@ and the innermost module of a wrapper chain is the one hooked.
 after the first compiled call are *silently ignored*.  Set that flag to
 ``False`` when tapping a compiled model (each capture then re-guards), or tap the
 model before compiling it.  :class:`Taps` warns about this, and every capture
-warns once when a tap captured nothing.
+warns once when a hook tap captured nothing.
 
 Attention probabilities
 -----------------------
@@ -191,7 +191,9 @@ def parse_tap(spec: str) -> TapSpec:
         path, _, suffix = spec.partition(":")
         io, _, idx = suffix.partition(".")
         if io not in ("input", "output"):
-            raise TapError(f"tap {raw!r}: unknown suffix ':{suffix}'; use ':input', ':output', ':input.N' or ':output.N'")
+            raise TapError(
+                f"tap {raw!r}: unknown suffix ':{suffix}'; use ':input', ':output', ':input.N' or ':output.N'"
+            )
         if "." in suffix and not idx:
             raise TapError(f"tap {raw!r}: empty index after ':{io}.'")
         index: int | str | None = None
@@ -412,11 +414,8 @@ def _forward_params(module: nn.Module) -> list[str]:
         sig = inspect.signature(module.forward)
     except (TypeError, ValueError):
         return []
-    return [
-        p.name
-        for p in sig.parameters.values()
-        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    ]
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in sig.parameters.values() if p.kind in kinds]
 
 
 def _pick_input(args: tuple, kwargs: dict, params: list[str], index: int | str | None) -> Any:
@@ -554,7 +553,10 @@ class Taps:
             value = outputs.get(spec.path) if isinstance(outputs, Mapping) else getattr(outputs, spec.path, None)
             if value is None or (isinstance(value, (tuple, list)) and len(value) == 0):
                 flag = spec.hf_flag
-                why = f"pass **taps.needs_hf_outputs() ({flag}=True) to the forward call" if flag else "the model does not return it"
+                if flag:
+                    why = f"pass **taps.needs_hf_outputs() ({flag}=True) to the forward call"
+                else:
+                    why = "the model does not return it"
                 if spec.path.endswith("attentions") and value is not None:
                     why = (
                         f"the attention implementation ({_attn_impl(unwrap_model(self.model))!r}) returns no "
@@ -569,7 +571,8 @@ class Taps:
                         store[name] = value[spec.index]
                     except IndexError:
                         raise TapError(
-                            f"tap {spec.raw!r}: {spec.path} has {len(value)} entries, index {spec.index} is out of range"
+                            f"tap {spec.raw!r}: {spec.path} has {len(value)} entries, "
+                            f"index {spec.index} is out of range"
                         ) from None
             else:
                 store[name] = value
@@ -590,15 +593,13 @@ class Taps:
             for h in handles:
                 h.remove()
             handles.clear()
+        # Only hook taps are checked: collect_outputs may legitimately run after the block.
         missing = [t.name for t in self._targets if t.name not in store]
-        missing += [n for n, s in self.specs.items() if s.source == "hf" and n not in store]
         if missing and not self._warned_missing:
             self._warned_missing = True
             hint = ""
             if _is_compiled(self.model):
                 hint = " (torch.compile'd model: set torch._dynamo.config.skip_nnmodule_hook_guards = False)"
-            elif any(self.specs[n].source == "hf" for n in missing):
-                hint = " (HF output taps are filled by taps.collect_outputs(store, outputs))"
             logger.warning("taps captured nothing for %s%s", ", ".join(repr(n) for n in missing), hint)
 
     def _make_hook(self, store: dict, target: _Target, order: list[int], slot: int, path: str, params: list[str]):
