@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import KDForgeError
+from .feature_terms import FeatureTerm, gather, tap_specs
 from .losses.registry import check_arguments, lookup
 from .models import vocab_size
 from .recipe import Term
@@ -27,6 +28,7 @@ class BoundTerm:
     fn: Callable
     kwargs: dict[str, Any]
     warmup_steps: int = 0
+    feature: nn.Module | None = None  # the FeatureTerm of a feature term
 
 
 def bind_term(term: Term) -> BoundTerm:
@@ -52,7 +54,8 @@ class Distiller(nn.Module):
     """Student + teacher source + objective terms. Trainable extras (projectors) live in this module too."""
 
     def __init__(self, teacher, student: nn.Module, objective: list[Term | dict], *,
-                 truncate_to_shared_vocab: bool = False, teacher_dtype: str = "float32"):
+                 truncate_to_shared_vocab: bool = False, teacher_dtype: str = "float32", seq_len: int = 128,
+                 example_batch: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.student = student
         self.terms = [bind_term(t if isinstance(t, Term) else Term.model_validate(t)) for t in objective]
@@ -76,6 +79,48 @@ class Distiller(nn.Module):
                         "teacher's tokenizer, or set truncate_to_shared_vocab: true if they differ only by padding"
                     )
                 self.shared_vocab = min(vt, vs)
+        self.feature_terms = nn.ModuleDict()
+        self.student_taps = self.teacher_taps = None
+        if any(b.kind == "feature" for b in self.terms):
+            self._bind_feature_terms(seq_len, example_batch)
+
+    def _bind_feature_terms(self, seq_len: int, example_batch: dict[str, torch.Tensor] | None) -> None:
+        """Create taps on both models, then probe them once so projectors know their sizes."""
+        from .taps import Taps
+
+        features = [b for b in self.terms if b.kind == "feature"]
+        s_specs, t_specs = {}, {}
+        for b in features:
+            s, t = tap_specs(b.term)
+            s_specs.update(s)
+            t_specs.update(t)
+        teacher_model = getattr(self.teacher_source, "model", None)
+        self.student_taps = Taps(self.student, s_specs)
+        self.teacher_taps = Taps(teacher_model, t_specs) if teacher_model is not None else None
+        if example_batch is None:
+            vocab = vocab_size(self.student)
+            ids = torch.arange(2 * min(seq_len, 16)).remainder(vocab).view(2, -1)
+            example_batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.no_grad():
+            s_store = self._student_forward(example_batch)[1]
+            t_store = self.teacher_source(example_batch, self.teacher_taps).features
+        for b in features:
+            ft = FeatureTerm(b.term, b.fn, b.kwargs, gather(b.term, "s", s_store), gather(b.term, "t", t_store),
+                             seq_len)
+            self.feature_terms[str(len(self.feature_terms))] = ft
+            b.feature = ft
+            mask = example_batch.get("attention_mask")
+            ft(gather(b.term, "s", s_store), gather(b.term, "t", t_store),
+               None if mask is None else mask.bool())  # fail now on shape errors, not at step 1
+
+    def _student_forward(self, batch: dict[str, torch.Tensor]):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        if self.student_taps is None:
+            return self.student(**inputs, use_cache=False), {}
+        with self.student_taps.capture() as store:
+            out = self.student(**inputs, use_cache=False, **self.student_taps.needs_hf_outputs())
+        self.student_taps.collect_outputs(store, out)
+        return out, store
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -92,22 +137,29 @@ class Distiller(nn.Module):
         those of one big batch. None means this batch alone.
         """
         labels, mask = shifted_targets(batch)
-        out = self.student(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+        out, s_store = self._student_forward(batch)
         student_logits = out.logits[:, :-1]
         teacher: TeacherOutput | None = None
         if self.teacher_source is not None:
-            teacher = self.teacher_source(batch)
+            teacher = self.teacher_source(batch, self.teacher_taps)
         n_local = mask.sum()
         scale = 1.0 if num_tokens is None else n_local.float() / num_tokens
         total = student_logits.new_zeros((), dtype=torch.float32)
         values: dict[str, torch.Tensor] = {}
+        token_mask = batch.get("attention_mask")
+        token_mask = torch.ones_like(batch["input_ids"], dtype=torch.bool) if token_mask is None else token_mask.bool()
         for b in self.terms:
-            value = self._term_value(b, student_logits, labels, mask, teacher, step)
+            if step < b.term.start_step or (b.term.end_step is not None and step >= b.term.end_step):
+                continue
+            if b.kind == "feature":
+                value = b.feature(gather(b.term, "s", s_store), gather(b.term, "t", teacher.features), token_mask)
+            else:
+                value = self._logit_term(b, student_logits, labels, mask, teacher, step)
             values[b.term.label] = value.detach()
             total = total + b.term.weight * value * scale
         return total, values
 
-    def _term_value(self, b: BoundTerm, student_logits, labels, mask, teacher: TeacherOutput | None, step: int):
+    def _logit_term(self, b: BoundTerm, student_logits, labels, mask, teacher: TeacherOutput | None, step: int):
         if b.kind == "label":
             return b.fn(self._vocab(student_logits), labels, mask=mask, **b.kwargs)
         if b.kind == "logit":

@@ -54,10 +54,18 @@ class Term(BaseModel):
     loss: str
     weight: float = 1.0
     name: str | None = None
-    student: str | None = None
-    teacher: str | None = None
+    student: str | dict[str, str] | None = None
+    """Tap spec(s) for feature terms: a module path, a glob, an HF output such as `hidden_states`, or a dict of them."""
+    teacher: str | dict[str, str] | None = None
     projector: str | dict[str, Any] | None = None
+    """Student-side projector: a kind (`linear`, `mlp`, `orthogonal`, `conv1x1`, `fam`, `fam_seq`, `identity`) or a
+    dict with `kind`, `init` (`xavier`, `kaiming`, `zero`, `identity`) and kind-specific sizes."""
     layer_map: str | dict[str, Any] | list[list[int]] | None = None
+    """For layer-list taps: `uniform` (default), `skip`, `last`, `last_k`, `learned`, a dict with `strategy` and `k`,
+    or explicit [[student, teacher], ...] pairs."""
+    start_step: int = 0
+    end_step: int | None = None
+    """The term is active for start_step <= step < end_step (e.g. FitNets stage 1: a hint term with end_step)."""
 
     @property
     def params(self) -> dict[str, Any]:

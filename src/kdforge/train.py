@@ -59,7 +59,7 @@ def prepare(recipe: Recipe, teacher: nn.Module | None = None, tokenizer=None) ->
     torch.manual_seed(recipe.seed)
     student = build_student(recipe.student, teacher, recipe.seed)
     distiller = Distiller(teacher, student, recipe.objective, truncate_to_shared_vocab=recipe.truncate_to_shared_vocab,
-                          teacher_dtype=spec.dtype if spec else "float32")
+                          teacher_dtype=spec.dtype if spec else "float32", seq_len=recipe.data.seq_len)
     train_blocks, val_blocks = tokenize_corpus(recipe, tokenizer)
     return Setup(recipe, tokenizer, teacher, student, distiller, train_blocks, val_blocks)
 

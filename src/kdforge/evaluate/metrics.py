@@ -1,4 +1,5 @@
-"""Held-out metrics: perplexity, bits per character, teacher-student agreement and KL, speed, size."""
+"""Held-out metrics: perplexity, bits per character, teacher-student fidelity (top-1 agreement, forward and reverse
+KL), expected calibration error, forward speed and size."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,33 @@ from torch import nn
 
 from ..data.packing import TokenBlocks
 from ..models import count_parameters
+
+ECE_BINS = 15
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = ECE_BINS) -> float:
+    """Standard ECE: top-1 confidences in `n_bins` equal-width bins (lo, hi]; sum over bins of
+    (bin count / N) * |accuracy(bin) - mean confidence(bin)|."""
+    counts, conf_sum, correct_sum = calibration_bins(confidence, correct, n_bins)
+    return ece_from_bins(counts, conf_sum, correct_sum)
+
+
+def calibration_bins(confidence: torch.Tensor, correct: torch.Tensor,
+                     n_bins: int = ECE_BINS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-bin count, sum of confidence and number correct (float64), so batches can be summed before the ECE."""
+    conf = confidence.detach().reshape(-1).double()
+    bins = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
+    counts = torch.bincount(bins, minlength=n_bins).double()
+    conf_sum = torch.bincount(bins, weights=conf, minlength=n_bins)
+    correct_sum = torch.bincount(bins, weights=correct.detach().reshape(-1).double(), minlength=n_bins)
+    return counts, conf_sum, correct_sum
+
+
+def ece_from_bins(counts: torch.Tensor, conf_sum: torch.Tensor, correct_sum: torch.Tensor) -> float:
+    total = float(counts.sum())
+    if total == 0:
+        return float("nan")
+    return float((conf_sum - correct_sum).abs().sum() / total)  # n_b/N * |acc_b - conf_b| = |Σcorrect - Σconf|/N
 
 
 def _autocast(model: nn.Module, bf16: bool):
@@ -25,11 +53,14 @@ def evaluate_models(models: dict[str, nn.Module], blocks: TokenBlocks, *, refere
     """Evaluate several causal LMs on the same blocks in one pass.
 
     Per model: perplexity and bits per character (character counts come from tokenizer offsets, so bpc compares
-    models with different tokenizers), tokens/s of the forward, parameter count. Against `reference` (the teacher):
-    top-1 agreement and mean KL(reference || model) over the same positions.
+    models with different tokenizers), expected calibration error of the top-1 prediction against the next token
+    (`ece`, 15 equal-width confidence bins), tokens/s of the forward, parameter count. Against `reference` (the
+    teacher), over the same positions: top-1 agreement, mean forward KL(reference || model) as `kl_teacher_student`
+    and mean reverse KL(model || reference) as `kl_student_teacher` (nats per token, temperature 1).
     """
     bf16 = bf16 or {}
-    stats = {name: {"nll": 0.0, "tokens": 0, "seconds": 0.0, "agree": 0, "kl": 0.0} for name in models}
+    stats = {name: {"nll": 0.0, "tokens": 0, "seconds": 0.0, "agree": 0, "kl": 0.0, "rkl": 0.0,
+                    "bins": [torch.zeros(ECE_BINS, dtype=torch.float64) for _ in range(3)]} for name in models}
     chars = int(blocks.chars.sum())
     for m in models.values():
         m.eval()
@@ -47,6 +78,9 @@ def evaluate_models(models: dict[str, nn.Module], blocks: TokenBlocks, *, refere
             nll = -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             stats[name]["nll"] += float(nll.sum())
             stats[name]["tokens"] += targets.numel()
+            top_lp, top_id = lp.max(-1)
+            for acc, part in zip(stats[name]["bins"], calibration_bins(top_lp.exp(), top_id == targets)):
+                acc += part
             logprobs[name] = lp
         if reference is not None:
             ref = logprobs[reference]
@@ -56,12 +90,14 @@ def evaluate_models(models: dict[str, nn.Module], blocks: TokenBlocks, *, refere
                     continue
                 v = min(lp.shape[-1], ref.shape[-1])
                 stats[name]["agree"] += int((lp[..., :v].argmax(-1) == ref_top).sum())
-                stats[name]["kl"] += float((ref.exp() * (ref - lp[..., :v])).sum())
+                stats[name]["kl"] += float((ref[..., :v].exp() * (ref[..., :v] - lp[..., :v])).sum())
+                stats[name]["rkl"] += float((lp[..., :v].exp() * (lp[..., :v] - ref[..., :v])).sum())
     results = {}
     for name, s in stats.items():
         r = {
             "perplexity": math.exp(s["nll"] / s["tokens"]),
             "bits_per_char": s["nll"] / math.log(2) / max(chars, 1),
+            "ece": ece_from_bins(*s["bins"]),
             "tokens_per_s": s["tokens"] / max(s["seconds"], 1e-9),
             "parameters": count_parameters(models[name]),
             "eval_tokens": s["tokens"],
@@ -69,5 +105,6 @@ def evaluate_models(models: dict[str, nn.Module], blocks: TokenBlocks, *, refere
         if reference is not None and name != reference:
             r["top1_agreement"] = s["agree"] / s["tokens"]
             r["kl_teacher_student"] = s["kl"] / s["tokens"]
+            r["kl_student_teacher"] = s["rkl"] / s["tokens"]
         results[name] = r
     return results

@@ -365,3 +365,17 @@ def attention_transfer(
     if reduction == "none":
         return per_sample
     return per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+
+def minilm_v1_dict_loss(
+    student: dict[str, Tensor],
+    teacher: dict[str, Tensor],
+    *,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+    num_heads: int | None = None,
+    causal: bool = False,
+) -> Tensor:
+    """:func:`minilm_v1_loss` for recipe terms, whose taps arrive as dicts ``{"probs": ..., "values": ...}``."""
+    return minilm_v1_loss(student["probs"], teacher["probs"], student["values"], teacher["values"], mask=mask,
+                          reduction=reduction, num_heads=num_heads, causal=causal)

@@ -5,14 +5,30 @@ import inspect
 from typing import Callable
 
 from ..errors import KDForgeError
-from . import logits
+from . import attention, features, logits, relations
 
 # cross_entropy(student_logits, labels, *, mask): the ground-truth term.
 LABEL_LOSSES: dict[str, Callable] = {"cross_entropy": logits.cross_entropy}
 # fn(student_logits, teacher_logits, *, mask, temperature, ...): logit distillation.
 LOGIT_LOSSES: dict[str, Callable] = dict(logits.LOGIT_LOSSES)
-# fn(student_tensor, teacher_tensor, *, mask, ...): tensors captured by taps (filled in by kdforge.losses.__init__).
-FEATURE_LOSSES: dict[str, Callable] = {}
+# fn(student_tensor, teacher_tensor, *, mask, ...): tensors captured by taps.
+FEATURE_LOSSES: dict[str, Callable] = {
+    "hidden_mse": features.hidden_mse,
+    "hidden_cosine": features.hidden_cosine,
+    "distilbert_cosine": features.distilbert_cosine,
+    "fitnets_hint": features.fitnets_hint,
+    "pkd_patient": features.pkd_patient,
+    "cka": features.cka_loss,
+    "tinybert_attention": attention.tinybert_attention_mse,
+    "minilm_relations": attention.minilm_loss,
+    "minilm_v1": attention.minilm_v1_dict_loss,
+    "attention_transfer": attention.attention_transfer,
+    "rkd": relations.rkd_loss,
+    "rkd_distance": relations.rkd_distance,
+    "rkd_angle": relations.rkd_angle,
+    "similarity_preserving": relations.similarity_preserving,
+    "contrastive": relations.contrastive_representation,
+}
 
 
 def all_loss_names() -> list[str]:
