@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import KDForgeError
+from .batches import model_inputs, output_logits, shifted_targets
 from .feature_terms import FeatureTerm, gather, tap_specs
 from .losses.registry import check_arguments, lookup
 from .models import vocab_size
@@ -41,15 +42,6 @@ def bind_term(term: Term) -> BoundTerm:
     return BoundTerm(term, kind, fn, kwargs, warmup_steps)
 
 
-def shifted_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token labels [B, T-1] and the mask of positions that count."""
-    labels = batch.get("labels", batch["input_ids"])[:, 1:]
-    mask = labels != -100
-    if batch.get("attention_mask") is not None:
-        mask = mask & batch["attention_mask"][:, 1:].bool()
-    return labels.clamp_min(0), mask
-
-
 class Distiller(nn.Module):
     """Student + teacher source + objective terms. Trainable extras (projectors) live in this module too."""
 
@@ -70,7 +62,7 @@ class Distiller(nn.Module):
         self.teacher_source = teacher if needs_teacher else None
         self.shared_vocab: int | None = None
         teacher_model = getattr(self.teacher_source, "model", None)
-        if teacher_model is not None:
+        if teacher_model is not None and hasattr(teacher_model, "get_output_embeddings"):
             vt, vs = vocab_size(teacher_model), vocab_size(student)
             if vt != vs:
                 if not truncate_to_shared_vocab:
@@ -114,11 +106,11 @@ class Distiller(nn.Module):
                None if mask is None else mask.bool())  # fail now on shape errors, not at step 1
 
     def _student_forward(self, batch: dict[str, torch.Tensor]):
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        args, kwargs = model_inputs(batch)
         if self.student_taps is None:
-            return self.student(**inputs, use_cache=False), {}
+            return self.student(*args, **kwargs), {}
         with self.student_taps.capture() as store:
-            out = self.student(**inputs, use_cache=False, **self.student_taps.needs_hf_outputs())
+            out = self.student(*args, **kwargs, **self.student_taps.needs_hf_outputs())
         self.student_taps.collect_outputs(store, out)
         return out, store
 
@@ -138,7 +130,8 @@ class Distiller(nn.Module):
         """
         labels, mask = shifted_targets(batch)
         out, s_store = self._student_forward(batch)
-        student_logits = out.logits[:, :-1]
+        is_lm = "input_ids" in batch
+        student_logits = output_logits(out)[:, :-1] if is_lm else output_logits(out)
         teacher: TeacherOutput | None = None
         if self.teacher_source is not None:
             teacher = self.teacher_source(batch, self.teacher_taps)
@@ -146,8 +139,10 @@ class Distiller(nn.Module):
         scale = 1.0 if num_tokens is None else n_local.float() / num_tokens
         total = student_logits.new_zeros((), dtype=torch.float32)
         values: dict[str, torch.Tensor] = {}
-        token_mask = batch.get("attention_mask")
-        token_mask = torch.ones_like(batch["input_ids"], dtype=torch.bool) if token_mask is None else token_mask.bool()
+        token_mask = None
+        if is_lm:
+            am = batch.get("attention_mask")
+            token_mask = torch.ones_like(batch["input_ids"], dtype=torch.bool) if am is None else am.bool()
         for b in self.terms:
             if step < b.term.start_step or (b.term.end_step is not None and step >= b.term.end_step):
                 continue
@@ -169,7 +164,9 @@ class Distiller(nn.Module):
             if b.warmup_steps:
                 kwargs["warmup"] = min(1.0, (step + 1) / b.warmup_steps)
             t_logits = teacher.logits
-            if isinstance(t_logits, torch.Tensor):
+            if student_logits.dim() == 2:
+                pass  # a classifier: one distribution per example, nothing to shift
+            elif isinstance(t_logits, torch.Tensor):
                 t_logits = self._vocab(t_logits[:, :-1])
             else:  # a top-k teacher: drop the last position like the dense logits
                 t_logits = dataclasses.replace(

@@ -25,7 +25,8 @@ from torch import nn
 
 from .data.corpus import load_corpus
 from .data.packing import TokenBlocks, batch_indices, make_batch, pack, tokenize_documents
-from .distiller import Distiller, shifted_targets
+from .batches import shifted_targets
+from .distiller import Distiller
 from .errors import KDForgeError
 from .evaluate.metrics import evaluate_models
 from .io import atomic_write_dir, atomic_write_json, atomic_write_text

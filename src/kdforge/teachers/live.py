@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..batches import model_inputs, output_logits
+
 
 @dataclass
 class TeacherOutput:
@@ -33,13 +35,13 @@ class LiveTeacher:
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor], taps=None) -> TeacherOutput:
         self.model.eval()  # a wrapper's .train() must never put the teacher in train mode
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        args, kwargs = model_inputs(batch)
         features: dict[str, Any] = {}
         with self.autocast():
             if taps is None:
-                out = self.model(**inputs, use_cache=False)
+                out = self.model(*args, **kwargs)
             else:
                 with taps.capture() as features:
-                    out = self.model(**inputs, use_cache=False, **taps.needs_hf_outputs())
+                    out = self.model(*args, **kwargs, **taps.needs_hf_outputs())
                 taps.collect_outputs(features, out)
-        return TeacherOutput(out.logits, features)
+        return TeacherOutput(output_logits(out), features)
