@@ -579,3 +579,22 @@ def test_describe_collapses_layers(llama):
     assert any(line.startswith("model.layers.*.mlp ") and line.endswith(f"x{N_LAYERS}") for line in text.splitlines())
     assert len(describe(llama, max_lines=3).splitlines()) == 5  # header + 3 + ellipsis
     assert "model.layers.2.mlp.up_proj" in describe(llama, max_lines=None, collapse=False)
+
+
+def test_negative_layer_index_names_the_last_layer():
+    from kdforge.models import tiny_llama
+    from kdforge.taps import Taps
+
+    model = tiny_llama(vocab_size=32, hidden=16, layers=3, heads=2)
+    taps = Taps(model, {"last": "model.layers.-1.mlp", "first": "model.layers.-3.mlp"})
+    ids = torch.randint(0, 32, (1, 5))
+    with taps.capture() as store:
+        out = model(input_ids=ids, output_hidden_states=True)
+    ref = {}
+    h = model.model.layers[2].mlp.register_forward_hook(lambda m, a, o: ref.setdefault("last", o))
+    model(input_ids=ids)
+    h.remove()
+    torch.testing.assert_close(store["last"], ref["last"])
+    assert store["first"].shape == store["last"].shape
+    with pytest.raises(ValueError, match="matches no module"):
+        Taps(model, {"x": "model.layers.-4.mlp"})

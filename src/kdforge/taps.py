@@ -216,6 +216,21 @@ def parse_tap(spec: str) -> TapSpec:
     return TapSpec(raw, "module", spec, "output", None, _is_glob(spec))
 
 
+def _resolve_negative_indices(path: str, paths: Mapping[str, nn.Module]) -> str:
+    """`model.layers.-1.mlp` -> `model.layers.29.mlp`: negative segments count from the end of a numbered list, so
+    one recipe can name "the last layer" of teachers and students of any depth."""
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("-") and part[1:].isdigit():
+            prefix = ".".join(parts[:i])
+            siblings = sorted({int(p[len(prefix) + 1:].split(".")[0]) for p in paths
+                               if p.startswith(prefix + ".") and p[len(prefix) + 1:].split(".")[0].isdigit()})
+            if not siblings or int(part) < -len(siblings):
+                return path  # no match; the caller reports the closest names
+            parts[i] = str(siblings[int(part)])
+    return ".".join(parts)
+
+
 def _is_glob(path: str) -> bool:
     return any(c in _GLOB_CHARS for c in path)
 
@@ -472,7 +487,8 @@ class Taps:
                 rx = _glob_regex(spec.path)
                 matched = [(p, m) for p, m in paths.items() if p and rx.match(p)]
             else:
-                matched = [(spec.path, paths[spec.path])] if spec.path in paths else []
+                path = _resolve_negative_indices(spec.path, paths)
+                matched = [(path, paths[path])] if path in paths else []
             if not matched:
                 raise self._no_match(spec, paths)
             self._targets.append(_Target(name, spec, matched, [_forward_params(m) for _, m in matched]))
