@@ -57,13 +57,20 @@ def distill(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Run a recipe: train the student against the teacher, checkpoint, evaluate. Rerun to resume."""
+    from .distributed import end_distributed, is_main_process
     from .recipe import load_recipe
     from .train import train
 
     def body():
         r = load_recipe(recipe, set_ or [])
-        path = train(r, progress=not no_progress, out=out)
-        typer.echo(f"done: {path}")
+        ok = False
+        try:
+            path = train(r, progress=not no_progress, out=out)
+            ok = True
+        finally:  # under torchrun / accelerate launch: barrier, then tear the process group down
+            end_distributed(success=ok)
+        if is_main_process():
+            typer.echo(f"done: {path}")
 
     _run(body)
 
@@ -71,37 +78,53 @@ def distill(
 @app.command("eval")
 def eval_(
     student: Path = typer.Argument(..., help="A student folder (save_pretrained) or a run directory."),
-    teacher: Optional[str] = typer.Option("smollm2-135m", help="Teacher model spec, or '' for none."),
-    corpus: str = typer.Option("shakespeare", help="'shakespeare' or held-out text files/globs."),
-    seq_len: int = typer.Option(128),
-    max_tokens: int = typer.Option(16384),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher model spec, or '' for none (default: the run's "
+                                          "teacher, else smollm2-135m)."),
+    corpus: Optional[str] = typer.Option(None, help="'shakespeare' or held-out text files/globs (default: the "
+                                         "run's held-out data, else shakespeare)."),
+    seq_len: Optional[int] = typer.Option(None, help="Block length (default: the run's, else 128)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Held-out tokens (default: the run's, else 16384)."),
+    ood: str = typer.Option("auto", help="Out-of-domain text: 'auto' (Debian fortunes if installed), a file/glob, "
+                            "or 'none'."),
+    prompts: Optional[Path] = typer.Option(None, help="A file of generation prompts, one per line "
+                                           "(default: 8 built-in Shakespeare-ish prompts)."),
+    new_tokens: int = typer.Option(16, help="Greedy tokens generated per prompt."),
+    cka: bool = typer.Option(True, "--cka/--no-cka", help="Layer-by-layer linear CKA against the teacher."),
+    generation: bool = typer.Option(True, "--generation/--no-generation", help="Greedy-generation agreement."),
+    baseline: Optional[Path] = typer.Option(None, help="A second student (e.g. the CE baseline) shown beside it."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write eval.json and cka.json/png here (default: the "
+                                       "run directory when given one)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write all results to this file."),
+    lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="Comma-separated lm-eval tasks run on the student "
+                                          "(needs kdforge[lmeval]); 'kdforge_heldout' is a built-in offline "
+                                          "perplexity task over the held-out text."),
+    lm_eval_include: Optional[Path] = typer.Option(None, "--lm-eval-include", help="A folder of lm-eval task YAMLs."),
+    lm_eval_limit: Optional[float] = typer.Option(None, "--lm-eval-limit", help="Documents per lm-eval task."),
 ) -> None:
-    """Held-out perplexity, bits/char, teacher agreement and KL, tokens/s and parameter count."""
+    """Held-out perplexity and bits/char; teacher fidelity (top-1 agreement, forward and reverse KL, ECE of both);
+    out-of-domain perplexity; greedy-generation agreement; prefill and generation tokens/s; size; peak memory;
+    layer-wise CKA; optionally lm-evaluation-harness tasks."""
 
     def body():
         import json
 
-        from .data.corpus import load_corpus
-        from .data.packing import pack, tokenize_documents
-        from .evaluate.metrics import evaluate_models
+        from .evaluate.suite import run_eval
         from .io import atomic_write_json
-        from .models import load_causal_lm, load_teacher, load_tokenizer
-        from .recipe import DataSpec, ModelSpec
+        from .recipe import EvalSpec
 
-        folder = student / "student" if (student / "student" / "config.json").is_file() else student
-        model = load_causal_lm(ModelSpec(model=str(folder)))
-        tok = load_tokenizer(ModelSpec(model=str(folder)))
-        spec = DataSpec(corpus=corpus, seq_len=seq_len, max_eval_tokens=max_tokens) if corpus == "shakespeare" \
-            else DataSpec(corpus=corpus, validation=[corpus], seq_len=seq_len, max_eval_tokens=max_tokens)
-        docs = load_corpus(spec).validation
-        blocks = pack(*tokenize_documents(tok, docs), seq_len, max_tokens, "held-out corpus")
-        models = {"student": model}
-        if teacher:
-            models["teacher"] = load_teacher(ModelSpec(model=teacher))
-        res = evaluate_models(models, blocks, reference="teacher" if teacher else None,
-                              bf16={"teacher": True})
-        typer.echo(json.dumps(res, indent=2))
+        prompt_list = None
+        if prompts is not None:
+            if not prompts.is_file():
+                raise FileNotFoundError(f"prompt file '{prompts}' not found")
+            prompt_list = [line for line in prompts.read_text().splitlines() if line.strip()]
+        spec = EvalSpec(ood=None if ood.lower() == "none" else ood, prompts=prompt_list, new_tokens=new_tokens,
+                        cka=cka, generation=generation)
+        tasks = [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else None
+        res = run_eval(student, teacher=teacher, corpus=corpus, seq_len=seq_len, max_tokens=max_tokens, spec=spec,
+                       baseline=baseline, out_dir=out, lm_eval_tasks=tasks, lm_eval_include=lm_eval_include,
+                       lm_eval_limit=lm_eval_limit)
+        shown = {k: res[k] for k in ("heldout", "summary", "lm_eval", "notes") if res.get(k)}
+        typer.echo(json.dumps(shown, indent=2, default=str))
         if json_out:
             atomic_write_json(json_out, res)
 
@@ -132,6 +155,90 @@ def demo(
         typer.echo(f"distilled vs baseline perplexity: {gain:.2f}x lower" if gain > 1 else
                    f"distilled student did not beat the baseline (ratio {gain:.2f})")
         typer.echo(f"report: {out / 'report.html'}")
+
+    _run(body)
+
+
+@app.command()
+def bench(
+    matrix: Path = typer.Argument(..., help="Matrix YAML: base recipe, methods, seeds, optional students."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Bench directory (default: runs/bench/<matrix name>)."),
+    workers: int = typer.Option(1, "--workers", help="Cells run in parallel (processes); 1 reuses one teacher."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a matrix key, e.g. --set seeds=[0]."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the cells and exit."),
+) -> None:
+    """Run a methods x seeds matrix with identical data, steps and evaluation; resumable; writes results.json,
+    results.md (mean ± std over seeds, last-step values, CE baseline row) and report.html."""
+    from .bench import load_matrix, plan_cells, run_bench
+
+    def body():
+        if dry_run:
+            spec, base = load_matrix(matrix, set_ or [])
+            cells, baseline = plan_cells(spec, base, out or Path("runs") / "bench" / spec.name)
+            for c in cells:
+                mark = "done" if (Path(c.dir) / "final.json").is_file() else ("INVALID: " + c.error if c.error else "")
+                typer.echo(f"{c.key}  {c.dir}  {mark}")
+            typer.echo(f"{len(cells)} cells; CE baseline: {baseline}")
+            return
+        results = run_bench(matrix, out=out, workers=workers, overrides=set_ or [], echo=typer.echo)
+        from .report.build import build_report
+
+        bench_dir = Path(results["dir"])
+        try:
+            html_path = build_report(bench_dir)[0]
+        except Exception as err:  # noqa: BLE001 - the results are written; a report problem must not hide them
+            html_path = f"not written ({err}); run `kdforge report {bench_dir}`"
+        failed = len(results["failed"])
+        typer.echo(f"results: {bench_dir / 'results.md'}; report: {html_path}"
+                   + (f"; {failed} cell(s) failed" if failed else ""))
+
+    _run(body)
+
+
+@app.command()
+def report(
+    directory: Path = typer.Argument(..., help="A run directory or a bench directory."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write report.html/report.md (default: DIR)."),
+) -> None:
+    """Write a self-contained HTML report (images inlined) and its Markdown twin; says what is missing."""
+    from .report.build import build_report
+
+    def body():
+        html_path, md_path, missing = build_report(directory, out)
+        for m in missing:
+            typer.echo(f"missing: {m}", err=True)
+        typer.echo(f"report: {html_path} (markdown: {md_path})")
+
+    _run(body)
+
+
+@app.command()
+def reproduce(
+    manifest: Path = typer.Argument(..., help="A run's manifest.json (or the run directory)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="New run directory (default: <run>-reproduce)."),
+    rtol: float = typer.Option(0.0, "--rtol", help="Relative tolerance for a match (default: exact)."),
+) -> None:
+    """Rerun a run from its manifest's recipe into a new directory and diff final.json (speed figures ignored).
+    Exit 0 when every metric matches, 1 and a diff table otherwise."""
+    from .reproduce import reproduce as run_reproduce
+
+    def body():
+        new_dir, rows, warnings = run_reproduce(manifest, out, rtol)
+        for w in warnings:
+            typer.echo(f"warning: {w}", err=True)
+        if not rows:
+            typer.echo(f"reproduced: every final metric matches ({new_dir})")
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"final.json differences ({len(rows)})")
+        for c in ("metric", "original", "reproduction"):
+            table.add_column(c)
+        for key, a, b in rows:
+            table.add_row(key, repr(a), repr(b))
+        Console(width=120).print(table)
+        raise typer.Exit(1)
 
     _run(body)
 

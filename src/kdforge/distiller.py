@@ -25,11 +25,12 @@ from .teachers.live import LiveTeacher, TeacherOutput
 @dataclass
 class BoundTerm:
     term: Term
-    kind: str  # "label" | "logit" | "feature"
+    kind: str  # "label" | "logit" | "feature" | "stepping_stone"
     fn: Callable
     kwargs: dict[str, Any]
     warmup_steps: int = 0
     feature: nn.Module | None = None  # the FeatureTerm of a feature term
+    stones: nn.Module | None = None  # the SteppingStones (connectors) of a stepping-stone term
 
 
 def bind_term(term: Term) -> BoundTerm:
@@ -71,22 +72,31 @@ class Distiller(nn.Module):
                         "teacher's tokenizer, or set truncate_to_shared_vocab: true if they differ only by padding"
                     )
                 self.shared_vocab = min(vt, vs)
+        # a source whose __call__ takes `step` (a teacher curriculum) is told the training step
+        self.teacher_takes_step = self.teacher_source is not None and "step" in _keyword_names(self.teacher_source)
         self.feature_terms = nn.ModuleDict()
+        self.stepping_stones = nn.ModuleDict()
         self.student_taps = self.teacher_taps = None
-        if any(b.kind == "feature" for b in self.terms):
+        if any(b.kind in ("feature", "stepping_stone") for b in self.terms):
             self._bind_feature_terms(seq_len, example_batch)
 
     def _bind_feature_terms(self, seq_len: int, example_batch: dict[str, torch.Tensor] | None) -> None:
-        """Create taps on both models, then probe them once so projectors know their sizes."""
+        """Create taps on both models, then probe them once so projectors and connectors know their sizes."""
         from .taps import Taps
+        from .teachers.stepping_stones import SteppingStones, student_block_tap
 
         features = [b for b in self.terms if b.kind == "feature"]
+        stones = [b for b in self.terms if b.kind == "stepping_stone"]
         s_specs, t_specs = {}, {}
         for b in features:
             s, t = tap_specs(b.term)
             s_specs.update(s)
             t_specs.update(t)
+        for b in stones:
+            s_specs[f"{b.term.label}.s"] = student_block_tap(self.student)  # every student block's output
         teacher_model = getattr(self.teacher_source, "model", None)
+        if stones and teacher_model is None:
+            raise KDForgeError("block_kd runs the teacher's blocks, so it needs a live teacher model")
         self.student_taps = Taps(self.student, s_specs)
         self.teacher_taps = Taps(teacher_model, t_specs) if teacher_model is not None else None
         if example_batch is None:
@@ -104,6 +114,10 @@ class Distiller(nn.Module):
             mask = example_batch.get("attention_mask")
             ft(gather(b.term, "s", s_store), gather(b.term, "t", t_store),
                None if mask is None else mask.bool())  # fail now on shape errors, not at step 1
+        for b in stones:
+            b.stones = SteppingStones(b.term, b.fn, b.kwargs, self.student, teacher_model,
+                                      s_store[f"{b.term.label}.s"], example_batch)
+            self.stepping_stones[str(len(self.stepping_stones))] = b.stones
 
     def _student_forward(self, batch: dict[str, torch.Tensor]):
         args, kwargs = model_inputs(batch)
@@ -113,6 +127,11 @@ class Distiller(nn.Module):
             out = self.student(*args, **kwargs, **self.student_taps.needs_hf_outputs())
         self.student_taps.collect_outputs(store, out)
         return out, store
+
+    @property
+    def _no_split_modules(self) -> set[str] | list[str] | None:
+        """The student's block classes, so FSDP's transformer_based_wrap shards the student layer by layer."""
+        return getattr(self.student, "_no_split_modules", None)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -134,7 +153,8 @@ class Distiller(nn.Module):
         student_logits = output_logits(out)[:, :-1] if is_lm else output_logits(out)
         teacher: TeacherOutput | None = None
         if self.teacher_source is not None:
-            teacher = self.teacher_source(batch, self.teacher_taps)
+            step_kw = {"step": step} if self.teacher_takes_step else {}
+            teacher = self.teacher_source(batch, self.teacher_taps, **step_kw)
         n_local = mask.sum()
         scale = 1.0 if num_tokens is None else n_local.float() / num_tokens
         total = student_logits.new_zeros((), dtype=torch.float32)
@@ -148,6 +168,8 @@ class Distiller(nn.Module):
                 continue
             if b.kind == "feature":
                 value = b.feature(gather(b.term, "s", s_store), gather(b.term, "t", teacher.features), token_mask)
+            elif b.kind == "stepping_stone":
+                value = b.stones(s_store[f"{b.term.label}.s"], batch, teacher.logits, mask)
             else:
                 value = self._logit_term(b, student_logits, labels, mask, teacher, step)
             values[b.term.label] = value.detach()

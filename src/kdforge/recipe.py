@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import KDForgeError
 
@@ -23,6 +23,43 @@ class ModelSpec(_Strict):
     gguf_file: str | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Inference precision for a teacher: bfloat16 runs its forward under autocast (about 2.5x faster on CPU)."""
+
+
+class CurriculumStage(_Strict):
+    """One stage of a teacher curriculum (PWKD, kdforge.teachers.curriculum)."""
+
+    layers: int | None = Field(None, ge=1)
+    """Teacher sub-network depth: its first `layers` blocks, then the shared final norm and head; null: all."""
+    model: str | None = None
+    """Another teacher for this stage (an embedded name, local folder or hub id); null: `teacher.model`."""
+    steps: int | None = Field(None, ge=1)
+    """Stage length in optimizer steps; stages without `steps` share what the others leave of train.steps."""
+
+
+class CurriculumSpec(_Strict):
+    stages: list[CurriculumStage] = Field(min_length=1)
+    cyclic_lr: bool = True
+    """PWKD's cyclic learning rate: the warm-up + cosine schedule restarts at every stage boundary."""
+
+    def stage_steps(self, total: int) -> list[int]:
+        """Each stage's length; stages without `steps` split the rest evenly (earlier ones take the remainder)."""
+        fixed = sum(s.steps for s in self.stages if s.steps is not None)
+        free = sum(s.steps is None for s in self.stages)
+        if not free and fixed != total:
+            raise ValueError(f"teacher.curriculum stage steps sum to {fixed} but train.steps is {total}; make them "
+                             "equal, or leave out one stage's steps to fill the rest")
+        rest = total - fixed
+        if free and rest < free:
+            raise ValueError(f"teacher.curriculum stages with steps take {fixed} of train.steps={total}, leaving "
+                             f"{max(rest, 0)} for {free} stage(s) without steps")
+        shares = [rest // free + (k < rest % free) for k in range(free)] if free else []
+        return [s.steps if s.steps is not None else shares.pop(0) for s in self.stages]
+
+
+class TeacherSpec(ModelSpec):
+    curriculum: CurriculumSpec | None = None
+    """Learn from a sequence of teachers instead of one (partial to whole, PWKD): depth-truncated sub-networks of
+    this teacher and/or other models, one per stage."""
 
 
 class StudentSpec(_Strict):
@@ -99,7 +136,7 @@ class Recipe(_Strict):
     name: str = "run"
     seed: int = 0
     output_dir: str = "runs/run"
-    teacher: ModelSpec | None = None
+    teacher: TeacherSpec | None = None
     student: StudentSpec = Field(default_factory=StudentSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     objective: list[Term] = Field(default_factory=lambda: [Term(loss="cross_entropy")])
@@ -114,6 +151,12 @@ class Recipe(_Strict):
             raise ValueError("objective is empty; add at least one term, e.g. {loss: cross_entropy}")
         return v
 
+    @model_validator(mode="after")
+    def _curriculum_fits(self) -> "Recipe":
+        if self.teacher is not None and self.teacher.curriculum is not None:
+            self.teacher.curriculum.stage_steps(self.train.steps)
+        return self
+
     def hash(self) -> str:
         """Hash of everything that changes the result (output_dir excluded)."""
         data = self.model_dump(mode="json", exclude={"output_dir"})
@@ -124,7 +167,7 @@ class Recipe(_Strict):
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {
-    "": Recipe, "teacher": ModelSpec, "student": StudentSpec, "data": DataSpec, "train": TrainSpec,
+    "": Recipe, "teacher": TeacherSpec, "student": StudentSpec, "data": DataSpec, "train": TrainSpec,
 }
 
 
@@ -136,7 +179,7 @@ def _format_validation_error(err: ValidationError) -> str:
             section = _SECTIONS.get(str(e["loc"][0]) if len(e["loc"]) > 1 else "", Recipe)
             parts.append(f"unknown recipe key '{loc}' (valid: {', '.join(sorted(section.model_fields))})")
         else:
-            parts.append(f"{loc}: {e['msg']}")
+            parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
     return "; ".join(parts)
 
 
@@ -181,3 +224,46 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise KDForgeError(f"recipe '{path}' must be a YAML mapping of keys (name, teacher, student, ...)")
     return parse_recipe(apply_overrides(data, overrides or []))
+
+
+class EvalSpec(_Strict):
+    """What `kdforge eval` and each `kdforge bench` cell measure beyond held-out perplexity and teacher fidelity."""
+
+    ood: str | None = "auto"
+    """Out-of-domain text: `auto` (Debian's fortunes in /usr/share/games/fortunes when installed), a file / glob /
+    directory (a fortune file's %-separated quotes are split), or null to skip."""
+    ood_max_tokens: int = Field(4096, ge=16)
+    prompts: list[str] | None = None
+    """Greedy-generation prompts; null uses kdforge.evaluate.generation.DEFAULT_PROMPTS (8 Shakespeare-ish)."""
+    new_tokens: int = Field(16, ge=1)
+    generation: bool = True
+    speed: bool = True
+    cka: bool = True
+    cka_tokens: int = Field(1024, ge=16)
+    batch_size: int = Field(8, ge=1)
+
+
+class MatrixSpec(_Strict):
+    """A `kdforge bench` matrix: every (student, method, seed) cell trains the base recipe with its overrides.
+
+    Overrides are either a list of `key=value` strings (values parse as YAML, like --set) or a mapping of dotted keys
+    to values, e.g. {objective: [{loss: reverse_kl}], train.lr: 0.001}."""
+
+    name: str = "bench"
+    base: str = "demo"
+    """A recipe path (relative to the matrix file) or `demo` (the embedded demo recipe)."""
+    overrides: dict[str, Any] | list[str] = Field(default_factory=dict)
+    """Applied to every cell first."""
+    methods: dict[str, dict[str, Any] | list[str]]
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    students: dict[str, dict[str, Any] | list[str]] | None = None
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    keep_checkpoints: bool = False
+    """Keep each finished cell's checkpoints/ (optimizer state included); by default only student/ stays."""
+
+    @field_validator("methods")
+    @classmethod
+    def _some_methods(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("methods is empty; name at least one, e.g. {forward_kl: {objective: [...]}}")
+        return v

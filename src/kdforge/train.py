@@ -6,6 +6,7 @@ student/ (the final student, loadable with plain transformers) plus final.json (
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -16,9 +17,9 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ from .data.corpus import load_corpus
 from .data.packing import TokenBlocks, batch_indices, make_batch, pack, tokenize_documents
 from .batches import shifted_targets
 from .distiller import Distiller
+from .teachers.curriculum import CurriculumTeacher
+from .distributed import (broadcast_object, full_model_state, full_optimizer_state, load_optimizer_state,
+                          make_accelerator, plain_student)
 from .errors import KDForgeError
 from .evaluate.metrics import evaluate_models
 from .io import atomic_write_dir, atomic_write_json, atomic_write_text
@@ -59,7 +63,13 @@ def prepare(recipe: Recipe, teacher: nn.Module | None = None, tokenizer=None) ->
         tokenizer = load_tokenizer(tok_spec)
     torch.manual_seed(recipe.seed)
     student = build_student(recipe.student, teacher, recipe.seed)
-    distiller = Distiller(teacher, student, recipe.objective, truncate_to_shared_vocab=recipe.truncate_to_shared_vocab,
+    teacher_source = teacher
+    if spec is not None and spec.curriculum is not None:  # PWKD: a sequence of teachers, one per stage
+        teacher_source = CurriculumTeacher.from_spec(
+            teacher, spec.curriculum, recipe.train.steps, dtype=spec.dtype,
+            load=lambda name: load_teacher(ModelSpec(model=name, dtype=spec.dtype)))
+    distiller = Distiller(teacher_source, student, recipe.objective,
+                          truncate_to_shared_vocab=recipe.truncate_to_shared_vocab,
                           teacher_dtype=spec.dtype if spec else "float32", seq_len=recipe.data.seq_len)
     train_blocks, val_blocks = tokenize_corpus(recipe, tokenizer)
     return Setup(recipe, tokenizer, teacher, student, distiller, train_blocks, val_blocks)
@@ -100,12 +110,24 @@ def manifest(recipe: Recipe, world_size: int = 1) -> dict[str, Any]:
     }
 
 
-def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up, then cosine decay to min_ratio of the peak."""
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float, boundaries: Sequence[int] = ()) -> float:
+    """Linear warm-up, then cosine decay to min_ratio of the peak. With stage `boundaries` (a PWKD teacher
+    curriculum's cyclic learning rate) the warm-up + cosine restarts at each boundary and spans that stage."""
+    start = max((b for b in boundaries if b <= step), default=0)
+    stop = min((b for b in boundaries if b > step), default=total)
+    step, total = step - start, stop - start
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def stage_boundaries(recipe: Recipe) -> list[int]:
+    """Steps where a teacher-curriculum stage begins and, with `cyclic_lr`, the learning-rate schedule restarts."""
+    curriculum = recipe.teacher.curriculum if recipe.teacher is not None else None
+    if curriculum is None or not curriculum.cyclic_lr:
+        return []
+    return list(itertools.accumulate(curriculum.stage_steps(recipe.train.steps)))[:-1]
 
 
 def param_groups(distiller: Distiller, recipe: Recipe) -> list[dict[str, Any]]:
@@ -153,17 +175,27 @@ def _extras_state(distiller: Distiller) -> dict[str, torch.Tensor]:
     return {k: v for k, v in distiller.state_dict().items() if not k.startswith("student.")}
 
 
-def save_checkpoint(out: Path, step: int, distiller: Distiller, optimizer, scheduler, keep: int) -> Path:
+def save_checkpoint(out: Path, step: int, distiller: Distiller, optimizer, scheduler, keep: int, *,
+                    state: dict[str, torch.Tensor] | None = None, optimizer_state: dict | None = None) -> Path:
+    """Write a checkpoint (main process only). Distributed runs pass the gathered full `state` (distiller state dict)
+    and `optimizer_state` (keyed by parameter name), see kdforge.distributed."""
     from safetensors.torch import save_file
 
     path = out / "checkpoints" / f"step_{step:08d}"
 
     def fill(tmp: Path) -> None:
-        distiller.student.save_pretrained(tmp / "student")
-        extras = {k: v.detach().contiguous() for k, v in _extras_state(distiller).items()}
+        if state is None:
+            distiller.student.save_pretrained(tmp / "student")
+            extras = _extras_state(distiller)
+        else:
+            distiller.student.save_pretrained(tmp / "student", state_dict={
+                k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
+            extras = {k: v for k, v in state.items() if not k.startswith("student.")}
+        extras = {k: v.detach().contiguous() for k, v in extras.items()}
         if extras:
             save_file(extras, str(tmp / "extras.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+        torch.save({"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                    "scheduler": scheduler.state_dict(), "step": step,
                     "rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
 
     atomic_write_dir(path, fill)
@@ -173,6 +205,7 @@ def save_checkpoint(out: Path, step: int, distiller: Distiller, optimizer, sched
 
 
 def load_checkpoint(path: Path, distiller: Distiller, optimizer, scheduler) -> int:
+    """Load weights, scheduler and RNG, and the optimizer unless it is None (train loads that after prepare)."""
     from safetensors.torch import load_file
 
     student_state = load_file(str(path / "student" / "model.safetensors"))
@@ -183,7 +216,8 @@ def load_checkpoint(path: Path, distiller: Distiller, optimizer, scheduler) -> i
     if (path / "extras.safetensors").is_file():
         distiller.load_state_dict(load_file(str(path / "extras.safetensors")), strict=False)
     state = torch.load(path / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if optimizer is not None:
+        load_optimizer_state(None, distiller, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     return int(state["step"])
@@ -222,18 +256,24 @@ class _Progress:
 
 def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, out: Path | None = None) -> Path:
     """Run (or resume) the recipe's training and final evaluation. Returns the run directory."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     out = Path(out or recipe.output_dir)
-    accelerator = Accelerator()
+    accelerator = make_accelerator(recipe)  # DDP / FSDP / DeepSpeed come from the launcher; see kdforge.distributed
     is_main = accelerator.is_main_process
     world = accelerator.num_processes
+    error = None
     if is_main:
-        _check_output_dir(out, recipe)
-    accelerator.wait_for_everyone()
+        try:
+            _check_output_dir(out, recipe)
+        except KDForgeError as err:
+            error = str(err)
+    error = broadcast_object(accelerator, error)  # every rank stops, none waits forever at a barrier
+    if error:
+        raise KDForgeError(error)
     if (out / "final.json").is_file():
-        log.info("%s is already finished; delete it or use another --out to retrain", out)
+        if is_main:
+            log.info("%s is already finished; delete it or use another --out to retrain", out)
         return out
     set_seed(recipe.seed)
     if recipe.train.deterministic:
@@ -242,19 +282,27 @@ def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, 
     t = recipe.train
     distiller = setup.distiller
     optimizer = torch.optim.AdamW(param_groups(distiller, recipe), lr=t.lr, betas=(0.9, 0.95))
+    boundaries = stage_boundaries(recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.steps, t.min_lr_ratio))
+        optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.steps, t.min_lr_ratio, boundaries))
     start = 0
     ckpt = latest_checkpoint(out)
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, distiller, optimizer, scheduler)
-        log.info("resuming from %s (step %d)", ckpt, start)
+    if ckpt is not None:  # every rank loads the same files; the optimizer after prepare (FSDP re-creates params)
+        start = load_checkpoint(ckpt, distiller, None, scheduler)
+        if is_main:
+            log.info("resuming from %s (step %d)", ckpt, start)
     if is_main:
         _rewrite_metrics(out / "metrics.jsonl", start)
         if not (out / "manifest.json").is_file():
             atomic_write_json(out / "manifest.json", manifest(recipe, world))
     model, optimizer = accelerator.prepare(distiller, optimizer)
+    if ckpt is not None:
+        load_optimizer_state(accelerator, model, optimizer,
+                             torch.load(ckpt / "trainer_state.pt", weights_only=False)["optimizer"])
     device = accelerator.device
+    teacher_model = getattr(distiller.teacher_source, "model", None)
+    if teacher_model is not None:  # not a submodule: DDP/FSDP never wrap it, each rank holds a frozen replica
+        teacher_model.to(device)
     blocks = setup.train_blocks
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.bf16 else nullcontext()
     bar = _Progress(progress and is_main, t.steps, start, recipe.name)
@@ -310,16 +358,20 @@ def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, 
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
             if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-                _periodic_eval(setup, out, done, is_main)
+                eval_student = plain_student(accelerator, model, setup.student)  # gathers under FSDP
+                _periodic_eval(replace(setup, student=eval_student), out, done, is_main)
             if t.save_every and (done % t.save_every == 0 or done == t.steps):
+                state = full_model_state(accelerator, model)  # collective under FSDP; None off the main rank
+                optimizer_state = full_optimizer_state(accelerator, model, optimizer)
                 if is_main:
                     last_good = save_checkpoint(out, done, accelerator.unwrap_model(model), optimizer, scheduler,
-                                                t.keep_checkpoints)
+                                                t.keep_checkpoints, state=state, optimizer_state=optimizer_state)
                 accelerator.wait_for_everyone()
     finally:
         bar.close()
+    final_student = plain_student(accelerator, model, setup.student)
     if is_main:
-        finish(setup, out)
+        finish(replace(setup, student=final_student), out)
     accelerator.wait_for_everyone()
     return out
 

@@ -1,6 +1,7 @@
 """Greedy generation on a fixed prompt set, and how often a student's greedy tokens match the teacher's."""
 from __future__ import annotations
 
+import inspect
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -48,6 +49,16 @@ def _autocast(model: nn.Module, bf16: bool):
     return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
 
 
+def _cache_io(model: nn.Module) -> str:
+    """The keyword a model takes its KV cache by: `cache` (transformers >= 5.2x) or the older `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.no_grad()
 def greedy_generate(model: nn.Module, tokenizer, prompts: list[str] | None = None,
                     new_tokens: int = DEFAULT_NEW_TOKENS, bf16: bool = False) -> Generations:
@@ -58,6 +69,7 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: list[str] | None = Non
     """
     prompts = list(prompts or DEFAULT_PROMPTS)
     device = next(model.parameters()).device
+    cache_kw = _cache_io(model)
     was_training = model.training
     model.eval()
     result = Generations(prompts, [], [])
@@ -72,11 +84,11 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: list[str] | None = Non
                 result.prefill_seconds += time.perf_counter() - t0
                 result.prompt_tokens += ids.shape[1]
                 out_ids.append(int(nxt))
-                past = out.past_key_values
+                past = _cache_of(out)
                 t0 = time.perf_counter()
                 for _ in range(new_tokens - 1):
-                    out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                    past = out.past_key_values
+                    out = model(input_ids=nxt, use_cache=True, **{cache_kw: past})
+                    past = _cache_of(out)
                     nxt = out.logits[:, -1].float().argmax(-1, keepdim=True)
                     out_ids.append(int(nxt))
                 result.decode_seconds += time.perf_counter() - t0

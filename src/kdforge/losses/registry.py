@@ -5,6 +5,7 @@ import inspect
 from typing import Callable
 
 from ..errors import KDForgeError
+from ..teachers.stepping_stones import block_kd
 from . import attention, features, logits, relations
 
 # cross_entropy(student_logits, labels, *, mask): the ground-truth term.
@@ -30,13 +31,18 @@ FEATURE_LOSSES: dict[str, Callable] = {
     "contrastive": relations.contrastive_representation,
 }
 
+# fn(stone_logits, teacher_logits, stone_weights, *, mask, ...): stepping-stone models built from student blocks, a
+# connector and the teacher's remaining blocks (Block-KD, kdforge.teachers.stepping_stones).
+STEPPING_STONE_LOSSES: dict[str, Callable] = {"block_kd": block_kd}
+
 
 def all_loss_names() -> list[str]:
-    return sorted({*LABEL_LOSSES, *LOGIT_LOSSES, *FEATURE_LOSSES})
+    return sorted({*LABEL_LOSSES, *LOGIT_LOSSES, *FEATURE_LOSSES, *STEPPING_STONE_LOSSES})
 
 
 def lookup(name: str) -> tuple[str, Callable]:
-    for kind, table in (("label", LABEL_LOSSES), ("logit", LOGIT_LOSSES), ("feature", FEATURE_LOSSES)):
+    for kind, table in (("label", LABEL_LOSSES), ("logit", LOGIT_LOSSES), ("feature", FEATURE_LOSSES),
+                        ("stepping_stone", STEPPING_STONE_LOSSES)):
         if name in table:
             return kind, table[name]
     raise KDForgeError(f"unknown loss '{name}'; valid losses: {', '.join(all_loss_names())}")

@@ -36,3 +36,72 @@ def plot_loss_curves(runs: dict[str, Path], path: Path, keys: tuple[str, ...] = 
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def loss_terms(runs: dict[str, Path]) -> list[str]:
+    """Every `loss/<term>` key any run logged, then the total `loss`."""
+    keys: list[str] = []
+    for run in runs.values():
+        for row in read_metrics(run):
+            keys += [k for k in row if k.startswith("loss/") and k not in keys]
+    return sorted(keys) + ["loss"]
+
+
+def plot_term_curves(runs: dict[str, Path | list[Path]], path: Path, keys: list[str] | None = None) -> Path | None:
+    """One panel per loss term, one line per run. A run given as several folders (seeds) is drawn as their mean at
+    the steps all of them logged. Returns None when no run has logged anything."""
+    groups = {name: ([p] if isinstance(p, (str, Path)) else list(p)) for name, p in runs.items()}
+    flat = {f"{name}/{i}": p for name, ps in groups.items() for i, p in enumerate(ps)}
+    keys = keys or loss_terms(flat)
+    if not any(read_metrics(p) for p in flat.values()):
+        return None
+    cols = min(3, len(keys))
+    nrows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.0 * cols, 3.3 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for name, paths in groups.items():
+            series = [{r["step"]: r[key] for r in read_metrics(p) if key in r} for p in paths]
+            series = [s for s in series if s]
+            if not series:
+                continue
+            steps = sorted(set.intersection(*(set(s) for s in series)))
+            ax.plot(steps, [sum(s[st] for s in series) / len(series) for st in steps], label=name)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_cka_heatmap(data: dict, path: Path, title: str = "linear CKA") -> Path:
+    """Heatmap of a CKA matrix (rows: student layers, columns: teacher layers), colour scale fixed to [0, 1]."""
+    import numpy as np
+
+    m = np.asarray(data["matrix"], dtype=float)
+    s_labels, t_labels = data["student_layers"], data["teacher_layers"]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.28 * m.shape[1] + 2.5), max(2.5, 0.35 * m.shape[0] + 1.5)))
+    im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", origin="lower")
+    ax.set_xticks(range(m.shape[1]))
+    ax.set_xticklabels(t_labels, fontsize=7, rotation=90)
+    ax.set_yticks(range(m.shape[0]))
+    ax.set_yticklabels(s_labels, fontsize=7)
+    ax.set_xlabel("teacher hidden state")
+    ax.set_ylabel("student hidden state")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,383 @@
+"""`kdforge report DIR`: one self-contained HTML page (images inlined as data URIs, no external resources) and its
+Markdown twin for a run directory (from `kdforge distill`) or a bench directory (from `kdforge bench`).
+
+Whatever is absent (an unfinished run, a bench still going, no eval.json) is listed under "Missing" with the command
+that would produce it; the report is written anyway.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import KDForgeError
+from ..io import atomic_write_text
+from .plots import plot_cka_heatmap, plot_term_curves, read_metrics
+from .tables import _fmt
+
+ASSETS = "report_files"
+
+RUN_COLUMNS = [("perplexity", "held-out ppl"), ("bits_per_char", "bits/char"), ("ece", "ECE"),
+               ("top1_agreement", "top-1 agr."), ("kl_teacher_student", "KL(T‖S)"),
+               ("kl_student_teacher", "KL(S‖T)"), ("ood_perplexity", "OOD ppl"),
+               ("gen_token_agreement", "gen. token agr."), ("gen_exact_match", "gen. exact"),
+               ("prefill_tokens_per_s", "prefill tok/s"), ("generation_tokens_per_s", "gen. tok/s"),
+               ("parameters", "params"), ("safetensors_bytes", "safetensors bytes")]
+
+
+@dataclass
+class Report:
+    """The page as a list of blocks, rendered twice (HTML and Markdown)."""
+
+    title: str
+    out_dir: Path
+    blocks: list[tuple[str, Any]] = field(default_factory=list)  # (kind, payload)
+    missing: list[str] = field(default_factory=list)
+
+    def heading(self, text: str) -> None:
+        self.blocks.append(("h2", text))
+
+    def text(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, header: list[str], rows: list[list[Any]], caption: str | None = None) -> None:
+        self.blocks.append(("table", (header, rows, caption)))
+
+    def image(self, path: Path | None, alt: str) -> None:
+        if path is not None and Path(path).is_file():
+            self.blocks.append(("img", (Path(path), alt)))
+
+    def pre(self, text: str, summary: str | None = None) -> None:
+        """Preformatted text; with a summary it is folded (HTML <details>)."""
+        self.blocks.append(("pre", (text, summary)))
+
+    # --- rendering
+    def html(self) -> str:
+        esc = html.escape
+        body = [f"<h1>{esc(self.title)}</h1>"]
+        if self.missing:
+            body.append('<section id="missing"><h2>Missing</h2><ul>' +
+                        "".join(f"<li>{esc(m)}</li>" for m in self.missing) + "</ul></section>")
+        for kind, payload in self.blocks:
+            if kind == "h2":
+                body.append(f"<h2>{esc(payload)}</h2>")
+            elif kind == "p":
+                body.append(f"<p>{esc(payload)}</p>")
+            elif kind == "pre":
+                text, summary = payload
+                pre = f"<pre>{esc(text)}</pre>"
+                body.append(f"<details><summary>{esc(summary)}</summary>{pre}</details>" if summary else pre)
+            elif kind == "table":
+                header, rows, caption = payload
+                cap = f"<caption>{esc(caption)}</caption>" if caption else ""
+                head = "".join(f"<th>{esc(str(h))}</th>" for h in header)
+                trs = "".join("<tr>" + "".join(f"<td>{esc(_cell(v))}</td>" for v in r) + "</tr>" for r in rows)
+                body.append(f'<div class="scroll"><table>{cap}<thead><tr>{head}</tr></thead>'
+                            f"<tbody>{trs}</tbody></table></div>")
+            elif kind == "img":
+                path, alt = payload
+                data = base64.b64encode(path.read_bytes()).decode()
+                body.append(f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+                            f"<figcaption>{esc(alt)}</figcaption></figure>")
+        style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+                 "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 7px;"
+                 "text-align:left;vertical-align:top;font-size:13px}th{background:#f3f3f3}"
+                 "td{white-space:pre-wrap}caption{text-align:left;font-weight:bold;padding:4px 0}"
+                 ".scroll{overflow-x:auto}img{max-width:100%}pre{background:#f7f7f7;padding:.6em;overflow-x:auto;"
+                 "font-size:12px}#missing{background:#fff4e5;border:1px solid #f0c36d;padding:.3em 1em}")
+        return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+                f"<title>{esc(self.title)}</title><style>{style}</style></head><body>\n"
+                + "\n".join(body) + "\n</body></html>\n")
+
+    def markdown(self) -> str:
+        lines = [f"# {self.title}", ""]
+        if self.missing:
+            lines += ["## Missing", ""] + [f"- {m}" for m in self.missing] + [""]
+        for kind, payload in self.blocks:
+            if kind == "h2":
+                lines += [f"## {payload}", ""]
+            elif kind == "p":
+                lines += [payload, ""]
+            elif kind == "pre":
+                text, summary = payload
+                lines += ([f"{summary}:", ""] if summary else []) + ["```", text.rstrip("\n"), "```", ""]
+            elif kind == "table":
+                header, rows, caption = payload
+                if caption:
+                    lines += [f"**{caption}**", ""]
+                lines.append("| " + " | ".join(_md(h) for h in header) + " |")
+                lines.append("|" + "---|" * len(header))
+                lines += ["| " + " | ".join(_md(_cell(v)) for v in r) + " |" for r in rows]
+                lines.append("")
+            elif kind == "img":
+                path, alt = payload
+                rel = path.relative_to(self.out_dir) if path.is_relative_to(self.out_dir) else path
+                lines += [f"![{alt}]({rel.as_posix()})", ""]
+        return "\n".join(lines)
+
+
+def _cell(v: Any) -> str:
+    return v if isinstance(v, str) else _fmt(v)
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", "⏎")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
+# --------------------------------------------------------------------------- shared sections
+
+
+def _manifest_section(rep: Report, manifest: dict | None, where: str) -> None:
+    rep.heading("Manifest")
+    if manifest is None:
+        rep.missing.append(f"{where}/manifest.json: recipe hash, versions, commit, hardware and seed are unknown")
+        rep.text("No manifest.json.")
+        return
+    versions = ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items())
+    hw = manifest.get("hardware") or {}
+    rows = [["recipe hash", manifest.get("recipe_hash")], ["seed", manifest.get("seed")],
+            ["versions", versions], ["git commit", manifest.get("git_commit") or "unknown"],
+            ["hardware", ", ".join(f"{k}: {v}" for k, v in hw.items())], ["created", manifest.get("created")]]
+    rep.table(["field", "value"], [[k, "—" if v is None else str(v)] for k, v in rows])
+    if manifest.get("recipe"):
+        rep.pre(yaml.safe_dump(manifest["recipe"], sort_keys=False), summary="the resolved recipe")
+
+
+def _generations_section(rep: Report, prompts: list[str], columns: dict[str, list[str]]) -> None:
+    """One table per prompt: a row per model (teacher, baseline, students...)."""
+    rep.heading("Generations (greedy)")
+    for i, prompt in enumerate(prompts):
+        rows = [[name, texts[i]] for name, texts in columns.items() if texts and i < len(texts)]
+        rep.table(["model", "continuation"], rows, caption=f"prompt {i + 1}: {prompt!r}")
+
+
+# --------------------------------------------------------------------------- a run
+
+
+def _looks_like_run(d: Path) -> bool:
+    return any((d / n).exists() for n in ("manifest.json", "metrics.jsonl", "final.json", "checkpoints"))
+
+
+def _looks_like_bench(d: Path) -> bool:
+    return (d / "results.json").is_file() or (d / "cells").is_dir() or (d / "matrix.yaml").is_file()
+
+
+def run_report(run: Path, rep: Report) -> None:
+    manifest = _read_json(run / "manifest.json")
+    final = _read_json(run / "final.json")
+    ev = _read_json(run / "eval.json")
+    rows = read_metrics(run)
+    steps_total = ((manifest or {}).get("recipe") or {}).get("train", {}).get("steps")
+    last_step = max((r["step"] for r in rows), default=None)
+    if final is None:
+        progress = f"last logged step {last_step} of {steps_total}" if last_step else "no step was logged"
+        rep.missing.append(f"final.json: the run has not finished its final evaluation ({progress}); rerun "
+                           "`kdforge distill` with the same recipe and --out to resume")
+    if ev is None:
+        rep.missing.append("eval.json: no extended evaluation (out-of-domain perplexity, generation agreement, "
+                           f"speed, CKA); run `kdforge eval {run}`")
+    # results
+    rep.heading("Results")
+    summary = (ev or {}).get("summary", {})
+    table_rows = []
+    held = (ev or {}).get("heldout") or {}
+    models = {}
+    if final:
+        models["teacher"] = final.get("teacher")
+        models["student"] = final.get("student")
+    for name in ("teacher", "baseline", "student"):
+        if held.get(name) and not models.get(name):
+            models[name] = held[name]
+    for name, m in models.items():
+        if not m:
+            continue
+        vals = dict(m)
+        if name == "student":
+            vals.update({k: v for k, v in summary.items() if k not in vals})
+        elif name == "teacher" and ev:
+            vals["ood_perplexity"] = ((ev.get("ood") or {}).get("teacher") or {}).get("perplexity")
+            tspeed = (ev.get("speed") or {}).get("teacher") or {}
+            vals.update({k: v for k, v in tspeed.items() if v is not None})
+            vals.update({k: v for k, v in ((ev.get("size") or {}).get("teacher") or {}).items() if v is not None})
+        table_rows.append([name] + [vals.get(k) for k, _ in RUN_COLUMNS])
+    if table_rows:
+        step = (final or {}).get("step")
+        rep.table(["model"] + [t for _, t in RUN_COLUMNS], table_rows,
+                  caption=f"held-out metrics at the last step ({step})" if step else None)
+        if ev and (ev.get("ood") or {}).get("skipped"):
+            rep.text(f"Out-of-domain perplexity: {ev['ood']['skipped']}.")
+        if ev and ev.get("memory"):
+            mem = ev["memory"]
+            rep.text(f"Peak memory {mem['peak_rss_bytes'] / 2**20:,.0f} MiB — {mem['method']}.")
+    else:
+        rep.text("No results yet.")
+    # curves
+    rep.heading("Loss curves")
+    if rows:
+        png = plot_term_curves({run.name or "run": run}, rep.out_dir / ASSETS / "loss_curves.png")
+        rep.image(png, "training loss per term (loss/<term> in metrics.jsonl)")
+    else:
+        rep.missing.append("metrics.jsonl: no training step was logged, so there are no loss curves")
+        rep.text("No metrics.jsonl.")
+    # CKA
+    rep.heading("Layer similarity (linear CKA)")
+    cka = _cka_png(run, rep.out_dir / ASSETS / "cka.png", "student vs teacher")
+    if cka:
+        rep.image(cka, "linear CKA: student hidden states (rows) vs teacher hidden states (columns)")
+    else:
+        rep.text("No cka.json (written by `kdforge eval` with a teacher).")
+    _manifest_section(rep, manifest, str(run))
+    gen = (ev or {}).get("generation")
+    if gen:
+        cols = {"teacher": gen.get("teacher"), "baseline": gen.get("baseline"), "student": gen.get("student")}
+        _generations_section(rep, gen["prompts"], {k: v for k, v in cols.items() if v})
+
+
+def _cka_png(folder: Path, target: Path, title: str) -> Path | None:
+    data = _read_json(folder / "cka.json")
+    if data is None:
+        return None
+    return plot_cka_heatmap(data, target, title=title)
+
+
+# --------------------------------------------------------------------------- a bench
+
+
+def bench_report(bench: Path, rep: Report) -> None:
+    from ..bench import CellResult, cell_metrics, results_tables, summarize_cells
+
+    results = _read_json(bench / "results.json")
+    plan = _read_json(bench / "plan.json") or {}
+    cell_dirs = sorted(p for p in (bench / "cells").glob("*/*/seed*") if p.is_dir()) \
+        if (bench / "cells").is_dir() else []
+    if results is None:
+        n_done = sum((d / "final.json").is_file() for d in cell_dirs)
+        planned = len(plan.get("cells") or []) or "?"
+        rep.missing.append(f"results.json: the bench has not finished (or was never run); the tables below come from "
+                           f"the {n_done} of {planned} planned cells finished under {bench / 'cells'}; rerun "
+                           "`kdforge bench` with the same matrix and --out to complete it")
+        found = []
+        for d in cell_dirs:
+            student, method, seed = d.parent.parent.name, d.parent.name, int(d.name.removeprefix("seed"))
+            if (d / "final.json").is_file():
+                found.append(CellResult(student, method, seed, str(d), "done", metrics=cell_metrics(d)))
+            else:
+                err = (_read_json(d / "failed.json") or {}).get("error", "not finished")
+                found.append(CellResult(student, method, seed, str(d), "failed", err))
+        started = {r.dir for r in found}
+        not_started = [c["key"] for c in plan.get("cells", []) if c["dir"] not in started]
+        if not_started:
+            rep.missing.append(f"{len(not_started)} cell(s) not started: {', '.join(not_started[:6])}"
+                               + (" ..." if len(not_started) > 6 else ""))
+        results = {"name": bench.name, "summary": summarize_cells(found), "methods": plan.get("methods"),
+                   "baseline": plan.get("baseline", "ce_baseline"),
+                   "failed": [{"cell": f"{r.student}/{r.method}/seed{r.seed}", "error": r.error}
+                              for r in found if r.status == "failed"],
+                   "teacher": {}, "cells": [{"student": r.student, "method": r.method, "seed": r.seed,
+                                            "dir": r.dir, "status": r.status} for r in found]}
+    baseline = results.get("baseline", "")
+    rep.heading("Results")
+    if results.get("statistics"):
+        rep.text(results["statistics"] + ".")
+    teacher = results.get("teacher") or {}
+    if teacher:
+        rep.text("Teacher: " + ", ".join(f"{k.removeprefix('teacher_')} {_fmt(v)}" for k, v in teacher.items()))
+    tables = results_tables(results["summary"], baseline, results.get("methods"))
+    for title, header, rows in tables:
+        rep.table(header, rows, caption=title)
+    if not tables:
+        rep.text("No finished cell yet.")
+    if results.get("failed"):
+        rep.heading("Failed cells")
+        rep.table(["cell", "error"], [[f["cell"], f["error"] or ""] for f in results["failed"]])
+    # group cell dirs by student and method
+    groups: dict[str, dict[str, list[Path]]] = {}
+    for d in cell_dirs:
+        groups.setdefault(d.parent.parent.name, {}).setdefault(d.parent.name, []).append(d)
+    for student, methods in groups.items():
+        rank = {m: i for i, m in enumerate(results.get("methods") or [])}
+        order = sorted(methods, key=lambda m: (m != baseline, rank.get(m, len(rank)), m))
+        rep.heading(f"Loss curves ({student}; mean over seeds)")
+        png = plot_term_curves({m: methods[m] for m in order}, rep.out_dir / ASSETS / f"loss_{student}.png")
+        if png:
+            rep.image(png, f"training loss per term, {student}")
+        else:
+            rep.text("No cell has logged a training step yet.")
+        rep.heading(f"Layer similarity ({student}; linear CKA, first finished seed)")
+        shown = False
+        for m in order:
+            for d in sorted(methods[m], key=lambda p: int(p.name.removeprefix("seed"))):
+                png = _cka_png(d, rep.out_dir / ASSETS / f"cka_{student}_{m}.png", f"{m} ({d.name}) vs teacher")
+                if png:
+                    rep.image(png, f"linear CKA, {m} ({d.name})")
+                    shown = True
+                    break
+        if not shown:
+            rep.text("No cell has a cka.json yet.")
+        # generations: teacher / baseline / each method, first seed with eval.json
+        prompts, columns = None, {}
+        for m in order:
+            for d in sorted(methods[m], key=lambda p: int(p.name.removeprefix("seed"))):
+                gen = (_read_json(d / "eval.json") or {}).get("generation")
+                if gen:
+                    prompts = prompts or gen["prompts"]
+                    if "teacher" not in columns and gen.get("teacher"):
+                        columns["teacher"] = gen["teacher"]
+                    label = f"{m} (CE baseline)" if m == baseline else m
+                    columns[f"{label}, {d.name}"] = gen["student"]
+                    break
+        if prompts:
+            _generations_section(rep, prompts, columns)
+        else:
+            rep.missing.append(f"generations ({student}): no cell has an eval.json yet")
+    # manifest of the first cell, and every cell's recipe hash
+    first = next((d for d in cell_dirs if (d / "manifest.json").is_file()), None)
+    _manifest_section(rep, _read_json(first / "manifest.json") if first else None,
+                      str(first) if first else f"{bench}/cells/*")
+    cells = results.get("cells") or []
+    if cells:
+        rep.table(["cell", "status", "recipe hash", "error"],
+                  [[f"{c['student']}/{c['method']}/seed{c['seed']}", c.get("status"), c.get("recipe_hash") or "—",
+                    c.get("error") or ""] for c in cells], caption="cells")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_report(path: str | Path, out: str | Path | None = None) -> tuple[Path, Path, list[str]]:
+    """Write report.html and report.md for a run or bench directory; returns (html, md, missing items)."""
+    path = Path(path)
+    if not path.exists():
+        raise KDForgeError(f"'{path}' does not exist; give a run directory (kdforge distill --out) or a bench "
+                           "directory (kdforge bench --out)")
+    if not path.is_dir():
+        raise KDForgeError(f"'{path}' is a file; give the run or bench directory that holds it")
+    out_dir = Path(out) if out else path
+    if _looks_like_bench(path):
+        rep = Report(f"kdforge bench report: {path.resolve().name}", out_dir)
+        bench_report(path, rep)
+    elif _looks_like_run(path):
+        rep = Report(f"kdforge run report: {path.resolve().name}", out_dir)
+        run_report(path, rep)
+    else:
+        rep = Report(f"kdforge report: {path.resolve().name}", out_dir)
+        runs = sorted(p.name for p in path.iterdir() if p.is_dir() and _looks_like_run(p))
+        hint = f" It holds runs: {', '.join(runs)}; report on one of them." if runs else ""
+        rep.missing.append(f"{path} holds neither a run (manifest.json, metrics.jsonl, final.json) nor a bench "
+                           f"(results.json, cells/).{hint}")
+    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
+    atomic_write_text(html_path, rep.html())
+    atomic_write_text(md_path, rep.markdown())
+    return html_path, md_path, rep.missing

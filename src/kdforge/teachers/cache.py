@@ -1,0 +1,563 @@
+"""Offline teacher cache: run the teacher once, store its top-k logits per token, train many students from disk.
+
+Layout of a cache folder::
+
+    index.json                 what was cached and from what (see `cache_meta`), the shard list with a sha256 each,
+                               "complete", and the measured bytes per token
+    shard_00000.safetensors    blocks [0, shard_blocks), then the next range, ... in the order of TokenBlocks
+
+Per token (one position of one packed block) a shard holds
+
+* ``ids``: the teacher's top-k token ids. ``"packed"`` (default): Elias-Fano coded, a fixed
+  ``ceil((k·l + k + ((V-1) >> l)) / 8)`` bytes with ``l = floor(log2(V/k))`` (92 bytes for k=64, V=49152, against 128
+  as uint16): the ids are sorted and their high parts written in unary, their low l bits verbatim. ``"plain"``: the
+  smallest unsigned dtype that holds V (uint8 / uint16 / int32).
+* ``values``: the teacher's log-probabilities ``log p = logits/T - logsumexp(logits/T)`` of those ids at the cache
+  temperature T, in id order. ``"fp16"``: as float16. ``"int8" | "int6" | "int4"``: ``sqrt(-log p)`` quantised
+  uniformly to 8/6/4 bits with a per-token float16 ``scale`` (the square root spends the codes where the mass is:
+  the largest absolute error in a probability is about 0.43·scale, against 0.5·(-log p_min)/(2^b-1)·... for a linear
+  code, i.e. ~5x smaller at the same bits).
+* ``logsumexp``: of the FULL logit vector at temperature T (float32, or float16), what the "bucket" and "uniform"
+  missing-mass policies need. Logits are rebuilt as ``T·(log p + logsumexp)``, so "renormalize" works at any
+  temperature.
+* ``block_hash`` (per block, 16 bytes): blake2b of the block's token ids; every batch read is checked against it.
+* optional ``feature.<i>``: a tapped teacher tensor ``[T, ...]`` per block (float16 by default), spec strings in the
+  index.
+
+Bytes per token at k=64, V=49152 (measured figure in index.json, "bytes_per_token"): packed + int6 ≈ 147 (the
+default); packed + int8 ≈ 163; plain + int8 ≈ 199; plain + fp16 ≈ 263.
+
+Writing is atomic and resumable: each shard is written to a temporary file, fsync'd and renamed, and only then listed
+in the index (itself rewritten atomically), so a killed or out-of-disk run leaves only valid shards behind and a rerun
+skips them. Reading refuses a cache that is incomplete, whose shard checksums or sizes do not match, or that was built
+for other data / another tokenizer / another sequence length, naming what differs.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from ..errors import KDForgeError
+from ..io import atomic_write_bytes, atomic_write_json
+from ..losses.sparse import SparseLogits
+from .live import LiveTeacher, TeacherOutput
+
+log = logging.getLogger("kdforge")
+
+FORMAT = "kdforge-teacher-cache"
+VERSION = 1
+INDEX = "index.json"
+VALUE_FORMATS = ("fp16", "int8", "int6", "int4")
+ID_FORMATS = ("packed", "plain")
+_BITS = {"int8": 8, "int6": 6, "int4": 4}
+_MAX_NEG_LOG_P = 80.0  # -log p is clamped here (p = 2e-35): a -inf logit in the top-k stays finite
+
+
+# --------------------------------------------------------------------------- codecs (pure functions)
+
+
+def pack_bits(values: np.ndarray, width: int) -> np.ndarray:
+    """[M, n] unsigned ints < 2**width -> [M, ceil(n·width/8)] uint8, MSB first."""
+    m, n = values.shape
+    if width == 8:
+        return values.astype(np.uint8)
+    as_bytes = values.astype(">u4").view(np.uint8).reshape(m, n, 4)
+    bits = np.unpackbits(as_bytes, axis=-1)[..., 32 - width:]
+    return np.packbits(bits.reshape(m, n * width), axis=-1)
+
+
+def unpack_bits(packed: np.ndarray, n: int, width: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: [M, nbytes] uint8 -> [M, n] int64."""
+    if width == 8:
+        return packed.astype(np.int64)
+    m = packed.shape[0]
+    bits = np.unpackbits(packed, axis=-1, count=n * width).reshape(m, n, width).astype(np.int64)
+    return bits @ (1 << np.arange(width - 1, -1, -1, dtype=np.int64))
+
+
+def _ef_low_bits(vocab_size: int, k: int) -> int:
+    return max(0, (vocab_size // k).bit_length() - 1)
+
+
+def packed_id_bytes(vocab_size: int, k: int) -> int:
+    low = _ef_low_bits(vocab_size, k)
+    return math.ceil((k * low + ((vocab_size - 1) >> low) + k) / 8)
+
+
+def encode_ids(ids: torch.Tensor, vocab_size: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Elias-Fano code distinct ids [M, k] in [0, V): (packed [M, nbytes] uint8, the sort permutation [M, k])."""
+    sorted_ids, order = ids.long().sort(dim=-1)
+    a = sorted_ids.numpy()
+    m, k = a.shape
+    low_bits = _ef_low_bits(vocab_size, k)
+    n_high = ((vocab_size - 1) >> low_bits) + k
+    low = pack_bits(a & ((1 << low_bits) - 1), low_bits) if low_bits else np.zeros((m, 0), np.uint8)
+    low_bitstr = np.unpackbits(low, axis=-1, count=k * low_bits)
+    high = np.zeros((m, n_high), dtype=np.uint8)
+    np.put_along_axis(high, (a >> low_bits) + np.arange(k), 1, axis=-1)
+    return np.packbits(np.concatenate([low_bitstr, high], axis=-1), axis=-1), order
+
+
+def decode_ids(packed: np.ndarray, k: int, vocab_size: int) -> torch.Tensor:
+    """Inverse of :func:`encode_ids`: [M, nbytes] uint8 -> sorted ids [M, k] int64."""
+    m = packed.shape[0]
+    low_bits = _ef_low_bits(vocab_size, k)
+    n_high = ((vocab_size - 1) >> low_bits) + k
+    bits = np.unpackbits(packed, axis=-1, count=k * low_bits + n_high)
+    if low_bits:
+        low = unpack_bits(np.packbits(bits[:, : k * low_bits], axis=-1), k, low_bits)
+    else:
+        low = np.zeros((m, k), np.int64)
+    rows, cols = np.nonzero(bits[:, k * low_bits:])
+    if rows.size != m * k:
+        raise KDForgeError("teacher cache ids are corrupt (Elias-Fano stream has the wrong number of entries)")
+    high = cols.reshape(m, k) - np.arange(k)
+    return torch.from_numpy((high << low_bits) | low)
+
+
+def encode_values(log_probs: torch.Tensor, fmt: str) -> dict[str, np.ndarray]:
+    """Teacher log-probs [M, k] -> {"values": ..., "scale": ...} (see the module docstring)."""
+    if fmt == "fp16":
+        return {"values": log_probs.clamp_min(-_MAX_NEG_LOG_P).to(torch.float16).numpy()}
+    bits = _BITS[fmt]
+    top = (1 << bits) - 1
+    y = (-log_probs.float()).clamp(0.0, _MAX_NEG_LOG_P).sqrt()
+    scale = (y.amax(dim=-1) / top).clamp_min(1e-6).to(torch.float16)
+    q = torch.round(y / scale.float().unsqueeze(-1)).clamp(0, top).to(torch.int64)
+    return {"values": pack_bits(q.numpy(), bits), "scale": scale.numpy()}
+
+
+def decode_values(values: np.ndarray, scale: np.ndarray | None, k: int, fmt: str) -> torch.Tensor:
+    """Inverse of :func:`encode_values`: float32 log-probs [M, k]."""
+    if fmt == "fp16":
+        return torch.from_numpy(values.astype(np.float32))
+    q = torch.from_numpy(unpack_bits(values, k, _BITS[fmt])).float()
+    y = q * torch.from_numpy(scale.astype(np.float32)).unsqueeze(-1)
+    return -(y * y)
+
+
+def block_hash(ids: torch.Tensor) -> bytes:
+    return hashlib.blake2b(ids.detach().cpu().to(torch.int64).contiguous().numpy().tobytes(), digest_size=16).digest()
+
+
+def data_sha256(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.detach().cpu().to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+    return {"name": str(getattr(tokenizer, "name_or_path", "")), "size": len(tokenizer), "sha256": digest}
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass
+class CacheOptions:
+    """How a cache is written. Defaults meet <= 150 bytes/token at k = 64 for a 49,152-token vocabulary."""
+
+    k: int = 64
+    values: str = "int6"
+    ids: str = "packed"
+    lse_dtype: str = "float32"
+    temperature: float = 1.0
+    features: list[str] = field(default_factory=list)
+    feature_dtype: str = "float16"
+    shard_blocks: int = 256
+    batch_size: int = 8
+
+    def check(self) -> None:
+        if self.k < 1:
+            raise KDForgeError(f"--k must be >= 1, got {self.k}")
+        if self.values not in VALUE_FORMATS:
+            raise KDForgeError(f"values format '{self.values}' is not one of {', '.join(VALUE_FORMATS)}")
+        if self.ids not in ID_FORMATS:
+            raise KDForgeError(f"ids format '{self.ids}' is not one of {', '.join(ID_FORMATS)}")
+        if self.lse_dtype not in ("float32", "float16"):
+            raise KDForgeError(f"lse_dtype must be float32 or float16, got '{self.lse_dtype}'")
+        if self.feature_dtype not in ("float16", "bfloat16", "float32"):
+            raise KDForgeError(f"feature_dtype must be float16, bfloat16 or float32, got '{self.feature_dtype}'")
+        if not self.temperature > 0:
+            raise KDForgeError(f"temperature must be > 0, got {self.temperature}")
+        if self.shard_blocks < 1 or self.batch_size < 1:
+            raise KDForgeError("shard_blocks and batch_size must be >= 1")
+
+
+def cache_meta(teacher_spec: Mapping[str, Any], tokenizer, blocks_ids: torch.Tensor, vocab_size: int,
+               options: CacheOptions) -> dict[str, Any]:
+    """Everything that identifies a cache's contents; a resumed or reading run must match it."""
+    k = min(options.k, vocab_size)
+    return {
+        "teacher": {key: teacher_spec.get(key) for key in ("model", "gguf_file", "dtype")},
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "vocab_size": int(vocab_size),
+        "data": {"n_blocks": int(blocks_ids.shape[0]), "seq_len": int(blocks_ids.shape[1]),
+                 "sha256": data_sha256(blocks_ids)},
+        "options": {**asdict(options), "k": k},
+    }
+
+
+def _differences(cached: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Human-readable names of what differs, most telling first."""
+    out = []
+    ct, rt = cached.get("tokenizer", {}), current.get("tokenizer", {})
+    if ct.get("sha256") != rt.get("sha256") or ct.get("size") != rt.get("size"):
+        out.append(f"tokenizer (cache: '{ct.get('name')}' with {ct.get('size')} tokens, "
+                   f"this run: '{rt.get('name')}' with {rt.get('size')} tokens)")
+    cd, rd = cached.get("data", {}), current.get("data", {})
+    if cd.get("seq_len") != rd.get("seq_len"):
+        out.append(f"data.seq_len (cache {cd.get('seq_len')}, this run {rd.get('seq_len')})")
+    elif cd.get("n_blocks") != rd.get("n_blocks"):
+        out.append(f"training data ({cd.get('n_blocks')} blocks cached, this run has {rd.get('n_blocks')})")
+    elif cd.get("sha256") != rd.get("sha256"):
+        out.append("training data (same size, different tokens or order)")
+    if cached.get("vocab_size") != current.get("vocab_size"):
+        out.append(f"vocabulary size (cache {cached.get('vocab_size')}, this run {current.get('vocab_size')})")
+    for key in ("teacher", "options"):
+        for sub in sorted(set(cached.get(key, {})) | set(current.get(key, {}))):
+            a, b = cached.get(key, {}).get(sub), current.get(key, {}).get(sub)
+            if a != b:
+                out.append(f"{'teacher.' if key == 'teacher' else ''}{sub} (cache {a!r}, this run {b!r})")
+    return out
+
+
+def _read_index(out: Path) -> dict[str, Any] | None:
+    path = out / INDEX
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise KDForgeError(f"{path} is not valid JSON; delete the cache folder and rebuild it") from None
+    if index.get("format") != FORMAT:
+        raise KDForgeError(f"{path} is not a kdforge teacher cache index")
+    if index.get("version") != VERSION:
+        raise KDForgeError(f"teacher cache {out} has format version {index.get('version')}, this kdforge reads "
+                           f"{VERSION}; rebuild it with kdforge cache-teacher")
+    return index
+
+
+def _shard_ok(out: Path, entry: Mapping[str, Any], check_sha: bool = True) -> str | None:
+    """None if the shard file matches its index entry, else why not."""
+    path = out / entry["file"]
+    if not path.is_file():
+        return f"shard {entry['file']} is missing"
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return f"shard {entry['file']} has {size} bytes, the index says {entry['bytes']} (truncated or overwritten)"
+    if check_sha and _file_sha256(path) != entry["sha256"]:
+        return f"shard {entry['file']} fails its sha256 check (corrupt)"
+    return None
+
+
+def encode_block_outputs(logits: torch.Tensor, features: Mapping[str, torch.Tensor], ids: torch.Tensor,
+                         options: CacheOptions) -> dict[str, np.ndarray]:
+    """Teacher logits [n, T, V] (+ features) of n blocks -> the arrays of a shard (numpy, safetensors-ready)."""
+    n, seq, vocab = logits.shape
+    k = min(options.k, vocab)
+    t = options.temperature
+    scaled = logits.float() / t
+    lse = torch.logsumexp(scaled, dim=-1)  # [n, T]
+    top_vals, top_ids = scaled.topk(k, dim=-1)
+    log_p = (top_vals - lse.unsqueeze(-1)).reshape(n * seq, k)
+    top_ids = top_ids.reshape(n * seq, k)
+    arrays: dict[str, np.ndarray] = {}
+    if options.ids == "packed":
+        packed, order = encode_ids(top_ids, vocab)
+        log_p = log_p.gather(-1, order)
+        arrays["ids"] = packed.reshape(n, seq, -1)
+    else:
+        dtype = np.uint8 if vocab <= 256 else np.uint16 if vocab <= 65536 else np.int32
+        arrays["ids"] = top_ids.numpy().astype(dtype).reshape(n, seq, k)
+    for name, arr in encode_values(log_p, options.values).items():
+        arrays[name] = arr.reshape(n, seq, *arr.shape[1:])
+    lse_np = lse.to(torch.float16 if options.lse_dtype == "float16" else torch.float32).numpy()
+    arrays["logsumexp"] = lse_np
+    arrays["block_hash"] = np.frombuffer(b"".join(block_hash(row) for row in ids), dtype=np.uint8).reshape(n, 16)
+    for i, spec in enumerate(options.features):
+        arrays[f"feature.{i}"] = features[spec]
+    return arrays
+
+
+def _feature_tensor(value: Any, spec: str, n: int, seq: int, dtype: torch.dtype) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.ndim < 2 or tuple(value.shape[:2]) != (n, seq):
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise KDForgeError(f"feature '{spec}' is {shape}, not a tensor [batch, seq_len, ...]; cache only per-token "
+                           "tensors (e.g. hidden_states.3, model.layers.2)")
+    return value.detach().to(dtype).cpu().contiguous()
+
+
+def _save_shard(arrays: Mapping[str, Any], meta: Mapping[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)))
+               for k, v in arrays.items()}
+    return save(tensors, metadata=dict(meta))
+
+
+def build_cache(teacher: torch.nn.Module, tokenizer, blocks_ids: torch.Tensor, out: str | Path, *,
+                teacher_spec: Mapping[str, Any], options: CacheOptions | None = None,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run ``teacher`` over ``blocks_ids`` [N, T] and write (or finish) the cache in ``out``. Returns the index."""
+    from ..taps import Taps
+
+    options = options or CacheOptions()
+    options.check()
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise KDForgeError(f"cannot create cache folder '{out}' ({err.strerror}); choose another with --out") from None
+    from ..models import vocab_size as model_vocab
+
+    vocab = model_vocab(teacher)
+    meta = cache_meta(teacher_spec, tokenizer, blocks_ids, vocab, options)
+    index = _read_index(out)
+    if index is not None and index["meta"] != meta:
+        diff = _differences(index["meta"], meta)
+        raise KDForgeError(f"cache folder '{out}' holds a teacher cache of something else: "
+                           f"{'; '.join(diff) or 'settings differ'}; use another --out or delete it")
+    n_blocks = blocks_ids.shape[0]
+    ranges = [(s, min(s + options.shard_blocks, n_blocks)) for s in range(0, n_blocks, options.shard_blocks)]
+    done: dict[int, dict[str, Any]] = {}
+    if index is not None:
+        for entry in index["shards"]:
+            why = _shard_ok(out, entry)
+            if why is None:
+                done[entry["shard"]] = entry
+            else:
+                log.info("%s; it will be rewritten", why)
+    index = {"format": FORMAT, "version": VERSION, "meta": meta, "complete": False,
+             "shards": sorted(done.values(), key=lambda e: e["shard"])}
+    atomic_write_json(out / INDEX, index)
+
+    live = LiveTeacher(teacher, str(teacher_spec.get("dtype") or "float32"))
+    taps = Taps(teacher, {spec: spec for spec in options.features}) if options.features else None
+    feat_dtype = getattr(torch, options.feature_dtype)
+    seq = blocks_ids.shape[1]
+    say = progress or (lambda msg: log.info("%s", msg))
+    for shard_no, (start, stop) in enumerate(ranges):
+        if shard_no in done:
+            continue
+        parts: list[dict[str, np.ndarray]] = []
+        for b0 in range(start, stop, options.batch_size):
+            ids = blocks_ids[b0:min(b0 + options.batch_size, stop)]
+            batch = {"input_ids": ids.to(next(teacher.parameters()).device), "attention_mask": torch.ones_like(ids)}
+            batch["attention_mask"] = batch["attention_mask"].to(batch["input_ids"].device)
+            result: TeacherOutput = live(batch, taps)
+            feats = {spec: _feature_tensor(result.features.get(spec), spec, ids.shape[0], seq, feat_dtype)
+                     for spec in options.features}
+            parts.append(encode_block_outputs(result.logits.detach().cpu(), feats, ids, options))
+        arrays = {}
+        for key in parts[0]:
+            vals = [p[key] for p in parts]
+            arrays[key] = torch.cat(vals) if isinstance(vals[0], torch.Tensor) else np.concatenate(vals)
+        name = f"shard_{shard_no:05d}.safetensors"
+        data = _save_shard(arrays, {"start": str(start), "stop": str(stop)})
+        try:
+            atomic_write_bytes(out / name, data)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise KDForgeError(f"disk full while writing {out / name}; the {len(done)} finished shard(s) are "
+                                   "kept: free space and rerun the same command to resume") from None
+            raise
+        done[shard_no] = {"shard": shard_no, "file": name, "start": start, "stop": stop, "bytes": len(data),
+                          "sha256": hashlib.sha256(data).hexdigest()}
+        index["shards"] = sorted(done.values(), key=lambda e: e["shard"])
+        atomic_write_json(out / INDEX, index)
+        say(f"cached shard {shard_no + 1}/{len(ranges)} (blocks {start}..{stop - 1})")
+
+    total_bytes = sum(e["bytes"] for e in index["shards"])
+    tokens = n_blocks * seq
+    index["complete"] = True
+    index["bytes_per_token"] = total_bytes / tokens
+    index["bytes_per_token_parts"] = _payload_bytes(out / index["shards"][0]["file"], index["shards"][0], seq)
+    atomic_write_json(out / INDEX, index)
+    return index
+
+
+def _payload_bytes(path: Path, entry: Mapping[str, Any], seq: int) -> dict[str, float]:
+    """Bytes per token of each stored tensor (from the first shard's header)."""
+    from safetensors import safe_open
+
+    tokens = (entry["stop"] - entry["start"]) * seq
+    out: dict[str, float] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            sl = f.get_slice(key)
+            nbytes = math.prod(sl.get_shape()) * torch.empty((), dtype=_st_dtype(sl.get_dtype())).element_size()
+            out[key] = nbytes / tokens
+    return out
+
+
+def _st_dtype(name: str) -> torch.dtype:
+    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "U8": torch.uint8,
+            "U16": torch.uint16, "I32": torch.int32, "I64": torch.int64}[name]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class CachedTeacher:
+    """A teacher read from an offline cache; same call interface as :class:`LiveTeacher`.
+
+    Needs the batch's block indices (``batch["block_index"]``, added by :func:`kdforge.data.packing.make_batch`);
+    every row's token ids are checked against the cache's per-block hash. Returns :class:`SparseLogits` with the
+    logsumexp at ``temperature`` (the cache temperature), and the cached features asked for by ``taps``.
+    """
+
+    def __init__(self, path: str | Path, *, blocks_ids: torch.Tensor | None = None, tokenizer=None,
+                 vocab_size: int | None = None, verify: bool = True):
+        self.path = Path(path)
+        index = _read_index(self.path)
+        if index is None:
+            raise KDForgeError(f"no teacher cache at '{self.path}' ({INDEX} missing); build it with "
+                               "`kdforge cache-teacher RECIPE.yaml`")
+        if not index.get("complete"):
+            raise KDForgeError(f"teacher cache '{self.path}' is incomplete ({len(index['shards'])} shard(s) written); "
+                               "rerun `kdforge cache-teacher` to finish it")
+        self.index = index
+        meta = index["meta"]
+        self.meta = meta
+        opts = meta["options"]
+        self.k, self.temperature = int(opts["k"]), float(opts["temperature"])
+        self.values_format, self.ids_format = opts["values"], opts["ids"]
+        self.feature_specs: list[str] = list(opts.get("features", []))
+        self.vocab_size = int(meta["vocab_size"])
+        self.seq_len, self.n_blocks = int(meta["data"]["seq_len"]), int(meta["data"]["n_blocks"])
+        self.shard_blocks = int(opts["shard_blocks"])
+        self.shards = sorted(index["shards"], key=lambda e: e["start"])
+        expected = math.ceil(self.n_blocks / self.shard_blocks)
+        if len(self.shards) != expected or any(e["start"] != i * self.shard_blocks for i, e in enumerate(self.shards)):
+            raise KDForgeError(f"teacher cache '{self.path}' lists {len(self.shards)} shards, expected {expected}; "
+                               "rebuild it with kdforge cache-teacher")
+        for entry in self.shards:
+            why = _shard_ok(self.path, entry, check_sha=verify)
+            if why:
+                raise KDForgeError(f"teacher cache '{self.path}': {why}; rerun `kdforge cache-teacher` to rebuild it")
+        if blocks_ids is not None or tokenizer is not None or vocab_size is not None:
+            self.check_matches(blocks_ids=blocks_ids, tokenizer=tokenizer, vocab_size=vocab_size)
+        self._files: dict[int, Any] = {}
+
+    def check_matches(self, *, blocks_ids: torch.Tensor | None = None, tokenizer=None,
+                      vocab_size: int | None = None) -> None:
+        """Refuse (one line, naming what differs) a cache built for another tokenizer, data or vocabulary."""
+        current: dict[str, Any] = {}
+        cached: dict[str, Any] = {}
+        if tokenizer is not None:
+            current["tokenizer"], cached["tokenizer"] = tokenizer_fingerprint(tokenizer), self.meta["tokenizer"]
+        if blocks_ids is not None:
+            current["data"] = {"n_blocks": int(blocks_ids.shape[0]), "seq_len": int(blocks_ids.shape[1]),
+                               "sha256": data_sha256(blocks_ids)}
+            cached["data"] = self.meta["data"]
+        if vocab_size is not None:
+            current["vocab_size"], cached["vocab_size"] = int(vocab_size), self.vocab_size
+        diff = _differences(cached, current)
+        if diff:
+            raise KDForgeError(f"teacher cache '{self.path}' does not match this run: {'; '.join(diff)}; rebuild it "
+                               "with `kdforge cache-teacher RECIPE.yaml` or point teacher.path at the right cache")
+
+    def _file(self, shard: int):
+        from safetensors import safe_open
+
+        if shard not in self._files:
+            self._files[shard] = safe_open(str(self.path / self.shards[shard]["file"]), framework="pt")
+        return self._files[shard]
+
+    def _read(self, block: int, names: list[str]) -> dict[str, torch.Tensor]:
+        if not 0 <= block < self.n_blocks:
+            raise KDForgeError(f"block index {block} is outside the cache's {self.n_blocks} blocks")
+        shard, local = divmod(block, self.shard_blocks)
+        f = self._file(shard)
+        return {name: f.get_slice(name)[local:local + 1] for name in names}
+
+    def __call__(self, batch: Mapping[str, torch.Tensor], taps=None) -> TeacherOutput:
+        index = batch.get("block_index")
+        if index is None:
+            raise KDForgeError("a cached teacher needs the batch's block indices (batch['block_index']); build "
+                               "batches with kdforge.data.packing.make_batch")
+        input_ids = batch["input_ids"]
+        device = input_ids.device
+        blocks = [int(i) for i in index.reshape(-1).tolist()]
+        if input_ids.shape != (len(blocks), self.seq_len):
+            raise KDForgeError(f"batch input_ids {tuple(input_ids.shape)} do not match the cache's blocks "
+                               f"[{len(blocks)}, {self.seq_len}]")
+        want = self._feature_names(taps)
+        names = ["ids", "values", "logsumexp", "block_hash"] + (["scale"] if self.values_format != "fp16" else [])
+        names += [f"feature.{self.feature_specs.index(spec)}" for spec in want.values()]
+        rows = [self._read(b, names) for b in blocks]
+        got = {name: torch.cat([r[name] for r in rows]) for name in names}
+        cpu_ids = input_ids.detach().cpu()
+        for j, b in enumerate(blocks):
+            if bytes(got["block_hash"][j].numpy()) != block_hash(cpu_ids[j]):
+                raise KDForgeError(f"batch row {j} does not hold the tokens of cached block {b}: the data or its "
+                                   "order changed since the cache was built; rebuild it with kdforge cache-teacher")
+        n, seq = len(blocks), self.seq_len
+        k = self.k
+        if self.ids_format == "packed":
+            ids = decode_ids(got["ids"].reshape(n * seq, -1).numpy(), k, self.vocab_size).reshape(n, seq, k)
+        else:
+            ids = got["ids"].to(torch.int64)
+        scale = got["scale"].reshape(n * seq).numpy() if "scale" in got else None
+        values = got["values"]
+        values = values.numpy() if values.dtype != torch.float16 else values.float().numpy()
+        log_p = decode_values(values.reshape(n * seq, -1), scale, k, self.values_format).reshape(n, seq, k)
+        lse = got["logsumexp"].float()
+        logits = self.temperature * (log_p + lse.unsqueeze(-1))
+        sparse = SparseLogits(ids=ids.to(device), logits=logits.to(device), logsumexp=lse.to(device),
+                              lse_temperature=self.temperature)
+        features = {name: got[f"feature.{self.feature_specs.index(spec)}"].to(device).float()
+                    for name, spec in want.items()}
+        return TeacherOutput(sparse, features)
+
+    def _feature_names(self, taps) -> dict[str, str]:
+        """tap name -> cached spec string, for a Taps object or a {name: spec} mapping."""
+        if taps is None:
+            return {}
+        specs = getattr(taps, "specs", taps)
+        wanted = {name: getattr(spec, "raw", spec) for name, spec in specs.items()}
+        missing = [s for s in wanted.values() if s not in self.feature_specs]
+        if missing:
+            have = ", ".join(self.feature_specs) or "none"
+            raise KDForgeError(f"teacher cache '{self.path}' has no feature '{missing[0]}' (cached: {have}); rebuild "
+                               "it with kdforge cache-teacher --features ...")
+        return wanted
+
+    def check_temperatures(self, terms) -> None:
+        """Refuse, before training, logit terms whose exact missing-mass policy needs another temperature."""
+        for term in terms:
+            params = term.params if hasattr(term, "params") else dict(term)
+            if params.get("missing_mass", "bucket") == "renormalize":
+                continue
+            from ..losses.registry import lookup
+
+            kind, fn = lookup(term.loss)
+            if kind != "logit":
+                continue
+            import inspect
+
+            default = inspect.signature(fn).parameters.get("temperature")
+            t = float(params.get("temperature", default.default if default is not None else 1.0))
+            if not math.isclose(t, self.temperature, rel_tol=1e-6):
+                raise KDForgeError(
+                    f"term '{term.label}' uses temperature {t} but the teacher cache '{self.path}' stored its "
+                    f"logsumexp at {self.temperature}; rebuild the cache with --temperature {t} or set "
+                    "missing_mass: renormalize on that term")

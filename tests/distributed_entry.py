@@ -1,0 +1,171 @@
+"""Entry script for tests/test_distributed.py, run under `torchrun --nproc_per_node=2` (not a test module itself).
+
+    torchrun --nproc_per_node=2 tests/distributed_entry.py RECIPE.yaml [--ddp OUT] [--fsdp OUT]
+        [--die-at STEP] [--fsdp-interrupt-at STEP] [--gradcheck RECIPE.yaml PREFIX]
+
+Jobs run in this order in the same processes (one launch: interpreter start-up dominates on 2 CPU cores):
+
+--ddp OUT       train RECIPE with DDP (gloo) into OUT.
+--die-at S      in the DDP job, rank 1 SIGKILLs itself when step S starts: a real crash of one rank (torchrun then
+                stops the other). Nothing after it runs.
+--fsdp OUT      switch accelerate's state to FSDP2, then train RECIPE into OUT. accelerate 1.15 turns FSDP on only for
+                GPU-like devices (on a CPU-only machine an FSDP config silently means DDP), while torch's
+                `fully_shard` works on CPU with gloo; the switch lets kdforge's FSDP paths (sharded prepare,
+                gathered checkpoints, optimizer state by parameter name, rank-0 export) run here.
+--fsdp-interrupt-at S  in the FSDP job, every rank raises KeyboardInterrupt at step S (the job stops at the same
+                point on all ranks), then train() is called again in the same processes: a resume under FSDP.
+--gradcheck RECIPE PREFIX  before each job: uneven valid-token counts per rank, one backward through the prepared
+                (DDP/FSDP) model with num_tokens = global count / world (as train.py does), compared per parameter
+                with one process on the whole batch; relative errors to PREFIX.ddp.json / PREFIX.fsdp.json.
+
+Rank 0 also appends to OUT.prepared.jsonl what accelerator.prepare made of each model (class, sharded parameters).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+torch.set_num_threads(1)
+
+
+def switch_to_fsdp2() -> None:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    Accelerator(cpu=True)  # initialises gloo and accelerate's shared state (as MULTI_CPU) if not done yet
+    # AcceleratorState copies PartialState's shared dict on every construction, so switch both.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state = AcceleratorState()
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+        state_dict_type="FULL_STATE_DICT")
+
+
+def record_prepared_models(path: str) -> None:
+    """Append, on rank 0, what accelerator.prepare made of each model: its class and how many parameters are shards."""
+    from accelerate import Accelerator
+
+    original = getattr(Accelerator.prepare, "__wrapped_prepare__", Accelerator.prepare)
+
+    def prepare(self, *objects, **kw):
+        result = original(self, *objects, **kw)
+        if self.is_main_process:
+            model = result[0] if isinstance(result, (tuple, list)) else result
+            params = list(model.parameters())
+            with open(path, "a") as f:
+                f.write(json.dumps({"class": type(model).__name__, "params": len(params),
+                                    "dtensor_params": sum(hasattr(p, "full_tensor") for p in params),
+                                    "distributed_type": str(self.distributed_type)}) + "\n")
+        return result
+
+    prepare.__wrapped_prepare__ = original
+    Accelerator.prepare = prepare
+
+
+def gradcheck(recipe_path: str, result_path: str) -> None:
+    """Uneven valid-token counts per rank: the train.py normalisation must give the one-process gradient."""
+    from kdforge.batches import shifted_targets
+    from kdforge.distributed import make_accelerator
+    from kdforge.recipe import load_recipe
+    from kdforge.train import prepare
+
+    recipe = load_recipe(recipe_path)
+    accelerator = make_accelerator(recipe)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    setup = prepare(recipe)
+    reference = prepare(recipe).distiller  # the same seeded weights: one process, the whole batch
+    ids = setup.train_blocks.ids[: 2 * world]
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0  # rank 0 keeps far fewer valid targets than rank 1
+    mask[1, 20:] = 0
+    big = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    reference(big)[0].backward()
+    ref = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+
+    optimizer = torch.optim.SGD(setup.distiller.parameters(), lr=0.0)
+    model, optimizer = accelerator.prepare(setup.distiller, optimizer)
+    local = {k: v[2 * rank: 2 * rank + 2] for k, v in big.items()}
+    n_local = shifted_targets(local)[1].sum()
+    count = accelerator.reduce(n_local.float(), reduction="sum")  # what train.py does
+    loss, _ = model(local, num_tokens=count / world)
+    accelerator.backward(loss)
+    errors, sharded = {}, 0
+    for name, p in model.named_parameters():
+        key = name.removeprefix("module.")
+        grad = p.grad
+        if hasattr(grad, "full_tensor"):  # an FSDP2 shard
+            sharded += 1
+            grad = grad.full_tensor()
+        errors[key] = float((grad - ref[key]).abs().max() / ref[key].abs().max().clamp_min(1e-12))
+    counts = accelerator.gather(n_local.reshape(1)).tolist()
+    if rank == 0:
+        with open(result_path, "w") as f:
+            json.dump({"errors": errors, "sharded_params": sharded, "local_counts": counts,
+                       "distributed_type": str(accelerator.distributed_type)}, f)
+    accelerator.free_memory()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("recipe")
+    ap.add_argument("--ddp")
+    ap.add_argument("--fsdp")
+    ap.add_argument("--die-at", type=int)
+    ap.add_argument("--fsdp-interrupt-at", type=int)
+    ap.add_argument("--gradcheck", nargs=2, metavar=("RECIPE", "PREFIX"))
+    args = ap.parse_args()
+
+    from kdforge.distiller import Distiller
+    from kdforge.distributed import end_distributed
+    from kdforge.recipe import load_recipe
+    from kdforge.train import train
+
+    recipe = load_recipe(args.recipe)
+    rank = int(os.environ["RANK"])
+    original = Distiller.forward
+
+    def stop_at(step: int | None, how):
+        def forward(self, batch, **kw):
+            if kw.get("step") == step:
+                how()
+            return original(self, batch, **kw)
+        return forward
+
+    if args.ddp:
+        record_prepared_models(args.ddp + ".prepared.jsonl")
+        if args.gradcheck:
+            gradcheck(args.gradcheck[0], args.gradcheck[1] + ".ddp.json")
+        if args.die_at is not None and rank == 1:
+            Distiller.forward = stop_at(args.die_at, lambda: os.kill(os.getpid(), signal.SIGKILL))
+        train(recipe, progress=False, out=args.ddp)
+        Distiller.forward = original
+    if args.fsdp:
+        switch_to_fsdp2()
+        record_prepared_models(args.fsdp + ".prepared.jsonl")
+        if args.gradcheck:
+            gradcheck(args.gradcheck[0], args.gradcheck[1] + ".fsdp.json")
+
+        def interrupt():
+            raise KeyboardInterrupt
+
+        Distiller.forward = stop_at(args.fsdp_interrupt_at, interrupt)
+        try:
+            train(recipe, progress=False, out=args.fsdp)
+        except KeyboardInterrupt:
+            Distiller.forward = original
+            dist.barrier()
+            train(recipe, progress=False, out=args.fsdp)  # resumes from the last checkpoint
+    end_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

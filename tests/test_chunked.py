@@ -1,0 +1,147 @@
+"""Chunked logit losses equal the unchunked ones in value and gradient, for every loss, teacher kind and mask."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdforge.losses.chunked import ChunkedTerm, chunked_logit_loss, chunked_logit_terms
+from kdforge.losses.logits import LOGIT_LOSSES, cross_entropy
+from kdforge.losses.sparse import SparseLogits
+
+B, T, D, V, K = 2, 7, 6, 11, 4
+KWARGS = {
+    "generalized_jsd": {"beta": 0.3},
+    "skew_forward_kl": {"alpha": 0.2},
+    "skew_reverse_kl": {"alpha": 0.25},
+    "decoupled_kd": {"alpha": 0.7, "beta": 2.0, "warmup": 0.5},
+    "correlation_aware_kd": {"strong_k": 3, "w_binary": 0.5, "w_strong": 2.0, "w_weak": 3.0},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _inputs(dtype, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, D, generator=g, dtype=dtype).requires_grad_()
+    weight = torch.randn(V, D, generator=g, dtype=dtype).requires_grad_()
+    b = (torch.randn(V, generator=g, dtype=dtype) * 0.5).requires_grad_() if bias else None
+    teacher = torch.randn(B, T, V, generator=g, dtype=dtype) * 2
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, 2] = -100
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 4:] = False
+    mask[:, -1] = False  # like the distiller: the last position predicts nothing
+    return hidden, weight, b, teacher, labels, mask
+
+
+def _grads(loss, *tensors):
+    return torch.autograd.grad(loss, [t for t in tensors if t is not None])
+
+
+def _check(dtype, name, teacher_kind, temperature, chunk):
+    hidden, weight, b, dense, labels, mask = _inputs(dtype)
+    kwargs = dict(KWARGS.get(name, {}))
+    if name != "cross_entropy":
+        kwargs["temperature"] = temperature
+    if teacher_kind == "dense":
+        teacher = dense
+    else:
+        teacher = SparseLogits.from_dense(dense, K, lse_temperature=temperature)
+        kwargs["missing_mass"] = teacher_kind
+    logits = hidden @ weight.T + b
+    if name == "cross_entropy":
+        ref = cross_entropy(logits, labels, mask=mask)
+        got = chunked_logit_loss(name, hidden, weight, bias=b, mask=mask, labels=labels, chunk_size=chunk)
+    else:
+        fn = LOGIT_LOSSES[name]
+        extra = {"labels": labels} if name == "decoupled_kd" else {}
+        ref = fn(logits, teacher, mask=mask, **extra, **kwargs)
+        got = chunked_logit_loss(name, hidden, weight, teacher, bias=b, mask=mask, chunk_size=chunk,
+                                 labels=labels if extra else None, **kwargs)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, ref.to(got.dtype), **tol)
+    for a, r in zip(_grads(got, hidden, weight, b), _grads(ref, hidden, weight, b)):
+        torch.testing.assert_close(a, r, **tol)
+
+
+@pytest.mark.parametrize("name", [*LOGIT_LOSSES, "cross_entropy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_teacher_equals_unchunked(name, dtype):
+    for temperature, chunk in ((1.0, 3), (2.5, 5)):
+        _check(dtype, name, "dense", temperature, chunk)
+
+
+@pytest.mark.parametrize("name", list(LOGIT_LOSSES))
+@pytest.mark.parametrize("missing_mass", ["bucket", "renormalize", "uniform"])
+def test_sparse_teacher_equals_unchunked(name, missing_mass):
+    _check(torch.float64, name, missing_mass, 2.0, 4)
+    _check(torch.float32, name, missing_mass, 1.0, 64)  # one chunk bigger than the batch
+
+
+def test_several_terms_share_one_pass_and_report_unweighted_values():
+    hidden, weight, _, teacher, labels, mask = _inputs(torch.float64, bias=False)
+    terms = [ChunkedTerm("cross_entropy", 0.3), ChunkedTerm("forward_kl", 0.7, {"temperature": 2.0}),
+             ChunkedTerm("decoupled_kd", 0.1)]
+    total, values = chunked_logit_terms(terms, hidden, weight, teacher, mask=mask, labels=labels, chunk_size=4)
+    logits = hidden @ weight.T
+    ce = cross_entropy(logits, labels, mask=mask)
+    kl = LOGIT_LOSSES["forward_kl"](logits, teacher, mask=mask, temperature=2.0)
+    dkd = LOGIT_LOSSES["decoupled_kd"](logits, teacher, mask=mask, labels=labels)
+    ref = 0.3 * ce + 0.7 * kl + 0.1 * dkd
+    torch.testing.assert_close(values, torch.stack([ce, kl, dkd]).detach())
+    assert not values.requires_grad
+    torch.testing.assert_close(total, ref)
+    for a, r in zip(_grads(total, hidden, weight), _grads(ref, hidden, weight)):
+        torch.testing.assert_close(a, r)
+
+
+def test_sum_reduction_views_and_empty_mask():
+    hidden, weight, b, teacher, labels, mask = _inputs(torch.float64)
+    shared = 8  # a truncated shared vocabulary: views of weight and teacher, no copies needed
+    ref = LOGIT_LOSSES["reverse_kl"]((hidden @ weight[:shared].T), teacher[..., :shared], mask=mask,
+                                     reduction="sum")
+    got = chunked_logit_loss("reverse_kl", hidden, weight[:shared], teacher[..., :shared], mask=mask,
+                             reduction="sum", chunk_size=2)
+    torch.testing.assert_close(got, ref)
+    for a, r in zip(_grads(got, hidden, weight), _grads(ref, hidden, weight)):
+        torch.testing.assert_close(a, r)
+    none = torch.zeros_like(mask)
+    zero = chunked_logit_loss("forward_kl", hidden, weight, teacher, mask=none)
+    assert zero.item() == 0.0
+    gh, gw = _grads(zero, hidden, weight)
+    assert gh.abs().sum() == 0 and gw.abs().sum() == 0
+
+
+def test_no_grad_and_frozen_inputs_skip_the_gradient_work():
+    hidden, weight, b, teacher, labels, mask = _inputs(torch.float32)
+    ref = LOGIT_LOSSES["forward_kl"](hidden @ weight.T + b, teacher, mask=mask)
+    with torch.no_grad():
+        got = chunked_logit_loss("forward_kl", hidden, weight, teacher, bias=b, mask=mask, chunk_size=3)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, ref.detach())
+    frozen = chunked_logit_loss("forward_kl", hidden.detach(), weight.detach(), teacher, bias=b.detach(), mask=mask)
+    assert not frozen.requires_grad
+    only_hidden = chunked_logit_loss("forward_kl", hidden, weight.detach(), teacher, mask=mask)
+    (gh,) = torch.autograd.grad(only_hidden * 3.0, hidden)  # the incoming grad_output scales the stored gradient
+    (rh,) = torch.autograd.grad(LOGIT_LOSSES["forward_kl"](hidden @ weight.T, teacher, mask=mask) * 3.0, hidden)
+    torch.testing.assert_close(gh, rh)
+
+
+def test_bad_inputs_are_refused():
+    hidden, weight, b, teacher, labels, mask = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="reduction"):
+        chunked_logit_loss("forward_kl", hidden, weight, teacher, reduction="none")
+    with pytest.raises(ValueError, match="needs labels"):
+        chunked_logit_loss("cross_entropy", hidden, weight)
+    with pytest.raises(ValueError, match="unknown logit loss"):
+        chunked_logit_loss("nope", hidden, weight, teacher)
+    with pytest.raises(ValueError, match="do not match"):
+        chunked_logit_loss("forward_kl", hidden, weight, teacher[:, :-1])
+    with pytest.raises(ValueError, match="lm_head_weight"):
+        chunked_logit_loss("forward_kl", hidden, weight.T, teacher)

@@ -1,0 +1,121 @@
+"""kdforge report: self-contained HTML + Markdown for runs and benches, partial inputs, and real headless Chromium."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from evalkit import CHROMIUM, chromium, recipe_dict
+from kdforge import Distiller
+from kdforge.cli import app
+from kdforge.errors import KDForgeError
+from kdforge.recipe import EvalSpec, parse_recipe
+from kdforge.report.build import build_report
+from kdforge.train import train
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tiny_assets, tmp_path_factory):
+    """A finished tiny run with eval.json (generations, CKA) from `kdforge eval`."""
+    from kdforge.evaluate.suite import run_eval
+
+    run = train(parse_recipe(recipe_dict(tiny_assets, tmp_path_factory.mktemp("rep") / "run")), progress=False)
+    run_eval(run, spec=EvalSpec(ood=None, new_tokens=4, cka_tokens=64), baseline=run)
+    return run
+
+
+def test_run_report_has_results_curves_cka_manifest_and_generations(evaluated_run, tmp_path):
+    res = runner.invoke(app, ["report", str(evaluated_run), "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "report.html").read_text()
+    manifest = json.loads((evaluated_run / "manifest.json").read_text())
+    assert "<table>" in page and "held-out ppl" in page and "KL(S‖T)" in page
+    assert page.count('src="data:image/png;base64,') == 2  # loss curves + CKA heatmap
+    assert manifest["recipe_hash"] in page and "torch" in page and "hardware" in page
+    assert "Generations (greedy)" in page and "To be, or not to be" in page and ">baseline<" in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing external
+    md = (tmp_path / "report.md").read_text()
+    assert "| model | held-out ppl |" in md and "## Manifest" in md and "Missing" not in md
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert (tmp_path / link).is_file()
+    assert "report_files/loss_curves.png" in md and "report_files/cka.png" in md
+
+
+def test_partial_run_report_says_what_is_missing(tiny_assets, tmp_path, monkeypatch):
+    recipe = parse_recipe(recipe_dict(tiny_assets, tmp_path / "run", save_every=2))
+    original = Distiller.forward
+
+    def dies_at_step_3(self, batch, **kw):
+        if kw.get("step") == 3:
+            raise KeyboardInterrupt
+        return original(self, batch, **kw)
+
+    monkeypatch.setattr(Distiller, "forward", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, progress=False)
+    res = runner.invoke(app, ["report", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "missing: final.json" in res.output and "last logged step 3 of 4" in res.output
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert 'id="missing"' in page and "kdforge eval" in page and page.count("data:image/png") == 1
+
+
+def test_empty_and_absent_directories(tmp_path):
+    (tmp_path / "empty" / "runA").mkdir(parents=True)
+    (tmp_path / "empty" / "runA" / "metrics.jsonl").write_text("")
+    _, md, missing = build_report(tmp_path / "empty")
+    assert "neither a run" in missing[0] and "It holds runs: runA" in missing[0] and md.is_file()
+    with pytest.raises(KDForgeError, match="does not exist"):
+        build_report(tmp_path / "absent")
+    res = runner.invoke(app, ["report", str(tmp_path / "absent")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_partial_bench_report_builds_tables_from_finished_cells(evaluated_run, tmp_path):
+    bench = tmp_path / "bench"
+    shutil.copytree(evaluated_run, bench / "cells" / "default" / "fkl" / "seed0")
+    (bench / "cells" / "default" / "ce_baseline" / "seed0").mkdir(parents=True)
+    (bench / "cells" / "default" / "ce_baseline" / "seed0" / "failed.json").write_text('{"error": "ValueError: x"}')
+    (bench / "plan.json").write_text(json.dumps({"baseline": "ce_baseline", "methods": ["ce_baseline", "fkl"],
+                                                 "cells": [{"key": k, "dir": str(bench / "cells" / k)} for k in
+                                                           ("default/ce_baseline/seed0", "default/fkl/seed0",
+                                                            "default/fkl/seed1")]}))
+    html_path, md_path, missing = build_report(bench)
+    assert any("results.json" in m and "1 of 3 planned cells" in m for m in missing)
+    assert any("not started: default/fkl/seed1" in m for m in missing)
+    md = md_path.read_text()
+    assert "| ce_baseline (CE baseline) | 0/1 |" in md and "| fkl | 1/1 |" in md and "ValueError: x" in md
+    page = html_path.read_text()
+    assert page.count("data:image/png") == 2 and "fkl, seed0" in page
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium absent (apt-get install -y chromium)")
+def test_report_renders_in_headless_chromium_without_network_or_console_errors(evaluated_run, tmp_path):
+    html_path, _, _ = build_report(evaluated_run, tmp_path / "out")
+    url = html_path.resolve().as_uri()
+    got = chromium(url, tmp_path / "a", "--dump-dom")
+    assert got["returncode"] == 0, got["stderr"][-2000:]
+    dom = got["stdout"]
+    assert "<table>" in dom and "held-out ppl" in dom
+    assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', dom)) == 2
+    assert got["console"] == [] and got["requests"] == []
+    shot = tmp_path / "shot.png"
+    got = chromium(url, tmp_path / "b", f"--screenshot={shot}", "--window-size=1200,1600")
+    assert got["returncode"] == 0 and shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
+    assert got["console"] == [] and got["requests"] == []
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium absent (apt-get install -y chromium)")
+def test_the_chromium_check_catches_external_resources_and_console_errors(tmp_path):
+    bad = tmp_path / "bad.html"
+    bad.write_text('<!doctype html><html><body><img src="http://example.invalid/x.png">'
+                   '<script>console.error("broken")</script></body></html>')
+    got = chromium(bad.as_uri(), tmp_path / "c", "--dump-dom")
+    assert got["requests"] == ["http://example.invalid/x.png"]
+    assert any("broken" in line for line in got["console"])
