@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kdforge.demo import demo_recipe
 from kdforge.io import atomic_write_json, atomic_write_text
-from kdforge.recipe import Term, parse_recipe
+from kdforge.recipe import parse_recipe
 from kdforge.train import prepare, train
 
 CE = {"loss": "cross_entropy", "weight": 0.5}
@@ -33,6 +33,7 @@ ARMS: dict[str, list[dict]] = {
     "+rkd": [CE, KD, {"loss": "rkd", "student": "hidden_states.-1", "teacher": "hidden_states.-1"}],
     "+fam": [CE, KD, {"loss": "hidden_mse", "projector": {"kind": "fam_seq"}, "student": "model.layers.-1",
                       "teacher": "model.layers.-1"}],
+    "+block_kd": [CE, KD, {"loss": "block_kd", "weight": 0.5, "projector": "linear"}],
 }
 
 
@@ -57,7 +58,7 @@ def main() -> None:
             out = args.out / arm / f"seed{seed}"
             if not (out / "final.json").is_file():
                 if shared is None:
-                    shared = prepare(parse_recipe({**base, "objective": [Term(loss="forward_kl").model_dump()]}))
+                    shared = prepare(recipe)  # loads the teacher and tokenizer once for every cell
                 setup = prepare(recipe, teacher=shared.teacher, tokenizer=shared.tokenizer)
                 train(recipe, setup=setup, out=out, progress=False)
             results.setdefault(arm, []).append(json.loads((out / "final.json").read_text())["student"])
