@@ -138,3 +138,17 @@ def test_workers_run_cells_in_a_spawned_process_pool_with_identical_results(tiny
     seq = next(c["dir"] for c in bench["results"]["cells"] if c["method"] == "fkl" and c["seed"] == 0)
     par = next(c["dir"] for c in data["cells"] if c["method"] == "fkl")
     assert quality(par) == quality(seq)
+
+
+def test_seeds_methods_and_recipe_overrides_from_the_command_line(tiny_assets, tmp_path):
+    matrix = write_matrix(tmp_path, tiny_assets, {"plain": {"objective": [{"loss": "cross_entropy"}]},
+                                                  "fkl": {"objective": FKL}, "other": {"objective": FKL}})
+    spec, base = load_matrix(matrix, ["train.steps=2", "objective.0.weight=0.25"], seeds=[7], only_methods=["fkl"])
+    cells, baseline = plan_cells(spec, base, tmp_path / "out")
+    assert baseline == "plain" and [(c.method, c.seed) for c in cells] == [("plain", 7), ("fkl", 7)]
+    assert all(c.recipe["train"]["steps"] == 2 for c in cells)
+    assert cells[1].recipe["objective"][0]["weight"] == 0.25  # --set comes after the method's own overrides
+    with pytest.raises(KDForgeError, match="method 'nope' is not in the matrix"):
+        load_matrix(matrix, only_methods=["nope"])
+    res = CliRunner().invoke(app, ["bench", str(matrix), "--dry-run", "--seeds", "0,1", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0 and "6 cells; CE baseline: plain" in res.output

@@ -84,8 +84,12 @@ def one_line(err: BaseException) -> str:
 # --------------------------------------------------------------------------- the matrix
 
 
-def load_matrix(path: str | Path, overrides: list[str] | None = None) -> tuple[MatrixSpec, dict[str, Any]]:
-    """The matrix and its base recipe (a dict, before any override)."""
+def load_matrix(path: str | Path, recipe_overrides: list[str] | None = None, seeds: list[int] | None = None,
+                only_methods: list[str] | None = None) -> tuple[MatrixSpec, dict[str, Any]]:
+    """The matrix and its base recipe (a dict, before any override).
+
+    recipe_overrides (`key=value`, like `kdforge distill --set`) are applied to every cell last; `seeds` replaces the
+    matrix's seeds; `only_methods` keeps those methods (the CE baseline is still added when none of them is one)."""
     path = Path(path)
     if not path.is_file():
         raise KDForgeError(f"matrix file '{path}' not found; see benchmarks/llm_matrix.yaml for an example")
@@ -95,11 +99,19 @@ def load_matrix(path: str | Path, overrides: list[str] | None = None) -> tuple[M
         raise KDForgeError(f"matrix '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise KDForgeError(f"matrix '{path}' must be a mapping with base, methods and seeds")
-    data = apply_overrides(data, overrides or [])
     try:
         spec = MatrixSpec.model_validate(data)
     except ValidationError as err:
         raise KDForgeError(f"invalid matrix '{path}': {_format_validation_error(err)}") from None
+    if recipe_overrides:
+        spec.recipe_overrides = list(recipe_overrides)
+    if seeds:
+        spec.seeds = list(seeds)
+    if only_methods:
+        unknown = [m for m in only_methods if m not in spec.methods]
+        if unknown:
+            raise KDForgeError(f"method '{unknown[0]}' is not in the matrix (it has: {', '.join(spec.methods)})")
+        spec.only_methods = list(only_methods)
     return spec, base_recipe_data(spec.base, path.parent)
 
 
@@ -140,7 +152,7 @@ def plan_cells(spec: MatrixSpec, base: dict[str, Any], out: Path) -> tuple[list[
         data = copy.deepcopy(base)
         try:
             data = apply_overrides(data, _as_strings(spec.overrides) + _as_strings(students[student])
-                                   + _as_strings(method_overrides))
+                                   + _as_strings(method_overrides) + list(spec.recipe_overrides))
             data.update(seed=seed, output_dir=str(cell_dir),
                         name=f"{spec.name}-{student}-{method}-seed{seed}")
             recipe = parse_recipe(data)
@@ -160,6 +172,8 @@ def plan_cells(spec: MatrixSpec, base: dict[str, Any], out: Path) -> tuple[list[
         methods = {BASELINE: {"objective": [{"loss": "cross_entropy"}]}, **methods}
     else:  # the baseline first in every table
         methods = {baseline: methods[baseline], **{k: v for k, v in methods.items() if k != baseline}}
+    if spec.only_methods:  # a subset, always with the baseline
+        methods = {k: v for k, v in methods.items() if k == baseline or k in spec.only_methods}
     cells = [resolve(s, m, seed, methods[m]) for s in students for m in methods for seed in spec.seeds]
     return cells, baseline
 
@@ -291,10 +305,11 @@ def _run_cell_job(cell: dict, eval_spec: dict, keep_checkpoints: bool) -> dict:
 
 
 def run_bench(matrix_path: str | Path, out: str | Path | None = None, workers: int = 1,
-              overrides: list[str] | None = None, echo=None) -> dict[str, Any]:
+              recipe_overrides: list[str] | None = None, seeds: list[int] | None = None,
+              only_methods: list[str] | None = None, echo=None) -> dict[str, Any]:
     """Run (or resume) every cell, then write results.json and results.md into `out`. Returns the results."""
     echo = echo or (lambda msg: log.info(msg))
-    spec, base = load_matrix(matrix_path, overrides)
+    spec, base = load_matrix(matrix_path, recipe_overrides, seeds, only_methods)
     out = Path(out or Path("runs") / "bench" / spec.name)
     out.mkdir(parents=True, exist_ok=True)
     cells, baseline = plan_cells(spec, base, out)

@@ -75,6 +75,42 @@ def distill(
     _run(body)
 
 
+@app.command("cache-teacher")
+def cache_teacher(
+    recipe: Path = typer.Argument(..., help="Recipe YAML: its teacher runs once over its training data."),
+    k: Optional[int] = typer.Option(None, "--k", help="Top-k logits kept per token (default 64)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Cache folder (default: teacher.path, else "
+                                       "OUTPUT_DIR/teacher_cache). Rerun to resume."),
+    values: Optional[str] = typer.Option(None, help="Log-prob coding: int6 (default, <=150 bytes/token at k=64), "
+                                         "int8, int4 or fp16."),
+    ids: Optional[str] = typer.Option(None, help="Id coding: packed (Elias-Fano, default) or plain."),
+    temperature: Optional[float] = typer.Option(None, help="Temperature of the stored logsumexp (default: the "
+                                                "objective's)."),
+    feature: Optional[List[str]] = typer.Option(None, "--feature", help="Also cache this teacher tap per token, "
+                                                "e.g. hidden_states.3 (repeatable)."),
+    shard_blocks: Optional[int] = typer.Option(None, help="Blocks per shard file (default 256)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key, e.g. --set data.seq_len=256."),
+) -> None:
+    """Run the recipe's teacher once over its training blocks and store top-k logits for `teacher.kind: cache`."""
+    from .recipe import load_recipe
+    from .teachers.cache import CacheOptions, cache_recipe_teacher, recipe_temperature
+
+    def body():
+        r = load_recipe(recipe, set_ or [])
+        given = {"k": k, "values": values, "ids": ids, "shard_blocks": shard_blocks}
+        options = CacheOptions(**{key: v for key, v in given.items() if v is not None},
+                               temperature=temperature if temperature is not None else recipe_temperature(r),
+                               features=list(feature or []), batch_size=r.train.batch_size)
+        path, index = cache_recipe_teacher(r, out=out, options=options, progress=typer.echo)
+        meta = index["meta"]
+        typer.echo(f"cached {meta['data']['n_blocks']} blocks x {meta['data']['seq_len']} tokens to {path}: "
+                   f"{index['bytes_per_token']:.1f} bytes/token (k={meta['options']['k']}, "
+                   f"{meta['options']['ids']} ids, {meta['options']['values']} values)")
+        typer.echo(f"train from it with: teacher: {{kind: cache, path: {path}, model: {r.teacher.model}}}")
+
+    _run(body)
+
+
 @app.command("eval")
 def eval_(
     student: Path = typer.Argument(..., help="A student folder (save_pretrained) or a run directory."),
@@ -164,7 +200,11 @@ def bench(
     matrix: Path = typer.Argument(..., help="Matrix YAML: base recipe, methods, seeds, optional students."),
     out: Optional[Path] = typer.Option(None, "--out", help="Bench directory (default: runs/bench/<matrix name>)."),
     workers: int = typer.Option(1, "--workers", help="Cells run in parallel (processes); 1 reuses one teacher."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a matrix key, e.g. --set seeds=[0]."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key in every cell (applied "
+                                             "last), e.g. --set train.steps=60."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds replacing the matrix's."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods to run (the CE baseline "
+                                          "is added when none of them is one)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the cells and exit."),
 ) -> None:
     """Run a methods x seeds matrix with identical data, steps and evaluation; resumable; writes results.json,
@@ -172,15 +212,18 @@ def bench(
     from .bench import load_matrix, plan_cells, run_bench
 
     def body():
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()] if seeds else None
+        method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
         if dry_run:
-            spec, base = load_matrix(matrix, set_ or [])
+            spec, base = load_matrix(matrix, set_ or [], seed_list, method_list)
             cells, baseline = plan_cells(spec, base, out or Path("runs") / "bench" / spec.name)
             for c in cells:
                 mark = "done" if (Path(c.dir) / "final.json").is_file() else ("INVALID: " + c.error if c.error else "")
                 typer.echo(f"{c.key}  {c.dir}  {mark}")
             typer.echo(f"{len(cells)} cells; CE baseline: {baseline}")
             return
-        results = run_bench(matrix, out=out, workers=workers, overrides=set_ or [], echo=typer.echo)
+        results = run_bench(matrix, out=out, workers=workers, recipe_overrides=set_ or [], seeds=seed_list,
+                            only_methods=method_list, echo=typer.echo)
         from .report.build import build_report
 
         bench_dir = Path(results["dir"])

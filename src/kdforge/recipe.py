@@ -60,6 +60,21 @@ class TeacherSpec(ModelSpec):
     curriculum: CurriculumSpec | None = None
     """Learn from a sequence of teachers instead of one (partial to whole, PWKD): depth-truncated sub-networks of
     this teacher and/or other models, one per stage."""
+    kind: Literal["live", "cache"] = "live"
+    """live: run `model` on every batch. cache: read its top-k logits from the offline cache at `path` (built once by
+    `kdforge cache-teacher RECIPE`); `model` then only supplies the tokenizer, the student's base config and the
+    final evaluation."""
+    path: str | None = None
+    """The teacher cache folder (kind: cache)."""
+
+    @model_validator(mode="after")
+    def _cache_needs_path(self) -> "TeacherSpec":
+        if self.kind == "cache" and not self.path:
+            raise ValueError("teacher.kind is cache but teacher.path is empty; give the folder written by "
+                             "`kdforge cache-teacher`")
+        if self.kind == "cache" and self.curriculum is not None:
+            raise ValueError("teacher.curriculum needs live teachers; use teacher.kind: live")
+        return self
 
 
 class StudentSpec(_Strict):
@@ -130,6 +145,10 @@ class TrainSpec(_Strict):
     keep_checkpoints: int = 2
     log_every: int = 10
     deterministic: bool = True
+    logit_chunk_size: int | None = Field(None, ge=1)
+    """Compute the logit and label terms from the student's last hidden states and lm-head weight, this many tokens
+    at a time, so the whole batch's [tokens x vocabulary] logits never exist (kdforge.losses.chunked); null: off.
+    Same values and gradients; needs a causal LM whose logits are exactly lm_head(last hidden state)."""
 
 
 class Recipe(_Strict):
@@ -260,6 +279,10 @@ class MatrixSpec(_Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     keep_checkpoints: bool = False
     """Keep each finished cell's checkpoints/ (optimizer state included); by default only student/ stays."""
+    recipe_overrides: list[str] = Field(default_factory=list)
+    """`key=value` overrides applied to every cell after all others (what `kdforge bench --set` fills in)."""
+    only_methods: list[str] | None = None
+    """Run only these methods (and the CE baseline); what `kdforge bench --methods` fills in."""
 
     @field_validator("methods")
     @classmethod

@@ -85,13 +85,15 @@ def evaluate_models(models: dict[str, nn.Module], blocks: TokenBlocks, *, refere
         if reference is not None:
             ref = logprobs[reference]
             ref_top = ref.argmax(-1)
+            ref_p = ref.exp()
             for name, lp in logprobs.items():
                 if name == reference:
                     continue
                 v = min(lp.shape[-1], ref.shape[-1])
                 stats[name]["agree"] += int((lp[..., :v].argmax(-1) == ref_top).sum())
-                stats[name]["kl"] += float((ref[..., :v].exp() * (ref[..., :v] - lp[..., :v])).sum())
-                stats[name]["rkl"] += float((lp[..., :v].exp() * (lp[..., :v] - ref[..., :v])).sum())
+                diff = lp[..., :v] - ref[..., :v]  # log p_model - log p_ref, shared by both directions
+                stats[name]["kl"] -= float(torch.einsum("...v,...v->", ref_p[..., :v], diff))
+                stats[name]["rkl"] += float(torch.einsum("...v,...v->", lp[..., :v].exp(), diff))
     results = {}
     for name, s in stats.items():
         r = {

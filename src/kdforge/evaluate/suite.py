@@ -278,12 +278,14 @@ def run_eval(target: str | Path, *, teacher: str | None = None, corpus: str | No
     res["student_path"] = str(folder)
     res["teacher"] = teacher_spec.model_dump() if teacher_spec else None
     res["data"] = data.model_dump()
+    if out_dir is not None:  # written before lm-eval runs, so its failure loses nothing
+        atomic_write_json(Path(out_dir) / "eval.json", res)
     if lm_eval_tasks:
         from .lmeval import run_lm_eval
 
         res["lm_eval"] = run_lm_eval(model, tok, lm_eval_tasks, heldout_documents=docs, include_path=lm_eval_include,
                                      limit=lm_eval_limit, batch_size=evaluator.spec.batch_size)
-    if out_dir is not None:
-        atomic_write_json(Path(out_dir) / "eval.json", res)
+        if out_dir is not None:
+            atomic_write_json(Path(out_dir) / "eval.json", res)
     return res
 
