@@ -1,19 +1,22 @@
 """Entry script for tests/test_distributed.py, run under `torchrun --nproc_per_node=2` (not a test module itself).
 
     torchrun --nproc_per_node=2 tests/distributed_entry.py RECIPE.yaml [--ddp OUT] [--fsdp OUT]
-        [--die-at STEP] [--fsdp-interrupt-at STEP] [--gradcheck RECIPE.yaml PREFIX]
+        [--fsdp-interrupt-at STEP] [--killed OUT --die-at STEP] [--gradcheck RECIPE.yaml PREFIX]
 
 Jobs run in this order in the same processes (one launch: interpreter start-up dominates on 2 CPU cores):
 
 --ddp OUT       train RECIPE with DDP (gloo) into OUT.
---die-at S      in the DDP job, rank 1 SIGKILLs itself when step S starts: a real crash of one rank (torchrun then
-                stops the other). Nothing after it runs.
 --fsdp OUT      switch accelerate's state to FSDP2, then train RECIPE into OUT. accelerate 1.15 turns FSDP on only for
                 GPU-like devices (on a CPU-only machine an FSDP config silently means DDP), while torch's
                 `fully_shard` works on CPU with gloo; the switch lets kdforge's FSDP paths (sharded prepare,
                 gathered checkpoints, optimizer state by parameter name, rank-0 export) run here.
 --fsdp-interrupt-at S  in the FSDP job, every rank raises KeyboardInterrupt at step S (the job stops at the same
                 point on all ranks), then train() is called again in the same processes: a resume under FSDP.
+--deepspeed OUT  (launch with `accelerate launch --config_file examples/accelerate/deepspeed_zero3.yaml`) train RECIPE
+                under DeepSpeed into OUT. accelerate 1.15 initialises DeepSpeed on a CPU-only machine but records
+                num_processes=1 on every rank (its backend stays None without a GPU); this fixes the counts first.
+--killed OUT --die-at S  back on DDP, train RECIPE into OUT; rank 1 SIGKILLs itself when step S starts: a real crash
+                of one rank (torchrun then stops the other, the launch fails). Always the last job.
 --gradcheck RECIPE PREFIX  before each job: uneven valid-token counts per rank, one backward through the prepared
                 (DDP/FSDP) model with num_tokens = global count / world (as train.py does), compared per parameter
                 with one process on the whole batch; relative errors to PREFIX.ddp.json / PREFIX.fsdp.json.
@@ -47,6 +50,27 @@ def switch_to_fsdp2() -> None:
     state.fsdp_plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
         state_dict_type="FULL_STATE_DICT")
+
+
+def fix_deepspeed_cpu_state() -> None:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    Accelerator()  # initialises deepspeed.comm (gloo on CPU)
+    ranks = {"num_processes": dist.get_world_size(), "process_index": dist.get_rank(),
+             "local_process_index": int(os.environ["LOCAL_RANK"])}
+    PartialState._shared_state.update(ranks)
+    AcceleratorState._shared_state.update(ranks)
+
+
+def switch_to_ddp() -> None:
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    PartialState._shared_state["distributed_type"] = DistributedType.MULTI_CPU
+    state = AcceleratorState()
+    state.distributed_type = DistributedType.MULTI_CPU
+    state.fsdp_plugin = None
 
 
 def record_prepared_models(path: str) -> None:
@@ -118,8 +142,10 @@ def main() -> int:
     ap.add_argument("recipe")
     ap.add_argument("--ddp")
     ap.add_argument("--fsdp")
-    ap.add_argument("--die-at", type=int)
     ap.add_argument("--fsdp-interrupt-at", type=int)
+    ap.add_argument("--deepspeed")
+    ap.add_argument("--killed")
+    ap.add_argument("--die-at", type=int)
     ap.add_argument("--gradcheck", nargs=2, metavar=("RECIPE", "PREFIX"))
     args = ap.parse_args()
 
@@ -143,10 +169,7 @@ def main() -> int:
         record_prepared_models(args.ddp + ".prepared.jsonl")
         if args.gradcheck:
             gradcheck(args.gradcheck[0], args.gradcheck[1] + ".ddp.json")
-        if args.die_at is not None and rank == 1:
-            Distiller.forward = stop_at(args.die_at, lambda: os.kill(os.getpid(), signal.SIGKILL))
         train(recipe, progress=False, out=args.ddp)
-        Distiller.forward = original
     if args.fsdp:
         switch_to_fsdp2()
         record_prepared_models(args.fsdp + ".prepared.jsonl")
@@ -163,6 +186,17 @@ def main() -> int:
             Distiller.forward = original
             dist.barrier()
             train(recipe, progress=False, out=args.fsdp)  # resumes from the last checkpoint
+        Distiller.forward = original
+        switch_to_ddp()
+    if args.deepspeed:
+        fix_deepspeed_cpu_state()
+        train(recipe, progress=False, out=args.deepspeed)
+    if args.killed:
+        record_prepared_models(args.killed + ".prepared.jsonl")
+        if rank == 1:
+            Distiller.forward = stop_at(args.die_at, lambda: os.kill(os.getpid(), signal.SIGKILL))
+        train(recipe, progress=False, out=args.killed)
+        raise SystemExit("--die-at did not stop the run")
     end_distributed()
     return 0
 

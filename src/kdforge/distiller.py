@@ -48,7 +48,7 @@ class Distiller(nn.Module):
 
     def __init__(self, teacher, student: nn.Module, objective: list[Term | dict], *,
                  truncate_to_shared_vocab: bool = False, teacher_dtype: str = "float32", seq_len: int = 128,
-                 example_batch: dict[str, torch.Tensor] | None = None):
+                 example_batch: dict[str, torch.Tensor] | None = None, logit_chunk_size: int | None = None):
         super().__init__()
         self.student = student
         self.terms = [bind_term(t if isinstance(t, Term) else Term.model_validate(t)) for t in objective]
@@ -79,6 +79,12 @@ class Distiller(nn.Module):
         self.student_taps = self.teacher_taps = None
         if any(b.kind in ("feature", "stepping_stone") for b in self.terms):
             self._bind_feature_terms(seq_len, example_batch)
+        # logit/label terms from hidden states, chunk by chunk (kdforge.losses.chunked): no [tokens x V] logits
+        self.logit_chunk_size = logit_chunk_size
+        if logit_chunk_size is not None:
+            from .losses.chunked import check_head_of_hidden
+
+            check_head_of_hidden(student)
 
     def _bind_feature_terms(self, seq_len: int, example_batch: dict[str, torch.Tensor] | None) -> None:
         """Create taps on both models, then probe them once so projectors and connectors know their sizes."""
@@ -98,7 +104,8 @@ class Distiller(nn.Module):
         if stones and teacher_model is None:
             raise KDForgeError("block_kd runs the teacher's blocks, so it needs a live teacher model")
         self.student_taps = Taps(self.student, s_specs)
-        self.teacher_taps = Taps(teacher_model, t_specs) if teacher_model is not None else None
+        # a teacher without a model (an offline cache) is asked for its stored features by spec
+        self.teacher_taps = Taps(teacher_model, t_specs) if teacher_model is not None else t_specs
         if example_batch is None:
             vocab = vocab_size(self.student)
             ids = torch.arange(2 * min(seq_len, 16)).remainder(vocab).view(2, -1)
@@ -119,12 +126,14 @@ class Distiller(nn.Module):
                                       s_store[f"{b.term.label}.s"], example_batch)
             self.stepping_stones[str(len(self.stepping_stones))] = b.stones
 
-    def _student_forward(self, batch: dict[str, torch.Tensor]):
+    def _student_forward(self, batch: dict[str, torch.Tensor], hidden_only: bool = False):
+        """The student's output and tap store; hidden_only: its base model (last_hidden_state, no logits)."""
         args, kwargs = model_inputs(batch)
+        model = self.student.base_model if hidden_only else self.student
         if self.student_taps is None:
-            return self.student(*args, **kwargs), {}
+            return model(*args, **kwargs), {}
         with self.student_taps.capture() as store:
-            out = self.student(*args, **kwargs, **self.student_taps.needs_hf_outputs())
+            out = model(*args, **kwargs, **self.student_taps.needs_hf_outputs())
         self.student_taps.collect_outputs(store, out)
         return out, store
 
@@ -148,17 +157,20 @@ class Distiller(nn.Module):
         those of one big batch. None means this batch alone.
         """
         labels, mask = shifted_targets(batch)
-        out, s_store = self._student_forward(batch)
         is_lm = "input_ids" in batch
-        student_logits = output_logits(out)[:, :-1] if is_lm else output_logits(out)
+        chunked = self.logit_chunk_size is not None and is_lm
+        out, s_store = self._student_forward(batch, hidden_only=chunked)
+        student_logits = None if chunked else output_logits(out)[:, :-1] if is_lm else output_logits(out)
         teacher: TeacherOutput | None = None
         if self.teacher_source is not None:
             step_kw = {"step": step} if self.teacher_takes_step else {}
             teacher = self.teacher_source(batch, self.teacher_taps, **step_kw)
         n_local = mask.sum()
         scale = 1.0 if num_tokens is None else n_local.float() / num_tokens
-        total = student_logits.new_zeros((), dtype=torch.float32)
+        total = mask.new_zeros((), dtype=torch.float32)
         values: dict[str, torch.Tensor] = {}
+        if chunked:  # every active logit/label term at once, from the hidden states
+            chunk_total, chunk_values = self._chunked_logit_terms(out.last_hidden_state, labels, mask, teacher, step)
         token_mask = None
         if is_lm:
             am = batch.get("attention_mask")
@@ -170,11 +182,44 @@ class Distiller(nn.Module):
                 value = b.feature(gather(b.term, "s", s_store), gather(b.term, "t", teacher.features), token_mask)
             elif b.kind == "stepping_stone":
                 value = b.stones(s_store[f"{b.term.label}.s"], batch, teacher.logits, mask)
+            elif chunked:
+                values[b.term.label] = chunk_values[b.term.label]
+                continue  # its gradient comes with chunk_total
             else:
                 value = self._logit_term(b, student_logits, labels, mask, teacher, step)
             values[b.term.label] = value.detach()
             total = total + b.term.weight * value * scale
+        if chunked:
+            total = total + chunk_total * scale
         return total, values
+
+    def _chunked_logit_terms(self, hidden, labels, mask, teacher: TeacherOutput | None, step: int):
+        """(sum of weight · value, {term: detached value}) of the active logit and label terms, computed
+        from hidden states [B, T, D] and the lm head. The last position is masked instead of sliced off, so no
+        teacher tensor is copied."""
+        from .losses.chunked import ChunkedTerm, chunked_logit_terms
+
+        active = [b for b in self.terms if b.kind in ("label", "logit")
+                  and b.term.start_step <= step and (b.term.end_step is None or step < b.term.end_step)]
+        if not active:
+            return mask.new_zeros((), dtype=torch.float32), {}
+        head = self.student.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        t_logits = None if teacher is None else teacher.logits
+        if self.shared_vocab is not None:
+            weight, bias = weight[: self.shared_vocab], None if bias is None else bias[: self.shared_vocab]
+            t_logits = self._vocab(t_logits) if isinstance(t_logits, torch.Tensor) else t_logits
+        terms = []
+        for b in active:
+            kwargs = dict(b.kwargs)
+            if b.warmup_steps:
+                kwargs["warmup"] = min(1.0, (step + 1) / b.warmup_steps)
+            terms.append(ChunkedTerm(b.fn, b.term.weight, kwargs))
+        pad = mask.new_zeros((mask.shape[0], 1))
+        total, values = chunked_logit_terms(
+            terms, hidden, weight, t_logits, bias=bias, mask=torch.cat([mask, pad], dim=1),
+            labels=torch.cat([labels, pad.long()], dim=1), chunk_size=self.logit_chunk_size)
+        return total, {b.term.label: values[i] for i, b in enumerate(active)}
 
     def _logit_term(self, b: BoundTerm, student_logits, labels, mask, teacher: TeacherOutput | None, step: int):
         if b.kind == "label":

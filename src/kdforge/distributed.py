@@ -20,9 +20,9 @@ and the checkpoints.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -44,25 +44,37 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_world_size() -> int | None:
+    """The number of processes the launcher (torchrun, accelerate launch, mpirun) started, if it says."""
+    for name in _WORLD_SIZE_VARS:
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return None
+
+
 def make_accelerator(recipe=None):
     """The Accelerator for a training run, checked against how the processes were launched."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cpu = world > 1 and not _has_accelerator_device() and not _env_flag("ACCELERATE_USE_DEEPSPEED")
+    world = launched_world_size()
+    deepspeed = _env_flag("ACCELERATE_USE_DEEPSPEED")
+    cpu = (world or 1) > 1 and not _has_accelerator_device() and not deepspeed
     handlers = []
     if recipe is not None and any(t.start_step > 0 or t.end_step is not None for t in recipe.objective):
         # A term outside its [start_step, end_step) window leaves its projector without a gradient; DDP must know.
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     accelerator = Accelerator(cpu=True, kwargs_handlers=handlers) if cpu else Accelerator(kwargs_handlers=handlers)
-    if accelerator.num_processes != world:
+    if world is not None and accelerator.num_processes != world:
+        why = ("accelerate 1.15 cannot run DeepSpeed without a GPU (it records one process per rank); use DDP "
+               "(examples/accelerate/ddp.yaml) on CPU" if deepspeed and not _has_accelerator_device()
+               else "check the accelerate config and the launcher")
         raise KDForgeError(
-            f"launched with WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es) "
-            f"({accelerator.distributed_type}); every rank would train alone. Launch with `accelerate launch` "
-            "(add --cpu on a machine without GPUs) or check the accelerate config"
+            f"launched {world} processes but accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type}), so every rank would train alone; {why}"
         )
     if _env_flag("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
         if accelerator.is_main_process:
@@ -102,6 +114,26 @@ def is_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+@contextmanager
+def plain_model_init(accelerator):
+    """A context in which models load with whole weights, also under DeepSpeed ZeRO-3.
+
+    accelerate registers its DeepSpeed config with transformers (whatever zero3_init_flag says), so under ZeRO-3
+    `from_pretrained`/`from_config` would build partitioned, empty parameters. The frozen teacher never enters the
+    DeepSpeed engine and must stay whole; the engine partitions the student at `accelerator.prepare`.
+    """
+    if not is_deepspeed(accelerator):
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
 def broadcast_object(accelerator, obj: Any) -> Any:
@@ -163,7 +195,7 @@ def load_optimizer_state(accelerator, model: nn.Module, optimizer, state: dict[s
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, inner, copy.deepcopy(state), options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, inner, state, options=StateDictOptions(full_state_dict=True))
 
 
 def _inner_optimizer(optimizer):
@@ -183,9 +215,11 @@ def plain_student(accelerator, model: nn.Module, student: nn.Module) -> nn.Modul
     state = full_model_state(accelerator, model)
     if not accelerator.is_main_process:
         return None
-    from transformers import AutoModelForCausalLM
-
-    copy_ = AutoModelForCausalLM.from_config(student.config)
+    if not (hasattr(type(student), "_from_config") and hasattr(student, "config")):
+        raise KDForgeError(f"under {accelerator.distributed_type} kdforge rebuilds the student on rank 0 from its "
+                           f"config to evaluate and export it; {type(student).__name__} is not a transformers model")
+    with plain_model_init(accelerator):  # rank 0 alone: no ZeRO-3 partitioning (it would wait for the other ranks)
+        copy_ = type(student)._from_config(student.config)
     weights = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
     missing, unexpected = copy_.load_state_dict(weights, strict=False)
     if unexpected or any("lm_head" not in k for k in missing):

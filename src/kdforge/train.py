@@ -28,9 +28,10 @@ from .data.corpus import load_corpus
 from .data.packing import TokenBlocks, batch_indices, make_batch, pack, tokenize_documents
 from .batches import shifted_targets
 from .distiller import Distiller
+from .teachers.cache import cached_teacher_for, teacher_architecture
 from .teachers.curriculum import CurriculumTeacher
 from .distributed import (broadcast_object, full_model_state, full_optimizer_state, load_optimizer_state,
-                          make_accelerator, plain_student)
+                          make_accelerator, plain_model_init, plain_student)
 from .errors import KDForgeError
 from .evaluate.metrics import evaluate_models
 from .io import atomic_write_dir, atomic_write_json, atomic_write_text
@@ -54,7 +55,8 @@ class Setup:
 def prepare(recipe: Recipe, teacher: nn.Module | None = None, tokenizer=None) -> Setup:
     """Load teacher, tokenizer, student and data as the recipe says. A preloaded teacher/tokenizer may be passed in."""
     spec = recipe.teacher
-    if spec is not None and teacher is None:
+    cached = spec is not None and spec.kind == "cache"  # an offline cache stands in for the teacher in training
+    if spec is not None and teacher is None and not (cached and recipe.student.init != "from_teacher"):
         teacher = load_teacher(spec)
     if tokenizer is None:
         tok_spec = spec or (ModelSpec(model=recipe.student.model) if recipe.student.model else None)
@@ -62,16 +64,22 @@ def prepare(recipe: Recipe, teacher: nn.Module | None = None, tokenizer=None) ->
             raise KDForgeError("no tokenizer: set teacher.model, or student.model for a CE-only run")
         tokenizer = load_tokenizer(tok_spec)
     torch.manual_seed(recipe.seed)
-    student = build_student(recipe.student, teacher, recipe.seed)
+    student = build_student(recipe.student, teacher if teacher is not None or not cached
+                            else teacher_architecture(spec), recipe.seed)
     teacher_source = teacher
     if spec is not None and spec.curriculum is not None:  # PWKD: a sequence of teachers, one per stage
         teacher_source = CurriculumTeacher.from_spec(
             teacher, spec.curriculum, recipe.train.steps, dtype=spec.dtype,
             load=lambda name: load_teacher(ModelSpec(model=name, dtype=spec.dtype)))
+    train_blocks, val_blocks = tokenize_corpus(recipe, tokenizer)
+    example_batch = None
+    if cached:
+        teacher_source = cached_teacher_for(recipe, tokenizer, train_blocks, student)
+        example_batch = make_batch(train_blocks, torch.arange(min(2, len(train_blocks.ids))))
     distiller = Distiller(teacher_source, student, recipe.objective,
                           truncate_to_shared_vocab=recipe.truncate_to_shared_vocab,
-                          teacher_dtype=spec.dtype if spec else "float32", seq_len=recipe.data.seq_len)
-    train_blocks, val_blocks = tokenize_corpus(recipe, tokenizer)
+                          teacher_dtype=spec.dtype if spec else "float32", seq_len=recipe.data.seq_len,
+                          example_batch=example_batch, logit_chunk_size=recipe.train.logit_chunk_size)
     return Setup(recipe, tokenizer, teacher, student, distiller, train_blocks, val_blocks)
 
 
@@ -278,7 +286,8 @@ def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, 
     set_seed(recipe.seed)
     if recipe.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    setup = setup or prepare(recipe)
+    with plain_model_init(accelerator):  # whole weights even under DeepSpeed ZeRO-3 (the teacher stays outside it)
+        setup = setup or prepare(recipe)
     t = recipe.train
     distiller = setup.distiller
     optimizer = torch.optim.AdamW(param_groups(distiller, recipe), lr=t.lr, betas=(0.9, 0.95))
@@ -397,9 +406,12 @@ def finish(setup: Setup, out: Path) -> dict[str, Any]:
 
     atomic_write_dir(out / "student", fill)
     models = {"student": student}
-    if setup.teacher is not None:
-        models["teacher"] = setup.teacher
-    res = evaluate_models(models, setup.val_blocks, reference="teacher" if setup.teacher is not None else None,
+    teacher = setup.teacher
+    if teacher is None and setup.recipe.teacher is not None and setup.recipe.teacher.kind == "cache":
+        teacher = load_teacher(setup.recipe.teacher)  # trained from an offline cache: loaded for evaluation only
+    if teacher is not None:
+        models["teacher"] = teacher
+    res = evaluate_models(models, setup.val_blocks, reference="teacher" if teacher is not None else None,
                           batch_size=setup.recipe.train.batch_size,
                           bf16={"teacher": bool(setup.recipe.teacher and setup.recipe.teacher.dtype == "bfloat16")})
     final = {"step": setup.recipe.train.steps, "student": res["student"], "teacher": res.get("teacher"),
