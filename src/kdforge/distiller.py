@@ -173,8 +173,10 @@ class Distiller(nn.Module):
             chunk_total, chunk_values = self._chunked_logit_terms(out.last_hidden_state, labels, mask, teacher, step)
         token_mask = None
         if is_lm:
-            am = batch.get("attention_mask")
-            token_mask = torch.ones_like(batch["input_ids"], dtype=torch.bool) if am is None else am.bool()
+            # Feature terms count the positions that have a next-token target, the same positions as the logit
+            # terms, so the local/global scaling above is exact for them too (padding uneven across micro-batches).
+            token_mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+            token_mask[:, :-1] = mask
         for b in self.terms:
             if step < b.term.start_step or (b.term.end_step is not None and step >= b.term.end_step):
                 continue
