@@ -22,6 +22,9 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
     if not os.environ.get("KDFORGE_ONLINE"):  # no model hub by default; set KDFORGE_ONLINE=1 to allow hub ids
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from .runtime import keep_freed_memory_in_heap
+
+    keep_freed_memory_in_heap()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "accelerate", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
