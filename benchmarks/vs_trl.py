@@ -10,11 +10,13 @@ Llama, built by kdforge with seed 0 (identical initial weights everywhere); data
 the Shakespeare training works packed into seq-token blocks, one epoch, visited in kdforge's seeded order (TRL gets
 the blocks pre-ordered with a sequential sampler); objective = forward KL(teacher || student) at T=1 only (TRL:
 GKD with lmbda=0 — offline, the data's own tokens — and beta=0, its forward-KL endpoint); optimiser = AdamW
-(betas 0.9/0.95, weight decay 0.01, lr 2e-3, warm-up then cosine to 10%, grad-norm clip 1.0), float32 student.
+(betas 0.9/0.95, weight decay 0.01 on matrices, lr 2e-3, grad-norm clip 1.0) with kdforge's warm-up + cosine
+schedule to 10% (TRL is handed the same optimizer and LambdaLR), float32 student.
 
 Variants (each in its own fresh subprocess, so peak RSS is that run's alone):
   trl             GKDTrainer; teacher in float32 (TRL's default; --trl-bf16 runs the whole step under bf16 autocast)
   kdforge         live teacher under bf16 autocast (the demo recipe's teacher.dtype), chunked logit loss
+  kdforge_fp32    (optional) kdforge with the teacher in float32 like TRL's default, chunked logit loss
   kdforge_cached  the teacher read from an offline top-64 cache (built beforehand in another subprocess, timed
                   separately and reported; not counted in the training figures), chunked logit loss
 
@@ -68,11 +70,13 @@ def _perplexity(student, val_blocks, batch: int) -> float:
     return float(evaluate_models({"student": student}, val_blocks, batch_size=batch)["student"]["perplexity"])
 
 
-def run_kdforge(args, cached: bool) -> dict:
+def run_kdforge(args, cached: bool, teacher_dtype: str | None = None) -> dict:
     import kdforge.train as kt
 
     work = Path(args.workdir)
     recipe = _recipe(args, work / ("kdforge_cached" if cached else "kdforge"), work / "cache" if cached else None)
+    if teacher_dtype is not None:
+        recipe = recipe.model_copy(update={"teacher": recipe.teacher.model_copy(update={"dtype": teacher_dtype})})
     setup = kt.prepare(recipe)
     result = {}
 
@@ -99,7 +103,7 @@ def build_cache(args) -> dict:
     blocks, _ = tokenize_corpus(recipe, tok)
     t0 = time.perf_counter()
     index = build(teacher, tok, blocks.ids, work / "cache", teacher_spec=recipe.teacher.model_dump(),
-                  options=CacheOptions(k=64, temperature=1.0, batch_size=8))
+                  options=CacheOptions(k=args.cache_k, values=args.cache_values, temperature=1.0, batch_size=8))
     return {"cache_seconds": time.perf_counter() - t0, "bytes_per_token": index["bytes_per_token"]}
 
 
@@ -112,7 +116,7 @@ def run_trl(args) -> dict:
 
     from kdforge.data.packing import batch_indices
     from kdforge.models import build_student, load_teacher, load_tokenizer
-    from kdforge.train import tokenize_corpus
+    from kdforge.train import lr_lambda, tokenize_corpus
 
     recipe = _recipe(args, Path(args.workdir) / "trl")
     teacher, tok = load_teacher(recipe.teacher), load_tokenizer(recipe.teacher)
@@ -136,8 +140,15 @@ def run_trl(args) -> dict:
         max_grad_norm=1.0, logging_steps=args.steps, save_strategy="no", report_to=[], lmbda=0.0, beta=0.0,
         temperature=1.0, seq_kd=False, max_length=args.seq, use_cpu=True, dataloader_num_workers=0, seed=recipe.seed,
         bf16=args.trl_bf16, remove_unused_columns=False)
+    # kdforge's own optimiser and schedule (HF's warm-up starts at lr 0, one step behind kdforge's)
+    groups = [{"params": [p for p in student.parameters() if p.ndim >= 2], "weight_decay": 0.01},
+              {"params": [p for p in student.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    t = recipe.train
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.steps, t.min_lr_ratio))
     trainer = InOrder(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
-                      processing_class=tok, data_collator=collate)
+                      processing_class=tok, data_collator=collate, optimizers=(optimizer, scheduler))
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
@@ -152,7 +163,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--chunk", type=int, default=256, help="kdforge train.logit_chunk_size")
+    ap.add_argument("--chunk", type=int, default=64, help="kdforge train.logit_chunk_size")
+    ap.add_argument("--cache-k", type=int, default=64, help="top-k of the kdforge_cached teacher cache")
+    ap.add_argument("--cache-values", default="int6", help="value coding of the cache: int6, int8, int4, fp16")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trl-bf16", action="store_true")
@@ -169,7 +182,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         logging.basicConfig(level=logging.WARNING)
         fn = {"trl": run_trl, "kdforge": lambda a: run_kdforge(a, False),
-              "kdforge_cached": lambda a: run_kdforge(a, True), "cache": build_cache}[args.variant]
+              "kdforge_cached": lambda a: run_kdforge(a, True), "cache": build_cache,
+              "kdforge_fp32": lambda a: run_kdforge(a, False, "float32")}[args.variant]
         print("RESULT " + json.dumps(fn(args)))
         return
 
@@ -178,6 +192,7 @@ def main() -> None:
         workdir = args.workdir or tmp
         passthrough = [f"--steps={args.steps}", f"--batch={args.batch}", f"--seq={args.seq}", f"--lr={args.lr}",
                        f"--chunk={args.chunk}", f"--eval-tokens={args.eval_tokens}", f"--threads={args.threads}",
+                       f"--cache-k={args.cache_k}", f"--cache-values={args.cache_values}",
                        f"--workdir={workdir}"] + (["--trl-bf16"] if args.trl_bf16 else [])
         results: dict[str, dict] = {}
         steps = (["cache"] if "kdforge_cached" in variants else []) + variants
@@ -197,8 +212,8 @@ def main() -> None:
           f"{args.threads} threads, one subprocess per variant")
     if "cache" in results and "error" not in results["cache"]:
         c = results["cache"]
-        print(f"teacher cache (built once, not counted below): {c['cache_seconds']:.1f} s, "
-              f"{c['bytes_per_token']:.1f} bytes/token")
+        print(f"teacher cache (top-{args.cache_k}, {args.cache_values} values; built once, not counted below): "
+              f"{c['cache_seconds']:.1f} s, {c['bytes_per_token']:.1f} bytes/token")
     print(f"{'variant':<16}{'tokens/s':>10}{'peak RSS MiB':>14}{'perplexity':>12}{'speed vs trl':>14}"
           f"{'RSS vs trl':>12}")
     ref = results.get("trl", {})

@@ -9,6 +9,7 @@ from kdforge.losses.logits import LOGIT_LOSSES, cross_entropy
 from kdforge.losses.sparse import SparseLogits
 
 B, T, D, V, K = 2, 7, 6, 11, 4
+FAST = ("forward_kl", "cross_entropy")
 KWARGS = {
     "generalized_jsd": {"beta": 0.3},
     "skew_forward_kl": {"alpha": 0.2},
@@ -44,7 +45,7 @@ def _grads(loss, *tensors):
     return torch.autograd.grad(loss, [t for t in tensors if t is not None])
 
 
-def _check(dtype, name, teacher_kind, temperature, chunk):
+def _check(dtype, name, teacher_kind, temperature, chunk, fast=True):
     hidden, weight, b, dense, labels, mask = _inputs(dtype)
     kwargs = dict(KWARGS.get(name, {}))
     if name != "cross_entropy":
@@ -57,13 +58,13 @@ def _check(dtype, name, teacher_kind, temperature, chunk):
     logits = hidden @ weight.T + b
     if name == "cross_entropy":
         ref = cross_entropy(logits, labels, mask=mask)
-        got = chunked_logit_loss(name, hidden, weight, bias=b, mask=mask, labels=labels, chunk_size=chunk)
+        got = chunked_logit_loss(name, hidden, weight, bias=b, mask=mask, labels=labels, chunk_size=chunk, fast=fast)
     else:
         fn = LOGIT_LOSSES[name]
         extra = {"labels": labels} if name == "decoupled_kd" else {}
         ref = fn(logits, teacher, mask=mask, **extra, **kwargs)
         got = chunked_logit_loss(name, hidden, weight, teacher, bias=b, mask=mask, chunk_size=chunk,
-                                 labels=labels if extra else None, **kwargs)
+                                 labels=labels if extra else None, fast=fast, **kwargs)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(got, ref.to(got.dtype), **tol)
     for a, r in zip(_grads(got, hidden, weight, b), _grads(ref, hidden, weight, b)):
@@ -75,6 +76,8 @@ def _check(dtype, name, teacher_kind, temperature, chunk):
 def test_dense_teacher_equals_unchunked(name, dtype):
     for temperature, chunk in ((1.0, 3), (2.5, 5)):
         _check(dtype, name, "dense", temperature, chunk)
+    if name in FAST:  # the closed-form gradient and the generic autograd path agree with the reference
+        _check(dtype, name, "dense", 2.5, 5, fast=False)
 
 
 @pytest.mark.parametrize("name", list(LOGIT_LOSSES))
@@ -82,6 +85,24 @@ def test_dense_teacher_equals_unchunked(name, dtype):
 def test_sparse_teacher_equals_unchunked(name, missing_mass):
     _check(torch.float64, name, missing_mass, 2.0, 4)
     _check(torch.float32, name, missing_mass, 1.0, 64)  # one chunk bigger than the batch
+    if name in FAST:
+        _check(torch.float64, name, missing_mass, 2.0, 4, fast=False)
+
+
+def test_fast_path_hands_unusual_inputs_to_the_generic_path():
+    """-inf vocabulary slots, standardize and a teacher tail the student rules out still match the reference."""
+    hidden, weight, b, teacher, labels, mask = _inputs(torch.float64)
+    teacher = teacher.clone()
+    teacher[..., 3] = float("-inf")
+    for kwargs in ({}, {"standardize": True, "temperature": 2.0}):
+        ref = LOGIT_LOSSES["forward_kl"](hidden @ weight.T, teacher, mask=mask, **kwargs)
+        got = chunked_logit_loss("forward_kl", hidden, weight, teacher, mask=mask, chunk_size=4, **kwargs)
+        torch.testing.assert_close(got, ref)
+        for a, r in zip(_grads(got, hidden, weight), _grads(ref, hidden, weight)):
+            torch.testing.assert_close(a, r)
+    sparse = SparseLogits.from_dense(teacher, K)
+    with pytest.raises(ValueError, match="cached at temperature"):
+        chunked_logit_loss("forward_kl", hidden, weight, sparse, mask=mask, temperature=2.0)
 
 
 def test_several_terms_share_one_pass_and_report_unweighted_values():
@@ -145,3 +166,58 @@ def test_bad_inputs_are_refused():
         chunked_logit_loss("forward_kl", hidden, weight, teacher[:, :-1])
     with pytest.raises(ValueError, match="lm_head_weight"):
         chunked_logit_loss("forward_kl", hidden, weight.T, teacher)
+
+
+def test_distiller_with_logit_chunk_size_equals_the_plain_step(tiny_recipe):
+    """Same loss, per-term values and student gradients; the student's full logits are never computed."""
+    from kdforge.errors import KDForgeError
+    from kdforge.distiller import Distiller
+    from kdforge.recipe import parse_recipe
+    from kdforge.train import prepare
+
+    objective = [{"loss": "cross_entropy", "weight": 0.3}, {"loss": "forward_kl", "weight": 0.4, "temperature": 2.0},
+                 {"loss": "reverse_kl", "weight": 0.3}, {"loss": "decoupled_kd", "weight": 0.1, "warmup_steps": 4}]
+    plain = prepare(parse_recipe({**tiny_recipe, "objective": objective}))
+    chunked = prepare(parse_recipe({**tiny_recipe, "objective": objective,
+                                    "train": {**tiny_recipe["train"], "logit_chunk_size": 13}}),
+                      teacher=plain.teacher, tokenizer=plain.tokenizer)
+    ids = plain.train_blocks.ids[:3]
+    mask = torch.ones_like(ids)
+    mask[1, 20:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    head = chunked.student.get_output_embeddings()
+    head.register_forward_hook(lambda *a: pytest.fail("the lm head ran on the whole batch"))
+    results = []
+    for setup in (plain, chunked):
+        total, values = setup.distiller(batch, num_tokens=50.0, step=1)
+        total.backward()
+        results.append((total, values, [p.grad for p in setup.student.parameters()]))
+    (t0, v0, g0), (t1, v1, g1) = results
+    torch.testing.assert_close(t1, t0)
+    assert list(v1) == list(v0)
+    torch.testing.assert_close(torch.stack(list(v1.values())), torch.stack(list(v0.values())))
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(KDForgeError, match="logit_chunk_size needs a Hugging Face causal LM"):
+        Distiller(None, torch.nn.Linear(4, 4), [{"loss": "cross_entropy"}], logit_chunk_size=8)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_terms_sharing_one_softmax_equal_the_generic_path(sparse):
+    """CE and forward KL at the same temperature share the chunk's softmax and gradient buffer."""
+    hidden, weight, b, teacher, labels, mask = _inputs(torch.float64)
+    if sparse:
+        teacher = SparseLogits.from_dense(teacher, K)
+    terms = [ChunkedTerm("cross_entropy", 0.3), ChunkedTerm("forward_kl", 0.7),
+             ChunkedTerm("forward_kl", 0.2, {"missing_mass": "renormalize"} if sparse else {"temperature": 2.0}),
+             ChunkedTerm("reverse_kl", 0.1)]
+    results = []
+    for fast in (True, False):
+        total, values = chunked_logit_terms(terms, hidden, weight, teacher, bias=b, mask=mask, labels=labels,
+                                            chunk_size=5, fast=fast)
+        results.append((total, values, _grads(total, hidden, weight, b)))
+    (t1, v1, g1), (t0, v0, g0) = results
+    torch.testing.assert_close(t1, t0)
+    torch.testing.assert_close(v1, v0)
+    for a, r in zip(g1, g0):
+        torch.testing.assert_close(a, r)

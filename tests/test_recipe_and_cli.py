@@ -83,3 +83,11 @@ def test_help_explains_commands():
     res = runner.invoke(app, ["--help"])
     for cmd in ("distill", "eval", "demo"):
         assert cmd in res.output
+
+
+def test_allocator_tuning_applies_on_linux():
+    import sys
+
+    from kdforge.runtime import keep_freed_memory_in_heap
+
+    assert keep_freed_memory_in_heap() is sys.platform.startswith("linux")

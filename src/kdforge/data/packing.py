@@ -70,5 +70,8 @@ def batch_indices(n_blocks: int, batch_size: int, micro_step: int, seed: int, ra
 
 
 def make_batch(blocks: TokenBlocks, index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A batch of blocks; `block_index` says which (an offline teacher cache looks its rows up by it; models never
+    see it: they get input_ids and attention_mask only)."""
     ids = blocks.ids[index]
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+            "block_index": torch.as_tensor(index, dtype=torch.long)}

@@ -13,19 +13,25 @@ Per token (one position of one packed block) a shard holds
   as uint16): the ids are sorted and their high parts written in unary, their low l bits verbatim. ``"plain"``: the
   smallest unsigned dtype that holds V (uint8 / uint16 / int32).
 * ``values``: the teacher's log-probabilities ``log p = logits/T - logsumexp(logits/T)`` of those ids at the cache
-  temperature T, in id order. ``"fp16"``: as float16. ``"int8" | "int6" | "int4"``: ``sqrt(-log p)`` quantised
-  uniformly to 8/6/4 bits with a per-token float16 ``scale`` (the square root spends the codes where the mass is:
-  the largest absolute error in a probability is about 0.43·scale, against 0.5·(-log p_min)/(2^b-1)·... for a linear
-  code, i.e. ~5x smaller at the same bits).
-* ``logsumexp``: of the FULL logit vector at temperature T (float32, or float16), what the "bucket" and "uniform"
-  missing-mass policies need. Logits are rebuilt as ``T·(log p + logsumexp)``, so "renormalize" works at any
-  temperature.
+  temperature T, in id order. ``"fp16"``: as float16. ``"int8" | "int6" | "int4"``: ``y = sqrt(-log p)`` quantised
+  uniformly to 8/6/4 bits between the token's own min and max y, with ``scale`` = (offset, step) per token in
+  float16. The square root spends more codes near p = 1, where an error in log p costs the most probability mass
+  (with y in [0, Y], a probability's error is at most ~0.43·Y/(2^bits-1), against 0.5·Y²/(2^bits-1) when log p is
+  coded linearly: ~5x smaller for a typical Y of 4.5). Measured on
+  random peaked distributions the largest probability error is ~0.003 (int8), ~0.016 (int6), ~0.07 (int4); fp16
+  ~2e-4.
+* ``logsumexp``: of the FULL logit vector at temperature T (float16 by default, or float32): with the log-probs it
+  gives back the raw logits ``T·(log p + logsumexp)`` (so "renormalize" works at any temperature).
+* ``log_rest``: log of the exact probability mass outside the top-k (float16), summed over the other ids at cache
+  time. Reading rescales the decoded top-k probabilities to exactly ``1 - exp(log_rest)``, so the "bucket" and
+  "uniform" policies see the true tail mass whatever the value coding, and rounding can never leave a zero tail.
 * ``block_hash`` (per block, 16 bytes): blake2b of the block's token ids; every batch read is checked against it.
 * optional ``feature.<i>``: a tapped teacher tensor ``[T, ...]`` per block (float16 by default), spec strings in the
   index.
 
-Bytes per token at k=64, V=49152 (measured figure in index.json, "bytes_per_token"): packed + int6 ≈ 147 (the
-default); packed + int8 ≈ 163; plain + int8 ≈ 199; plain + fp16 ≈ 263.
+Bytes per token at k=64, V=49152 (the measured figure is in index.json, "bytes_per_token"; per tensor in
+"bytes_per_token_parts"): packed + int6 = 148.1 (the default, within 150); packed + int8 = 164.1; plain (uint16) +
+int8 = 200.1; plain + fp16 = 260.1 (each with a float16 logsumexp; float32 adds 2). (uint16 ids alone take 128 bytes at k=64, which is why the default packs them.)
 
 Writing is atomic and resumable: each shard is written to a temporary file, fsync'd and renamed, and only then listed
 in the index (itself rewritten atomically), so a killed or out-of-disk run leaves only valid shards behind and a rerun
@@ -48,7 +54,7 @@ import torch
 
 from ..errors import KDForgeError
 from ..io import atomic_write_bytes, atomic_write_json
-from ..losses.sparse import SparseLogits
+from ..losses.sparse import SparseLogits, log1mexp
 from .live import LiveTeacher, TeacherOutput
 
 log = logging.getLogger("kdforge")
@@ -125,15 +131,20 @@ def decode_ids(packed: np.ndarray, k: int, vocab_size: int) -> torch.Tensor:
 
 
 def encode_values(log_probs: torch.Tensor, fmt: str) -> dict[str, np.ndarray]:
-    """Teacher log-probs [M, k] -> {"values": ..., "scale": ...} (see the module docstring)."""
+    """Teacher log-probs [M, k] -> {"values": ..., "scale": ...} (see the module docstring).
+
+    Quantised formats code y = sqrt(-log p) as ``offset + q·step``, q in [0, 2^bits), with (offset, step) per token
+    in float16 (``scale`` [M, 2]): the codes cover exactly the token's own range of y.
+    """
     if fmt == "fp16":
         return {"values": log_probs.clamp_min(-_MAX_NEG_LOG_P).to(torch.float16).numpy()}
     bits = _BITS[fmt]
     top = (1 << bits) - 1
     y = (-log_probs.float()).clamp(0.0, _MAX_NEG_LOG_P).sqrt()
-    scale = (y.amax(dim=-1) / top).clamp_min(1e-6).to(torch.float16)
-    q = torch.round(y / scale.float().unsqueeze(-1)).clamp(0, top).to(torch.int64)
-    return {"values": pack_bits(q.numpy(), bits), "scale": scale.numpy()}
+    offset = y.amin(dim=-1).to(torch.float16)
+    step = ((y.amax(dim=-1) - offset.float()) / top).clamp_min(1e-4).to(torch.float16)
+    q = torch.round((y - offset.float().unsqueeze(-1)) / step.float().unsqueeze(-1)).clamp(0, top).to(torch.int64)
+    return {"values": pack_bits(q.numpy(), bits), "scale": torch.stack([offset, step], dim=-1).numpy()}
 
 
 def decode_values(values: np.ndarray, scale: np.ndarray | None, k: int, fmt: str) -> torch.Tensor:
@@ -141,7 +152,8 @@ def decode_values(values: np.ndarray, scale: np.ndarray | None, k: int, fmt: str
     if fmt == "fp16":
         return torch.from_numpy(values.astype(np.float32))
     q = torch.from_numpy(unpack_bits(values, k, _BITS[fmt])).float()
-    y = q * torch.from_numpy(scale.astype(np.float32)).unsqueeze(-1)
+    scale = torch.from_numpy(scale.astype(np.float32))
+    y = scale[:, :1] + q * scale[:, 1:]
     return -(y * y)
 
 
@@ -177,7 +189,7 @@ class CacheOptions:
     k: int = 64
     values: str = "int6"
     ids: str = "packed"
-    lse_dtype: str = "float32"
+    lse_dtype: str = "float16"
     temperature: float = 1.0
     features: list[str] = field(default_factory=list)
     feature_dtype: str = "float16"
@@ -277,6 +289,9 @@ def encode_block_outputs(logits: torch.Tensor, features: Mapping[str, torch.Tens
     scaled = logits.float() / t
     lse = torch.logsumexp(scaled, dim=-1)  # [n, T]
     top_vals, top_ids = scaled.topk(k, dim=-1)
+    # the exact tail mass, as a sum over the other ids (no 1 - x cancellation), so the bucket stays exact
+    log_rest = torch.logsumexp(scaled.scatter_(-1, top_ids, float("-inf")), dim=-1) - lse
+    del scaled
     log_p = (top_vals - lse.unsqueeze(-1)).reshape(n * seq, k)
     top_ids = top_ids.reshape(n * seq, k)
     arrays: dict[str, np.ndarray] = {}
@@ -289,8 +304,8 @@ def encode_block_outputs(logits: torch.Tensor, features: Mapping[str, torch.Tens
         arrays["ids"] = top_ids.numpy().astype(dtype).reshape(n, seq, k)
     for name, arr in encode_values(log_p, options.values).items():
         arrays[name] = arr.reshape(n, seq, *arr.shape[1:])
-    lse_np = lse.to(torch.float16 if options.lse_dtype == "float16" else torch.float32).numpy()
-    arrays["logsumexp"] = lse_np
+    arrays["logsumexp"] = lse.to(torch.float16 if options.lse_dtype == "float16" else torch.float32).numpy()
+    arrays["log_rest"] = log_rest.to(torch.float16).numpy()
     arrays["block_hash"] = np.frombuffer(b"".join(block_hash(row) for row in ids), dtype=np.uint8).reshape(n, 16)
     for i, spec in enumerate(options.features):
         arrays[f"feature.{i}"] = features[spec]
@@ -501,7 +516,8 @@ class CachedTeacher:
             raise KDForgeError(f"batch input_ids {tuple(input_ids.shape)} do not match the cache's blocks "
                                f"[{len(blocks)}, {self.seq_len}]")
         want = self._feature_names(taps)
-        names = ["ids", "values", "logsumexp", "block_hash"] + (["scale"] if self.values_format != "fp16" else [])
+        names = ["ids", "values", "logsumexp", "log_rest", "block_hash"]
+        names += ["scale"] if self.values_format != "fp16" else []
         names += [f"feature.{self.feature_specs.index(spec)}" for spec in want.values()]
         rows = [self._read(b, names) for b in blocks]
         got = {name: torch.cat([r[name] for r in rows]) for name in names}
@@ -516,12 +532,16 @@ class CachedTeacher:
             ids = decode_ids(got["ids"].reshape(n * seq, -1).numpy(), k, self.vocab_size).reshape(n, seq, k)
         else:
             ids = got["ids"].to(torch.int64)
-        scale = got["scale"].reshape(n * seq).numpy() if "scale" in got else None
+        scale = got["scale"].reshape(n * seq, 2).numpy() if "scale" in got else None
         values = got["values"]
         values = values.numpy() if values.dtype != torch.float16 else values.float().numpy()
         log_p = decode_values(values.reshape(n * seq, -1), scale, k, self.values_format).reshape(n, seq, k)
         lse = got["logsumexp"].float()
         logits = self.temperature * (log_p + lse.unsqueeze(-1))
+        # Rescale the (quantised) top-k probabilities to the exact top-k mass 1 - exp(log_rest): the bucket is exact
+        # and quantisation can never push the top-k mass to 1 (a zero tail would make reverse KL infinite).
+        top_mass = log1mexp(got["log_rest"].float())
+        lse = lse + torch.logsumexp(log_p, dim=-1) - top_mass
         sparse = SparseLogits(ids=ids.to(device), logits=logits.to(device), logsumexp=lse.to(device),
                               lse_temperature=self.temperature)
         features = {name: got[f"feature.{self.feature_specs.index(spec)}"].to(device).float()
@@ -561,3 +581,80 @@ class CachedTeacher:
                     f"term '{term.label}' uses temperature {t} but the teacher cache '{self.path}' stored its "
                     f"logsumexp at {self.temperature}; rebuild the cache with --temperature {t} or set "
                     "missing_mass: renormalize on that term")
+
+
+# --------------------------------------------------------------------------- recipe integration
+
+
+def teacher_architecture(spec) -> torch.nn.Module:
+    """The teacher's architecture on the meta device (no weights, no memory): what a student built from the
+    teacher's config needs when training reads an offline cache instead of running the teacher."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(str(resolve_model_path(spec)))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def cached_teacher_for(recipe, tokenizer, train_blocks, student: torch.nn.Module | None = None) -> CachedTeacher:
+    """Open the recipe's teacher cache and refuse it (one line, naming what differs) unless it was built on exactly
+    these training blocks with this tokenizer, for this student's vocabulary and the objective's temperatures."""
+    from ..models import vocab_size
+
+    spec = recipe.teacher
+    vocab = None if student is None or recipe.truncate_to_shared_vocab else vocab_size(student)
+    cached = CachedTeacher(spec.path, blocks_ids=train_blocks.ids, tokenizer=tokenizer, vocab_size=vocab)
+    if cached.meta["teacher"].get("model") != spec.model:
+        log.warning("teacher cache %s was built from teacher '%s', the recipe names '%s' (used for evaluation)",
+                    spec.path, cached.meta["teacher"].get("model"), spec.model)
+    cached.check_temperatures(recipe.objective)
+    return cached
+
+
+def recipe_temperature(recipe) -> float:
+    """The temperature a cache for this recipe stores its logsumexp at: the one its exact-policy logit terms use."""
+    import inspect
+
+    from ..losses.registry import lookup
+
+    temps = {}
+    for term in recipe.objective:
+        kind, fn = lookup(term.loss)
+        if kind != "logit" or term.params.get("missing_mass") == "renormalize":
+            continue
+        default = inspect.signature(fn).parameters.get("temperature")
+        temps[term.label] = float(term.params.get("temperature", default.default if default is not None else 1.0))
+    distinct = sorted(set(temps.values()))
+    if len(distinct) > 1:
+        raise KDForgeError(f"the objective's logit terms use temperatures {', '.join(map(str, distinct))} but a cache "
+                           "stores the logsumexp at one; pass --temperature, and set missing_mass: renormalize on "
+                           "the terms at the others")
+    return distinct[0] if distinct else 1.0
+
+
+def cache_recipe_teacher(recipe, *, out: str | Path | None = None, options: CacheOptions | None = None,
+                         progress: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]]:
+    """`kdforge cache-teacher`: run the recipe's teacher over its training blocks once and write the cache.
+
+    The folder defaults to ``teacher.path``, else ``<output_dir>/teacher_cache``; the temperature to the
+    objective's (see :func:`recipe_temperature`) unless ``options`` sets another.
+    """
+    from ..models import load_teacher, load_tokenizer
+    from ..train import tokenize_corpus
+
+    spec = recipe.teacher
+    if spec is None:
+        raise KDForgeError("the recipe has no teacher to cache; set teacher.model")
+    if spec.curriculum is not None:
+        raise KDForgeError("a teacher curriculum runs several teachers; cache-teacher caches one (drop curriculum)")
+    out = Path(out or spec.path or Path(recipe.output_dir) / "teacher_cache")
+    if options is None:
+        options = CacheOptions(temperature=recipe_temperature(recipe), batch_size=recipe.train.batch_size)
+    tokenizer = load_tokenizer(spec)
+    train_blocks, _ = tokenize_corpus(recipe, tokenizer)
+    teacher = load_teacher(spec)
+    index = build_cache(teacher, tokenizer, train_blocks.ids, out, teacher_spec=spec.model_dump(), options=options,
+                        progress=progress)
+    return out, index

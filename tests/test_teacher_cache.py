@@ -1,0 +1,304 @@
+"""Offline teacher cache: exact round trips, size per token, resume, and refusal of caches that do not match."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from kdforge.errors import KDForgeError
+from kdforge.losses.sparse import SparseLogits, log1mexp
+from kdforge.teachers import cache as cache_mod
+from kdforge.teachers.cache import CacheOptions, CachedTeacher, build_cache, decode_ids, encode_ids
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_assets):
+    from kdforge.models import load_teacher, load_tokenizer
+    from kdforge.recipe import ModelSpec, parse_recipe
+    from kdforge.train import tokenize_corpus
+
+    spec = ModelSpec(model=str(tiny_assets["teacher"]))
+    tok = load_tokenizer(spec)
+    recipe = parse_recipe({"teacher": spec.model_dump(), "data": {
+        "corpus": str(tiny_assets["train"]), "validation": [str(tiny_assets["val"])], "seq_len": 32}})
+    blocks, _ = tokenize_corpus(recipe, tok)
+    return {"teacher": load_teacher(spec), "tokenizer": tok, "ids": blocks.ids[:20], "spec": spec.model_dump()}
+
+
+def _build(tiny, out, **opts):
+    opts = {"k": 16, "shard_blocks": 8, "batch_size": 4, **opts}
+    return build_cache(tiny["teacher"], tiny["tokenizer"], tiny["ids"], out, teacher_spec=tiny["spec"],
+                       options=CacheOptions(**opts))
+
+
+def _batch(ids, index):
+    index = torch.as_tensor(index)
+    return {"input_ids": ids[index], "attention_mask": torch.ones_like(ids[index]), "block_index": index}
+
+
+def _by_id(sparse: SparseLogits, temperature: float):
+    """(ids sorted, teacher log-probs in that order): the cache stores ids in id order, from_dense in rank order."""
+    ids, order = sparse.ids.sort(dim=-1)
+    log_p = sparse.logits.gather(-1, order) / temperature - sparse.logsumexp.unsqueeze(-1)
+    return ids, log_p
+
+
+@pytest.mark.parametrize("values,ids_format,tol", [("fp16", "plain", 2e-3), ("int8", "packed", 3e-3),
+                                                   ("int6", "packed", 2e-2)])
+def test_round_trip(tiny, tmp_path, values, ids_format, tol):
+    temperature = 2.0
+    _build(tiny, tmp_path, values=values, ids=ids_format, temperature=temperature, features=["hidden_states.1"])
+    cached = CachedTeacher(tmp_path, blocks_ids=tiny["ids"], tokenizer=tiny["tokenizer"])
+    batch = _batch(tiny["ids"], [3, 17, 9])  # crosses shards, out of order
+    out = cached(batch, taps={"h1": "hidden_states.1"})
+    with torch.no_grad():
+        live = tiny["teacher"](input_ids=batch["input_ids"], output_hidden_states=True)
+    ref = SparseLogits.from_dense(live.logits, 16, lse_temperature=temperature)
+    got_ids, got_lp = _by_id(out.logits, temperature)
+    ref_ids, ref_lp = _by_id(ref, temperature)
+    assert torch.equal(got_ids, ref_ids)
+    assert out.logits.lse_temperature == temperature
+    assert (got_lp.exp() - ref_lp.exp()).abs().max() < tol  # probabilities
+    tail = lambda lp: log1mexp(torch.logsumexp(lp.double(), dim=-1))  # noqa: E731
+    torch.testing.assert_close(tail(got_lp), tail(ref_lp), rtol=2e-3, atol=1e-6)  # exact up to float16 logs
+    ref_raw = ref.logits.gather(-1, ref.ids.sort(dim=-1).indices)
+    got_raw = out.logits.logits.gather(-1, out.logits.ids.sort(dim=-1).indices)
+    assert (got_raw - ref_raw).abs().max() < 0.05 + 30 * tol  # raw logits back, from the float16 logsumexp
+    torch.testing.assert_close(out.features["h1"], live.hidden_states[1], rtol=2e-3, atol=2e-3)  # float16
+
+
+def test_elias_fano_ids_round_trip_and_size():
+    g = torch.Generator().manual_seed(0)
+    for vocab, k in ((49152, 64), (128, 16), (128, 128), (300_000, 64), (7, 1)):
+        ids = torch.rand(50, vocab, generator=g).topk(k).indices
+        packed, order = encode_ids(ids, vocab)
+        assert packed.shape == (50, cache_mod.packed_id_bytes(vocab, k))
+        assert torch.equal(decode_ids(packed, k, vocab), ids.sort(-1).values)
+        assert torch.equal(ids.gather(-1, order), ids.sort(-1).values)
+    assert cache_mod.packed_id_bytes(49152, 64) == 92  # vs 128 as uint16
+
+
+@pytest.mark.parametrize("values,ids_format,expected", [("int6", "packed", 148.125), ("int8", "packed", 164.125),
+                                                        ("int8", "plain", 200.125), ("fp16", "plain", 260.125)])
+def test_bytes_per_token_at_k64(values, ids_format, expected):
+    """Payload per token for SmolLM2's 49,152-token vocabulary; the default stays within 150 bytes."""
+    logits = torch.randn(1, 128, 49152) * 3
+    arrays = cache_mod.encode_block_outputs(logits, {}, torch.zeros(1, 128, dtype=torch.long),
+                                            CacheOptions(k=64, values=values, ids=ids_format))
+    per_token = sum(a.nbytes for a in arrays.values()) / 128
+    assert per_token == pytest.approx(expected)
+    if (values, ids_format) == (CacheOptions.values, CacheOptions.ids):
+        assert per_token <= 150
+    if ids_format == "plain":
+        assert arrays["ids"].dtype == np.uint16
+
+
+def test_index_records_what_was_cached(tiny, tmp_path):
+    index = _build(tiny, tmp_path)
+    meta = index["meta"]
+    assert meta["data"]["seq_len"] == 32 and meta["data"]["n_blocks"] == 20 and len(meta["data"]["sha256"]) == 64
+    assert meta["tokenizer"]["size"] == len(tiny["tokenizer"]) and meta["vocab_size"] == 128
+    assert meta["options"]["k"] == 16 and meta["teacher"]["model"] == tiny["spec"]["model"]
+    assert index["complete"] and index["bytes_per_token"] > 0
+    assert [s["start"] for s in index["shards"]] == [0, 8, 16] and all(len(s["sha256"]) == 64 for s in index["shards"])
+    assert json.loads((tmp_path / "index.json").read_text()) == json.loads(json.dumps(index))
+
+
+def test_killed_run_resumes_without_redoing_finished_shards(tiny, tmp_path, monkeypatch):
+    real_save = cache_mod._save_shard
+    calls = []
+
+    def dies_on_second_shard(arrays, meta):
+        calls.append(meta["start"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_save(arrays, meta)
+
+    monkeypatch.setattr(cache_mod, "_save_shard", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        _build(tiny, tmp_path)
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert not index["complete"] and [s["shard"] for s in index["shards"]] == [0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "shard_00000.safetensors"]  # no temp left
+    with pytest.raises(KDForgeError, match="incomplete"):
+        CachedTeacher(tmp_path)
+    first = tmp_path / "shard_00000.safetensors"
+    os.utime(first, ns=(1, 1))
+    monkeypatch.setattr(cache_mod, "_save_shard", lambda a, m: calls.append(m["start"]) or real_save(a, m))
+    calls.clear()
+    _build(tiny, tmp_path)
+    assert calls == ["8", "16"]  # shard 0 was neither recomputed nor rewritten
+    assert first.stat().st_mtime_ns == 1
+    reference = tmp_path / "ref"
+    _build(tiny, reference)
+    from safetensors.torch import load_file
+
+    for name in ("shard_00000.safetensors", "shard_00001.safetensors", "shard_00002.safetensors"):
+        a, b = load_file(tmp_path / name), load_file(reference / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_truncated_or_corrupt_shard_is_refused(tiny, tmp_path):
+    _build(tiny, tmp_path)
+    shard = tmp_path / "shard_00001.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100])
+    with pytest.raises(KDForgeError, match="shard_00001.safetensors has .* bytes.*truncated"):
+        CachedTeacher(tmp_path)
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(KDForgeError, match="sha256"):
+        CachedTeacher(tmp_path)
+    _build(tiny, tmp_path)  # a rerun repairs the damaged shard
+    CachedTeacher(tmp_path)
+
+
+def test_mismatched_data_tokenizer_or_settings_are_refused(tiny, tmp_path):
+    _build(tiny, tmp_path)
+    ids = tiny["ids"]
+    with pytest.raises(KDForgeError, match="training data \\(same size, different tokens or order\\)"):
+        CachedTeacher(tmp_path, blocks_ids=ids.flip(0))
+    with pytest.raises(KDForgeError, match="training data \\(20 blocks cached, this run has 19\\)"):
+        CachedTeacher(tmp_path, blocks_ids=ids[:19])
+    with pytest.raises(KDForgeError, match="data.seq_len \\(cache 32, this run 16\\)"):
+        CachedTeacher(tmp_path, blocks_ids=ids[:, :16])
+    other = type(tiny["tokenizer"]).from_pretrained(tiny["spec"]["model"])
+    other.add_tokens(["zzyzx"])
+    with pytest.raises(KDForgeError, match="does not match this run: tokenizer"):
+        CachedTeacher(tmp_path, tokenizer=other)
+    with pytest.raises(KDForgeError, match="vocabulary size"):
+        CachedTeacher(tmp_path, vocab_size=100)
+    with pytest.raises(KDForgeError, match="holds a teacher cache of something else: k \\(cache 16, this run 8\\)"):
+        _build(tiny, tmp_path, k=8)
+    cached = CachedTeacher(tmp_path, blocks_ids=ids, tokenizer=tiny["tokenizer"], vocab_size=128)
+    with pytest.raises(KDForgeError, match="row 1 does not hold the tokens of cached block 5"):
+        cached({"input_ids": ids[[4, 6]], "block_index": torch.tensor([4, 5])})
+    with pytest.raises(KDForgeError, match="block_index"):
+        cached({"input_ids": ids[[4]]})
+    with pytest.raises(KDForgeError, match="no feature 'hidden_states.2'"):
+        cached(_batch(ids, [0]), taps={"h": "hidden_states.2"})
+
+
+TEMPERATURE, K = 2.0, 16
+
+
+def _objective(missing_mass):
+    return [{"loss": "cross_entropy", "weight": 0.5},
+            {"loss": "forward_kl", "weight": 0.5, "temperature": TEMPERATURE, "missing_mass": missing_mass}]
+
+
+@pytest.fixture(scope="module")
+def recipe_cache(tiny_assets, tmp_path_factory):
+    """A small tiny-asset recipe (64 training blocks) and a float16 top-16 cache of its teacher at T=2."""
+    from kdforge.recipe import parse_recipe
+    from kdforge.teachers.cache import cache_recipe_teacher
+
+    root = tmp_path_factory.mktemp("recipe_cache")
+    recipe = {
+        "seed": 0, "output_dir": str(root / "run"), "teacher": {"model": str(tiny_assets["teacher"])},
+        "student": {"init": "config", "config": {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64}},
+        "data": {"corpus": str(tiny_assets["train"]), "validation": [str(tiny_assets["val"])], "seq_len": 32,
+                 "max_train_tokens": 2048, "max_eval_tokens": 512},
+        "objective": _objective("bucket"),
+        "train": {"steps": 4, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "save_every": 0, "log_every": 1},
+    }
+    path, index = cache_recipe_teacher(parse_recipe(recipe), out=root / "cache", options=CacheOptions(
+        k=K, values="fp16", temperature=TEMPERATURE, batch_size=8, shard_blocks=16))
+    assert index["complete"] and len(index["shards"]) == 4
+    return recipe, path
+
+
+@pytest.mark.parametrize("missing_mass", ["renormalize", "bucket"])
+def test_cached_teacher_loss_equals_the_live_sparse_loss(recipe_cache, missing_mass):
+    """Plain and chunked logit paths: the distiller on the cache gives forward_kl of the live teacher's top-k."""
+    from kdforge.data.packing import make_batch
+    from kdforge.losses.logits import forward_kl
+    from kdforge.recipe import parse_recipe
+    from kdforge.train import prepare
+
+    recipe, path = recipe_cache
+    live = prepare(parse_recipe({**recipe, "objective": _objective(missing_mass)}))
+    teacher = {**recipe["teacher"], "kind": "cache", "path": str(path)}
+    for chunk in (None, 24):
+        cached = parse_recipe({**recipe, "objective": _objective(missing_mass), "teacher": teacher,
+                               "train": {**recipe["train"], "logit_chunk_size": chunk}})
+        setup = prepare(cached, tokenizer=live.tokenizer)
+        assert setup.teacher is None  # training never loads the teacher's weights
+        batch = make_batch(setup.train_blocks, torch.tensor([5, 0, 63]))
+        _, values = setup.distiller(batch)
+        with torch.no_grad():
+            t_logits = live.teacher(input_ids=batch["input_ids"]).logits[:, :-1]
+            s_logits = live.student(input_ids=batch["input_ids"]).logits[:, :-1]
+        direct = forward_kl(s_logits, SparseLogits.from_dense(t_logits, K, lse_temperature=TEMPERATURE),
+                            temperature=TEMPERATURE, missing_mass=missing_mass)
+        torch.testing.assert_close(values["forward_kl"], direct, rtol=2e-3, atol=2e-4)
+
+
+def test_training_from_the_cache_end_to_end(recipe_cache, tmp_path):
+    from kdforge.recipe import parse_recipe
+    from kdforge.train import train
+
+    recipe, path = recipe_cache
+    cached = parse_recipe({**recipe, "output_dir": str(tmp_path / "run"), "train": {
+        **recipe["train"], "logit_chunk_size": 40}, "teacher": {**recipe["teacher"], "kind": "cache",
+                                                                  "path": str(path)}})
+    out = train(cached, progress=False)
+    final = json.loads((out / "final.json").read_text())
+    assert final["teacher"]["perplexity"] > 1 and 0 <= final["student"]["top1_agreement"] <= 1  # loaded for eval
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss/forward_kl"]) for r in rows)
+
+
+def test_cached_recipe_refuses_other_data_and_temperature(recipe_cache):
+    from kdforge.recipe import parse_recipe
+    from kdforge.train import prepare
+
+    recipe, path = recipe_cache
+    teacher = {**recipe["teacher"], "kind": "cache", "path": str(path)}
+    shorter = {**recipe["data"], "max_train_tokens": 1024}
+    with pytest.raises(KDForgeError, match=r"does not match this run: training data \(64 blocks cached"):
+        prepare(parse_recipe({**recipe, "teacher": teacher, "data": shorter}))
+    hot = [{"loss": "forward_kl", "temperature": 4.0}]
+    with pytest.raises(KDForgeError, match="uses temperature 4.0 but the teacher cache .* at 2.0"):
+        prepare(parse_recipe({**recipe, "teacher": teacher, "objective": hot}))
+    renorm = [{"loss": "forward_kl", "temperature": 4.0, "missing_mass": "renormalize"}]
+    prepare(parse_recipe({**recipe, "teacher": teacher, "objective": renorm}))  # needs no logsumexp
+
+
+def test_cli_cache_teacher(recipe_cache, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from kdforge.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_cache[0]))
+    cmd = ["cache-teacher", str(recipe), "--k", "8", "--out", str(tmp_path / "c"), "--set", "data.max_train_tokens=512"]
+    result = CliRunner().invoke(app, cmd)
+    assert result.exit_code == 0, result.output
+    assert "bytes/token" in result.output and (tmp_path / "c" / "index.json").is_file()
+    bad = CliRunner().invoke(app, cmd[:2] + ["--k", "4"] + cmd[4:])
+    assert bad.exit_code == 2 and "k (cache 8, this run 4)" in bad.output
+
+
+def test_feature_terms_read_cached_teacher_features(recipe_cache, tmp_path):
+    from kdforge.data.packing import make_batch
+    from kdforge.recipe import parse_recipe
+    from kdforge.teachers.cache import cache_recipe_teacher
+    from kdforge.train import prepare
+
+    recipe = {**recipe_cache[0], "data": {**recipe_cache[0]["data"], "max_train_tokens": 512}}
+    recipe["objective"] = [{"loss": "cross_entropy"},
+                           {"loss": "hidden_mse", "student": "hidden_states.2", "teacher": "hidden_states.3",
+                            "projector": "linear"}]
+    path, _ = cache_recipe_teacher(parse_recipe(recipe), out=tmp_path / "c", options=CacheOptions(
+        k=4, features=["hidden_states.3"], batch_size=8))
+    live = prepare(parse_recipe(recipe))
+    cached = prepare(parse_recipe({**recipe, "teacher": {**recipe["teacher"], "kind": "cache", "path": str(path)}}),
+                     tokenizer=live.tokenizer)
+    cached.distiller.load_state_dict(live.distiller.state_dict())
+    batch = make_batch(live.train_blocks, torch.tensor([3, 1]))
+    torch.testing.assert_close(cached.distiller(batch)[1]["hidden_mse"], live.distiller(batch)[1]["hidden_mse"],
+                               rtol=2e-3, atol=1e-4)  # float16 features
