@@ -35,7 +35,7 @@ demo-quick: $(STAMP)
 test: $(STAMP) sysdeps
 	$(VENV)/bin/pytest -q
 
-# The checked-in methods x seeds matrix (about 70 minutes on 2 CPU cores); rerun to resume.
+# The checked-in methods x seeds matrix (45 cells of 1-3 minutes each on 2 CPU cores); rerun to resume.
 bench: $(STAMP) sysdeps
 	$(VENV)/bin/kdforge bench benchmarks/llm_matrix.yaml --out runs/bench/llm_matrix
 
