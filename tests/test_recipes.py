@@ -50,3 +50,19 @@ def test_recipe_runs_on_tiny_models(path, tiny_assets, tmp_path):
     assert logged == {t.label for t in recipe.objective}, "every term is computed and logged"
     assert all(v == v and abs(v) < 1e6 for r in rows for k, v in r.items() if k.startswith("loss"))
     assert (out / "student" / "config.json").is_file()
+
+
+# SmolLM2-135M-Instruct's config (the embedded teacher), enough to validate the recipes' real student configs offline.
+SMOLLM2 = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+           "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_student_config_is_valid_at_full_size(path):
+    """The full-size student each recipe asks for passes transformers' config validation (e.g. heads divide width)."""
+    from transformers import LlamaConfig
+
+    student = yaml.safe_load(path.read_text())["student"]
+    if student.get("init", "config") == "config":
+        config = LlamaConfig(**{**SMOLLM2, **student["config"]})
+        assert config.num_attention_heads * config.head_dim >= 1
