@@ -91,3 +91,9 @@ def test_allocator_tuning_applies_on_linux():
     from kdforge.runtime import keep_freed_memory_in_heap
 
     assert keep_freed_memory_in_heap() is sys.platform.startswith("linux")
+
+
+def test_invalid_student_architecture_is_one_clear_line(tiny_recipe):
+    bad = {**tiny_recipe, "student": {"init": "config", "config": {"hidden_size": 30, "num_attention_heads": 4}}}
+    with pytest.raises(KDForgeError, match="student.config is not a valid LlamaConfig: .*not a multiple"):
+        prepare(parse_recipe(bad))

@@ -179,7 +179,11 @@ def build_student(spec: StudentSpec, teacher: nn.Module | None, seed: int) -> nn
     else:
         if teacher is not None:
             base: dict[str, Any] = teacher.config.to_dict()
-            config = teacher.config.__class__.from_dict({**base, **spec.config})
+            try:
+                config = teacher.config.__class__.from_dict({**base, **spec.config})
+            except Exception as err:  # transformers validates the architecture (e.g. heads must divide the width)
+                reason = " ".join(str(err).split())
+                raise KDForgeError(f"student.config is not a valid {type(teacher.config).__name__}: {reason}") from None
         else:
             if "model_type" not in spec.config:
                 raise KDForgeError("student.config needs model_type (e.g. llama) when there is no teacher")
