@@ -74,7 +74,8 @@ def run_kdforge(args, cached: bool, teacher_dtype: str | None = None) -> dict:
     import kdforge.train as kt
 
     work = Path(args.workdir)
-    recipe = _recipe(args, work / ("kdforge_cached" if cached else "kdforge"), work / "cache" if cached else None)
+    name = "kdforge_cached" if cached else "kdforge" if teacher_dtype is None else f"kdforge_{teacher_dtype}"
+    recipe = _recipe(args, work / name, work / "cache" if cached else None)
     if teacher_dtype is not None:
         recipe = recipe.model_copy(update={"teacher": recipe.teacher.model_copy(update={"dtype": teacher_dtype})})
     setup = kt.prepare(recipe)
