@@ -19,13 +19,6 @@ KWARGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _inputs(dtype, seed=0, bias=True):
     g = torch.Generator().manual_seed(seed)

@@ -36,14 +36,6 @@ from transformers import (  # noqa: E402
 N_LAYERS = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops on a busy 2-core box are dominated by intra-op thread spinning.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_llama(attn: str | None = None) -> LlamaForCausalLM:
     torch.manual_seed(0)
