@@ -115,6 +115,31 @@ def test_gradients_reach_student_and_connectors_not_teacher(teacher):
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
 
 
+def test_a_bf16_teacher_runs_its_blocks_under_bf16_autocast(teacher):
+    """teacher_dtype bfloat16: the teacher's blocks inside the stepping stones run under bf16 autocast (as the teacher's
+    own forward does), the stone logits come back in fp32, the loss matches the fp32 stones to bf16 precision, and the
+    gradients still reach the connectors."""
+    student = tiny_llama(vocab_size=VOCAB, hidden=24, layers=3, heads=4, seed=3)
+    batch = _batch()
+    fp32 = Distiller(teacher, student, [{"loss": "block_kd"}])
+    bf16 = Distiller(teacher, student, [{"loss": "block_kd"}], teacher_dtype="bfloat16")
+    bf16.stepping_stones.load_state_dict(fp32.stepping_stones.state_dict())
+    seen = []
+    hook = teacher.model.layers[-1].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        with torch.no_grad():
+            logits = _stones(bf16).stone_logits(_student_blocks(bf16, batch), batch)
+    finally:
+        hook.remove()
+    assert seen and all(dt == torch.bfloat16 for dt in seen)
+    assert all(z.dtype == torch.float32 for z in logits)
+    total, values = bf16(batch)
+    _, ref = fp32(batch)
+    torch.testing.assert_close(values["block_kd"], ref["block_kd"], rtol=0.05, atol=1e-3)
+    total.backward()
+    assert all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in _stones(bf16).connectors)
+
+
 def test_connectors_are_trainable_extras_and_never_exported(teacher, tiny_recipe):
     from kdforge.recipe import parse_recipe
     from kdforge.train import _extras_state, param_groups

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -123,7 +124,8 @@ class Distiller(nn.Module):
                None if mask is None else mask.bool())  # fail now on shape errors, not at step 1
         for b in stones:
             b.stones = SteppingStones(b.term, b.fn, b.kwargs, self.student, teacher_model,
-                                      s_store[f"{b.term.label}.s"], example_batch)
+                                      s_store[f"{b.term.label}.s"], example_batch,
+                                      getattr(self.teacher_source, "autocast", nullcontext))
             self.stepping_stones[str(len(self.stepping_stones))] = b.stones
 
     def _student_forward(self, batch: dict[str, torch.Tensor], hidden_only: bool = False):

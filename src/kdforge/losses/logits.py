@@ -435,18 +435,20 @@ def correlation_aware_kd(
     if has_bucket:  # "everything else" is never a strong class
         rank_by = torch.cat([log_pt[..., :-1], torch.full_like(log_pt[..., -1:], _NEG_INF)], dim=-1)
     top = rank_by.topk(min(strong_k, log_pt.shape[-1] - has_bucket), dim=-1).indices
+    # The strong group is k classes: gather it. The weak group is the rest of the vocabulary: mask it once per side
+    # and write WCD with the teacher's weak-normalised probabilities, so no vocabulary-sized log_softmax is needed.
+    t_s, s_s = log_pt.gather(-1, top), log_ps.gather(-1, top)
     strong = torch.zeros_like(log_pt, dtype=torch.bool).scatter(-1, top, True)
-    neg_inf = torch.full_like(log_pt, _NEG_INF)
-
-    def split(log_p):
-        in_s, in_w = torch.where(strong, log_p, neg_inf), torch.where(strong, neg_inf, log_p)
-        return in_s, in_w, safe_logsumexp(in_s), safe_logsumexp(in_w)
-
-    t_s, t_w, t_mass_s, t_mass_w = split(log_pt)
-    s_s, s_w, s_mass_s, s_mass_w = split(log_ps)
+    t_w, s_w = log_pt.masked_fill(strong, _NEG_INF), log_ps.masked_fill(strong, _NEG_INF)
+    t_mass_s, s_mass_s = safe_logsumexp(t_s), safe_logsumexp(s_s)
+    t_mass_w, s_mass_w = safe_logsumexp(t_w), safe_logsumexp(s_w)
     bcd = _binary_kl(t_mass_s, t_mass_w, s_mass_s, s_mass_w)
     scd = kl_divergence(safe_log_softmax(t_s), safe_log_softmax(s_s))
-    wcd = kl_divergence(safe_log_softmax(t_w), safe_log_softmax(s_w))
+    weak_empty = torch.isneginf(t_mass_w)  # the teacher puts no mass outside S: WCD is 0
+    q_t = (t_w - torch.where(weak_empty, torch.zeros_like(t_mass_w), t_mass_w).unsqueeze(-1)).exp()
+    gap = torch.where(q_t > 0, log_pt - log_ps, torch.zeros_like(log_pt))
+    wcd = (q_t * gap).sum(-1) - (t_mass_w - s_mass_w)
+    wcd = torch.where(weak_empty, torch.zeros_like(wcd), wcd)
     if scale_by_teacher_mass:
         c_s, c_w = t_mass_s.exp(), t_mass_w.exp()
     else:

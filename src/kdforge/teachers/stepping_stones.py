@@ -37,13 +37,15 @@ Supported model shapes (the `blocks_of` adapters):
 
 Cost: every stepping stone runs part of the teacher and its head (a full [B, T, V] logit tensor for an LM), so an
 n-block student costs about n-1 extra partial teacher forwards and backwards per step. Weights fall off as 2^-(n-i),
-so for deep students list only the last few stones with an explicit layer map.
+so for deep students list only the last few stones with an explicit layer map. The teacher's blocks run under the
+teacher's precision (`teacher.dtype: bfloat16` = bf16 autocast, about 2.5x faster on CPU); the loss is taken in fp32.
 """
 from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -192,9 +194,11 @@ class SteppingStones(nn.Module):
     the student depth and widths; the teacher's input widths come from its config or a probe of its stages."""
 
     def __init__(self, term, fn, kwargs: dict[str, Any], student: nn.Module, teacher: nn.Module,
-                 s_probe: list[Tensor], example_batch: dict[str, Tensor]):
+                 s_probe: list[Tensor], example_batch: dict[str, Tensor],
+                 teacher_autocast: Callable[[], AbstractContextManager] = nullcontext):
         super().__init__()
         self.label, self.fn, self.kwargs = term.label, fn, kwargs
+        self.teacher_autocast = teacher_autocast  # the teacher's blocks run at the teacher's precision (bf16: ~2.5x)
         kd = kwargs.get("kd_loss", "forward_kl")
         if kd not in LOGIT_LOSSES:
             raise KDForgeError(f"term '{self.label}': unknown kd_loss '{kd}'; valid: {', '.join(sorted(LOGIT_LOSSES))}")
@@ -269,7 +273,9 @@ class SteppingStones(nn.Module):
                 hidden = _match_size(hidden, size)
             if ctx is None:
                 ctx = self.teacher.context(batch, hidden)
-            out.append(self.teacher.head(self.teacher.run(hidden, t + 1, n_t, ctx)))
+            with self.teacher_autocast():
+                logits = self.teacher.head(self.teacher.run(hidden, t + 1, n_t, ctx))
+            out.append(logits.float())
         return out
 
     def forward(self, s_blocks: list[Tensor], batch: dict[str, Tensor], teacher_logits: Tensor,
