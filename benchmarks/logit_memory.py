@@ -34,19 +34,6 @@ import time
 VARIANTS = ["naive", "chunked", "trl", "naive_sparse", "chunked_sparse"]
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _tensors(args, sparse: bool) -> dict:
     import torch
 
@@ -104,15 +91,18 @@ def measure_memory(args) -> dict:
     """One variant in this fresh process: the RSS high-water mark of one step above the RSS before it."""
     import torch
 
+    from kdforge.evaluate.speed import reset_peak_rss, rss_kib
+
     torch.set_num_threads(args.threads)
     step = _setup(args, args.variant)
     if step is None:
         return {"variant": args.variant, "skipped": "trl is not installed (pip install -e '.[bench]')"}
     step()  # warm-up: lazy library buffers are not the loss's memory
-    base = _rss_kb("VmRSS")
-    _reset_peak()
+    base = rss_kib("VmRSS")
+    if base is None or not reset_peak_rss():
+        raise SystemExit("logit_memory.py measures memory through /proc/self (Linux >= 4.0); run it on Linux")
     value = step()
-    return {"variant": args.variant, "loss": value, "peak_mib": (_rss_kb("VmHWM") - base) / 1024}
+    return {"variant": args.variant, "loss": value, "peak_mib": (rss_kib("VmHWM") - base) / 1024}
 
 
 def measure_times(args, variants: list[str]) -> dict[str, float]:

@@ -39,11 +39,10 @@ VARIANTS = ["trl", "kdforge", "kdforge_cached"]
 
 
 def _hwm_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    from kdforge.evaluate.speed import rss_kib
+
+    hwm = rss_kib("VmHWM")
+    return float("nan") if hwm is None else hwm / 1024
 
 
 def _recipe(args, out: Path, cache: Path | None = None):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from kdforge.evaluate import suite
 from kdforge.evaluate.cka import cka_matrix, hidden_states, layer_cka, linear_cka, write_cka
 from kdforge.evaluate.generation import generation_agreement, greedy_generate
 from kdforge.evaluate.metrics import evaluate_models, expected_calibration_error
+from kdforge.evaluate.speed import peak_rss_bytes, reset_peak_rss, rss_kib
 from kdforge.evaluate.suite import Evaluator, load_ood_documents, split_fortunes
 from kdforge.models import load_teacher, load_tokenizer, tiny_llama
 from kdforge.recipe import EvalSpec, ModelSpec, parse_recipe
@@ -193,3 +195,17 @@ def test_eval_command_on_a_run_directory_uses_its_manifest_and_writes_eval_json(
     assert ev["heldout"]["student"]["perplexity"] == pytest.approx(final["student"]["perplexity"], rel=1e-6)
     bad = CliRunner().invoke(app, ["eval", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and "not found" in bad.output
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak reset needs Linux's /proc")
+def test_peak_rss_reset_forgets_an_earlier_allocation_and_the_peak_then_tracks_new_ones():
+    big = 256 * 2**20
+    block = torch.ones(big // 4)  # touched, so resident
+    del block
+    assert peak_rss_bytes() >= big
+    assert reset_peak_rss()
+    after = peak_rss_bytes()
+    assert after < rss_kib("VmRSS") * 1024 + big // 2  # the freed 256 MiB no longer counts
+    block = torch.ones(big // 4)
+    assert peak_rss_bytes() >= after + big * 0.9
+    del block

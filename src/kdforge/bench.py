@@ -245,11 +245,13 @@ def cell_metrics(cell_dir: Path) -> dict[str, float]:
 
 def run_cell(cell: Cell, eval_spec: EvalSpec, keep_checkpoints: bool = False) -> CellResult:
     """Train (unless finished) and evaluate one cell. Never raises except on KeyboardInterrupt."""
+    from .evaluate.speed import reset_peak_rss
     from .models import load_causal_lm
     from .train import prepare, train
 
     cell_dir = Path(cell.dir)
     result = CellResult(cell.student, cell.method, cell.seed, cell.dir, "done")
+    reset_peak_rss()  # this cell's peak memory, not the process's since its first cell
     t0 = time.perf_counter()
     try:
         if cell.recipe is None:

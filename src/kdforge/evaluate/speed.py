@@ -12,8 +12,9 @@ from torch import nn
 
 from ..data.packing import TokenBlocks
 
-PEAK_MEMORY_METHOD = ("resource.getrusage(RUSAGE_SELF).ru_maxrss: the process's resident-set high-water mark since it "
-                      "started (everything loaded in it, teacher included; not a per-model figure)")
+PEAK_MEMORY_METHOD = ("the process's resident-set high-water mark (Linux: VmHWM; elsewhere ru_maxrss) since it started "
+                      "or since its last reset (kdforge bench resets it when each cell starts, where the OS allows); "
+                      "everything resident counts, the teacher included: not a per-model figure")
 
 
 @torch.no_grad()
@@ -51,7 +52,33 @@ def parameter_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def rss_kib(field: str = "VmHWM") -> int | None:
+    """A resident-memory field of /proc/self/status in KiB (VmRSS: now, VmHWM: high-water mark); None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Restart the high-water mark at the current RSS (Linux >= 4.0: "5" to /proc/self/clear_refs).
+    False where the OS has no such reset; the peak then stays the one since the process started."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def peak_rss_bytes() -> int:
-    """See PEAK_MEMORY_METHOD. ru_maxrss is in KiB on Linux and in bytes on macOS."""
+    """See PEAK_MEMORY_METHOD. ru_maxrss (the fallback) is in KiB on Linux and in bytes on macOS."""
+    hwm = rss_kib("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
