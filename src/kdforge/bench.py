@@ -197,6 +197,17 @@ def _teacher_and_tokenizer(recipe: Recipe):
     return _CONTEXT[key]
 
 
+def _corpus_blocks(recipe: Recipe, tokenizer):
+    """The (train, held-out) token blocks of the recipe's corpus, tokenized once per process (seconds per cell)."""
+    from .train import tokenize_corpus
+
+    key = json.dumps(["corpus", recipe.teacher.model_dump() if recipe.teacher else None, recipe.student.model,
+                      recipe.data.model_dump(), recipe.train.batch_size], sort_keys=True)
+    if key not in _CONTEXT:
+        _CONTEXT[key] = tokenize_corpus(recipe, tokenizer)
+    return _CONTEXT[key]
+
+
 def _evaluator(recipe: Recipe, teacher, tokenizer, spec: EvalSpec):
     from .data.corpus import load_corpus
     from .data.packing import pack, tokenize_documents
@@ -264,7 +275,8 @@ def run_cell(cell: Cell, eval_spec: EvalSpec, keep_checkpoints: bool = False) ->
             recipe = parse_recipe(cell.recipe)
             teacher, tokenizer = _teacher_and_tokenizer(recipe)
             if not (cell_dir / "final.json").is_file():
-                setup = prepare(recipe, teacher=teacher, tokenizer=tokenizer)
+                setup = prepare(recipe, teacher=teacher, tokenizer=tokenizer,
+                                blocks=_corpus_blocks(recipe, tokenizer))
                 train(recipe, setup=setup, progress=False, out=cell_dir)
                 atomic_write_json(cell_dir / "bench_time.json", {"seconds": time.perf_counter() - t0})
                 student = setup.student

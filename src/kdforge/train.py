@@ -52,8 +52,10 @@ class Setup:
     val_blocks: TokenBlocks
 
 
-def prepare(recipe: Recipe, teacher: nn.Module | None = None, tokenizer=None) -> Setup:
-    """Load teacher, tokenizer, student and data as the recipe says. A preloaded teacher/tokenizer may be passed in."""
+def prepare(recipe: Recipe, teacher: nn.Module | None = None, tokenizer=None,
+            blocks: tuple[TokenBlocks, TokenBlocks] | None = None) -> Setup:
+    """Load teacher, tokenizer, student and data as the recipe says. A preloaded teacher/tokenizer and the
+    (train, held-out) blocks `tokenize_corpus` made with that tokenizer may be passed in."""
     spec = recipe.teacher
     cached = spec is not None and spec.kind == "cache"  # an offline cache stands in for the teacher in training
     if spec is not None and teacher is None and not (cached and recipe.student.init != "from_teacher"):
@@ -71,7 +73,7 @@ def prepare(recipe: Recipe, teacher: nn.Module | None = None, tokenizer=None) ->
         teacher_source = CurriculumTeacher.from_spec(
             teacher, spec.curriculum, recipe.train.steps, dtype=spec.dtype,
             load=lambda name: load_teacher(ModelSpec(model=name, dtype=spec.dtype)))
-    train_blocks, val_blocks = tokenize_corpus(recipe, tokenizer)
+    train_blocks, val_blocks = blocks or tokenize_corpus(recipe, tokenizer)
     example_batch = None
     if cached:
         teacher_source = cached_teacher_for(recipe, tokenizer, train_blocks, student)
