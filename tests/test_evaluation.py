@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 from pathlib import Path
 
 import pytest
@@ -197,16 +198,24 @@ def test_eval_command_on_a_run_directory_uses_its_manifest_and_writes_eval_json(
     assert bad.exit_code == 2 and "not found" in bad.output
 
 
+def _resident_block(size: int) -> mmap.mmap:
+    """`size` bytes of anonymous memory, every page written so it is resident; close() returns it to the OS
+    (an mmap, not a tensor: malloc may keep freed blocks and hand them back without the RSS moving)."""
+    block = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        block[offset] = 1
+    return block
+
+
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak reset needs Linux's /proc")
 def test_peak_rss_reset_forgets_an_earlier_allocation_and_the_peak_then_tracks_new_ones():
     big = 256 * 2**20
-    block = torch.ones(big // 4)  # touched, so resident; freed at once (glibc returns blocks this large to the OS)
-    del block
+    _resident_block(big).close()
     assert peak_rss_bytes() >= big
     assert reset_peak_rss()
     reset_at = peak_rss_bytes()
     assert reset_at < rss_kib("VmRSS") * 1024 + big // 2, (reset_at, rss_kib("VmRSS"))  # the freed block is forgotten
     before = rss_kib("VmRSS") * 1024
-    block = torch.ones(big // 4)
+    block = _resident_block(big)
     assert peak_rss_bytes() >= before + big * 0.9, (peak_rss_bytes(), before)
-    del block
+    block.close()

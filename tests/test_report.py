@@ -80,6 +80,8 @@ def test_empty_and_absent_directories(tmp_path):
 def test_partial_bench_report_builds_tables_from_finished_cells(evaluated_run, tmp_path):
     bench = tmp_path / "bench"
     shutil.copytree(evaluated_run, bench / "cells" / "default" / "fkl" / "seed0")
+    # what `kdforge reproduce cells/default/fkl/seed0/manifest.json` leaves beside the cell: not a cell
+    shutil.copytree(evaluated_run, bench / "cells" / "default" / "fkl" / "seed0-reproduce")
     (bench / "cells" / "default" / "ce_baseline" / "seed0").mkdir(parents=True)
     (bench / "cells" / "default" / "ce_baseline" / "seed0" / "failed.json").write_text('{"error": "ValueError: x"}')
     (bench / "plan.json").write_text(json.dumps({"baseline": "ce_baseline", "methods": ["ce_baseline", "fkl"],

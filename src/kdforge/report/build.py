@@ -255,13 +255,20 @@ def _cka_png(folder: Path, target: Path, title: str) -> Path | None:
 # --------------------------------------------------------------------------- a bench
 
 
+def _seed(cell_dir: Path) -> int | None:
+    """N of a cell folder named seedN; None for any other name."""
+    n = cell_dir.name.removeprefix("seed")
+    return int(n) if n.isdigit() else None
+
+
 def bench_report(bench: Path, rep: Report) -> None:
     from ..bench import CellResult, cell_metrics, results_tables, summarize_cells
 
     results = _read_json(bench / "results.json")
     plan = _read_json(bench / "plan.json") or {}
-    cell_dirs = sorted(p for p in (bench / "cells").glob("*/*/seed*") if p.is_dir()) \
-        if (bench / "cells").is_dir() else []
+    # cells are cells/STUDENT/METHOD/seedN; siblings such as `kdforge reproduce`'s seedN-reproduce are not
+    cell_dirs = sorted((p for p in (bench / "cells").glob("*/*/seed*") if p.is_dir() and _seed(p) is not None),
+                       key=lambda p: (p.parent.parent.name, p.parent.name, _seed(p)))
     if results is None:
         n_done = sum((d / "final.json").is_file() for d in cell_dirs)
         planned = len(plan.get("cells") or []) or "?"
@@ -270,7 +277,7 @@ def bench_report(bench: Path, rep: Report) -> None:
                            "`kdforge bench` with the same matrix and --out to complete it")
         found = []
         for d in cell_dirs:
-            student, method, seed = d.parent.parent.name, d.parent.name, int(d.name.removeprefix("seed"))
+            student, method, seed = d.parent.parent.name, d.parent.name, _seed(d)
             if (d / "final.json").is_file():
                 found.append(CellResult(student, method, seed, str(d), "done", metrics=cell_metrics(d)))
             else:
@@ -318,7 +325,7 @@ def bench_report(bench: Path, rep: Report) -> None:
         rep.heading(f"Layer similarity ({student}; linear CKA, first finished seed)")
         shown = False
         for m in order:
-            for d in sorted(methods[m], key=lambda p: int(p.name.removeprefix("seed"))):
+            for d in sorted(methods[m], key=_seed):
                 png = _cka_png(d, rep.out_dir / ASSETS / f"cka_{student}_{m}.png", f"{m} ({d.name}) vs teacher")
                 if png:
                     rep.image(png, f"linear CKA, {m} ({d.name})")
@@ -329,7 +336,7 @@ def bench_report(bench: Path, rep: Report) -> None:
         # generations: teacher / baseline / each method, first seed with eval.json
         prompts, columns = None, {}
         for m in order:
-            for d in sorted(methods[m], key=lambda p: int(p.name.removeprefix("seed"))):
+            for d in sorted(methods[m], key=_seed):
                 gen = (_read_json(d / "eval.json") or {}).get("generation")
                 if gen:
                     prompts = prompts or gen["prompts"]
