@@ -209,17 +209,13 @@ def _corpus_blocks(recipe: Recipe, tokenizer):
 
 
 def _evaluator(recipe: Recipe, teacher, tokenizer, spec: EvalSpec):
-    from .data.corpus import load_corpus
-    from .data.packing import pack, tokenize_documents
     from .evaluate.suite import Evaluator
     from .models import resolve_model_path
 
     key = json.dumps(["eval", recipe.teacher.model_dump() if recipe.teacher else None,
                       recipe.data.model_dump(), spec.model_dump()], sort_keys=True)
     if key not in _CONTEXT:
-        docs = load_corpus(recipe.data).validation
-        val = pack(*tokenize_documents(tokenizer, docs), recipe.data.seq_len, recipe.data.max_eval_tokens,
-                   "held-out corpus")
+        val = _corpus_blocks(recipe, tokenizer)[1]  # the held-out blocks training evaluated on
         teacher_dir = resolve_model_path(recipe.teacher) if recipe.teacher else None
         _CONTEXT[key] = Evaluator(tokenizer, teacher, val, spec,
                                   teacher_bf16=bool(recipe.teacher and recipe.teacher.dtype == "bfloat16"),
