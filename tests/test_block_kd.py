@@ -53,10 +53,11 @@ def test_stepping_stones_of_the_teachers_own_layers_reproduce_its_logits(teacher
     assert values["block_kd"].abs() < 1e-6
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma2"])
 def test_block_runner_replicates_the_model_forward(model_type):
     """embed -> blocks 0..n -> norm -> head, run by kdforge, equals the model's own forward (padding, sliding windows
-    and per-layer mask types included); and two slices chain to the same result."""
+    and per-layer mask types included, and Gemma 2's logit soft-cap, tight enough to bite on a fresh model's logits);
+    and two slices chain to the same result."""
     import transformers
 
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -67,6 +68,8 @@ def test_block_runner_replicates_the_model_forward(model_type):
         "qwen2": lambda: transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=4,
                                                   max_window_layers=1),
         "qwen3": lambda: transformers.Qwen3Config(**common, head_dim=8),
+        "gemma2": lambda: transformers.Gemma2Config(**common, head_dim=8, sliding_window=4,
+                                                    final_logit_softcapping=0.05),
     }[model_type]()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()

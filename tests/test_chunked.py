@@ -214,3 +214,103 @@ def test_terms_sharing_one_softmax_equal_the_generic_path(sparse):
     torch.testing.assert_close(v1, v0)
     for a, r in zip(g1, g0):
         torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("transform", [dict(softcap=3.0), dict(scale=0.25), dict(scale=2.0, softcap=1.5)])
+@pytest.mark.parametrize("name", ["cross_entropy", "forward_kl", "reverse_kl"])
+def test_a_logit_transform_is_applied_in_every_chunk(transform, name):
+    """Soft-capped / scaled logits, fast and generic paths: value and gradients equal the direct computation."""
+    from kdforge.lm_head import LogitTransform
+
+    hidden, weight, b, teacher, labels, mask = _inputs(torch.float64)
+    tf = LogitTransform(**transform)
+    logits = hidden @ weight.T + b
+    if "softcap" in transform:  # direct: cap · tanh(scale · z / cap)
+        logits = transform["softcap"] * torch.tanh(transform.get("scale", 1.0) * logits / transform["softcap"])
+    else:
+        logits = transform["scale"] * logits
+    if name == "cross_entropy":
+        ref = cross_entropy(logits, labels, mask=mask)
+        got = chunked_logit_loss(name, hidden, weight, bias=b, mask=mask, labels=labels, chunk_size=3,
+                                 logit_transform=tf)
+    else:
+        ref = LOGIT_LOSSES[name](logits, teacher, mask=mask)
+        got = chunked_logit_loss(name, hidden, weight, teacher, bias=b, mask=mask, chunk_size=3, logit_transform=tf)
+    torch.testing.assert_close(got, ref)
+    for a, r in zip(_grads(got, hidden, weight, b), _grads(ref, hidden, weight, b)):
+        torch.testing.assert_close(a, r)
+
+
+def _tiny_gemma2(seed):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=30.0)
+    return Gemma2ForCausalLM(config)
+
+
+def test_distiller_chunks_apply_gemma2_soft_capping_once_logits_grow():
+    """Issue 10: the chunked CE on a soft-capped student once its logits are large (23.436 before, the model's 19.552)."""
+    from kdforge.distiller import Distiller
+
+    teacher, student = _tiny_gemma2(0), _tiny_gemma2(1)
+    chunked = Distiller(teacher, student, [{"loss": "cross_entropy"}, {"loss": "forward_kl"}], logit_chunk_size=4)
+    plain = Distiller(teacher, student, [{"loss": "cross_entropy"}, {"loss": "forward_kl"}])
+    with torch.no_grad():
+        student.model.embed_tokens.weight.mul_(40)  # logits grow past the cap, as in training
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        assert float(student(input_ids=ids).logits.abs().max()) > 15  # the cap matters here
+    results = []
+    for distiller in (chunked, plain):
+        student.zero_grad()
+        total, values = distiller(batch)
+        total.backward()
+        results.append((total, values, [p.grad.clone() for p in student.parameters() if p.grad is not None]))
+    (t1, v1, g1), (t0, v0, g0) = results
+    torch.testing.assert_close(t1, t0)
+    torch.testing.assert_close(torch.stack(list(v1.values())), torch.stack(list(v0.values())))
+    for a, r in zip(g1, g0):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
+
+
+def test_an_unknown_logit_transform_is_refused_whatever_the_logits_magnitude():
+    """A model that caps its logits without saying so in its config: refused although today's logits are tiny."""
+    from transformers import LlamaForCausalLM
+
+    from kdforge.distiller import Distiller
+    from kdforge.errors import KDForgeError
+    from kdforge.models import tiny_llama
+
+    class CappedLlama(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = 50.0 * torch.tanh(out.logits / 50.0)
+            return out
+
+    plain = tiny_llama(vocab_size=64, hidden=32, layers=2, heads=4, seed=0)
+    capped = CappedLlama(plain.config)
+    capped.load_state_dict(plain.state_dict())
+    ids = torch.arange(8).unsqueeze(0)
+    torch.testing.assert_close(capped(input_ids=ids).logits, plain(input_ids=ids).logits)  # indistinguishable today
+    with pytest.raises(KDForgeError, match="does not compute its logits as lm_head"):
+        Distiller(None, capped, [{"loss": "cross_entropy"}], logit_chunk_size=4)
+    Distiller(None, plain, [{"loss": "cross_entropy"}], logit_chunk_size=4)  # a plain Llama passes
+
+
+def test_logit_transform_is_read_from_the_config():
+    from types import SimpleNamespace
+
+    from kdforge.lm_head import LogitTransform, logit_transform
+
+    def model(**config):
+        return SimpleNamespace(config=SimpleNamespace(**config))
+
+    assert logit_transform(model(final_logit_softcapping=30.0)) == LogitTransform(1.0, 30.0)
+    assert logit_transform(model(final_logit_softcapping=None)) == LogitTransform()
+    assert logit_transform(model(logit_scale=0.0625)) == LogitTransform(0.0625)  # Cohere multiplies
+    assert logit_transform(model(logits_scaling=8.0, model_type="granite")) == LogitTransform(0.125)  # Granite divides
+    assert logit_transform(model(logits_scaling=8.0, model_type="hyperclovax")) == LogitTransform(8.0)
+    assert logit_transform(model(text_config=SimpleNamespace(final_logit_softcapping=10.0))).softcap == 10.0

@@ -85,7 +85,7 @@ class Distiller(nn.Module):
         if logit_chunk_size is not None:
             from .losses.chunked import check_head_of_hidden
 
-            check_head_of_hidden(student)
+            self.student_logit_transform = check_head_of_hidden(student)  # soft-cap / scale, applied per chunk
 
     def _bind_feature_terms(self, seq_len: int, example_batch: dict[str, torch.Tensor] | None) -> None:
         """Create taps on both models, then probe them once so projectors and connectors know their sizes."""
@@ -222,7 +222,8 @@ class Distiller(nn.Module):
         pad = mask.new_zeros((mask.shape[0], 1))
         total, values = chunked_logit_terms(
             terms, hidden, weight, t_logits, bias=bias, mask=torch.cat([mask, pad], dim=1),
-            labels=torch.cat([labels, pad.long()], dim=1), chunk_size=self.logit_chunk_size)
+            labels=torch.cat([labels, pad.long()], dim=1), chunk_size=self.logit_chunk_size,
+            logit_transform=self.student_logit_transform)
         return total, {b.term.label: values[i] for i, b in enumerate(active)}
 
     def _logit_term(self, b: BoundTerm, student_logits, labels, mask, teacher: TeacherOutput | None, step: int):

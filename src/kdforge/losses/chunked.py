@@ -46,6 +46,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..lm_head import LogitTransform, check_logit_transform
 from .logits import LABEL_LOSSES, LOGIT_LOSSES, cross_entropy, forward_kl
 from .sparse import SparseLogits, check_policy, check_temperature, compute_dtype, log1mexp, safe_logsumexp
 
@@ -229,8 +230,9 @@ _FAST: dict[Callable, Callable] = {cross_entropy: _fast_cross_entropy, forward_k
 class _Plan:
     """Everything the autograd function needs besides the differentiable tensors (flattened to rows)."""
 
-    def __init__(self, terms, teacher, labels, valid, rows, chunk_size, reduction, fast):
+    def __init__(self, terms, teacher, labels, valid, rows, chunk_size, reduction, fast, transform):
         self.terms = terms
+        self.transform = transform  # the model's own logit transform (soft-cap, scale), applied to every chunk
         self.teacher = teacher
         self.labels = labels
         self.valid = valid  # [n_terms, N] bool
@@ -305,7 +307,12 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             h = hidden[idx]
             z = torch.nn.functional.linear(h, weight, bias)  # under the caller's autocast, like an lm_head
             with torch.autocast(hidden.device.type, enabled=False):
-                parts, g = plan.chunk(z, idx, coeffs, need_grad)
+                if plan.transform.is_identity:
+                    parts, g = plan.chunk(z, idx, coeffs, need_grad)
+                else:  # the loss sees the model's logits; its gradient is chained back to lm_head's output
+                    parts, g = plan.chunk(plan.transform(z.float()), idx, coeffs, need_grad)
+                    if g is not None:
+                        g = plan.transform.chain(z, g)
                 del z
                 if g is not None:
                     g = g.to(acc)
@@ -362,6 +369,7 @@ def chunked_logit_terms(
     reduction: str = "mean",
     ignore_index: int = -100,
     fast: bool = True,
+    logit_transform: LogitTransform | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted sum of logit/label losses on ``hidden @ lm_head_weight.T (+ bias)``, chunk by chunk.
 
@@ -370,6 +378,9 @@ def chunked_logit_terms(
     of slicing it off); mask, labels: the leading shape. Returns ``(total, values)``: the differentiable
     ``sum(weight_i · loss_i)`` and a detached ``[len(terms)]`` tensor of the unweighted ``loss_i``.
     ``fast=False`` sends every term through the generic (autograd) path, for testing the closed forms.
+    ``logit_transform``: what the model does to ``lm_head(h)`` before returning logits (Gemma's soft-cap, Cohere's or
+    Granite's scale; :func:`kdforge.lm_head.logit_transform`), applied to every chunk so the losses see the model's
+    own logits.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f'chunked losses support reduction "mean" or "sum", got {reduction!r}')
@@ -420,7 +431,8 @@ def chunked_logit_terms(
 
     counted = valid.any(0)
     rows = None if bool(counted.all()) else counted.nonzero().squeeze(1)
-    plan = _Plan(terms, flat_teacher, flat_labels, valid, rows, chunk_size, reduction, fast)
+    plan = _Plan(terms, flat_teacher, flat_labels, valid, rows, chunk_size, reduction, fast,
+                 logit_transform or LogitTransform())
     return _ChunkedLogitLoss.apply(h, lm_head_weight, bias, plan)
 
 
@@ -436,6 +448,7 @@ def chunked_logit_loss(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     reduction: str = "mean",
     fast: bool = True,
+    logit_transform: LogitTransform | None = None,
     **loss_kwargs,
 ) -> torch.Tensor:
     """One loss (a name of LOGIT_LOSSES/LABEL_LOSSES, or such a function) on ``hidden @ W.T``, chunked.
@@ -445,7 +458,7 @@ def chunked_logit_loss(
     """
     total, _ = chunked_logit_terms(
         [ChunkedTerm(loss, 1.0, loss_kwargs)], hidden, lm_head_weight, teacher, bias=bias, mask=mask, labels=labels,
-        chunk_size=chunk_size, reduction=reduction, fast=fast,
+        chunk_size=chunk_size, reduction=reduction, fast=fast, logit_transform=logit_transform,
     )
     return total
 
@@ -457,7 +470,7 @@ def causal_lm_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Li
     """(base model, lm head) of a Hugging Face causal LM, for computing its logits chunk by chunk.
 
     The base model returns ``last_hidden_state``; the head is the ``nn.Linear`` of ``get_output_embeddings()``. Use
-    :func:`check_head_of_hidden` once to make sure the model's logits are exactly ``head(last_hidden_state)``.
+    :func:`check_head_of_hidden` once to get the transform the model applies to ``head(last_hidden_state)``.
     """
     from ..errors import KDForgeError
 
@@ -472,21 +485,8 @@ def causal_lm_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Li
     return base, head
 
 
-@torch.no_grad()
-def check_head_of_hidden(model: torch.nn.Module, length: int = 8) -> None:
-    """Refuse models whose logits are not ``lm_head(last_hidden_state)`` (soft-capping, logit scaling, ...)."""
-    from ..errors import KDForgeError
-
+def check_head_of_hidden(model: torch.nn.Module, length: int = 8) -> LogitTransform:
+    """The transform from ``lm_head(last_hidden_state)`` to ``model``'s logits (soft-cap, scale), verified on the model
+    at a magnitude where a soft-cap shows; KDForgeError for a model whose logits are computed some other way."""
     base, head = causal_lm_head(model)
-    device = head.weight.device
-    ids = torch.arange(length, device=device).remainder(head.weight.shape[0]).unsqueeze(0)
-    was_training = model.training
-    model.eval()
-    try:
-        full = model(input_ids=ids, use_cache=False).logits
-        mine = head(base(input_ids=ids, use_cache=False).last_hidden_state)
-    finally:
-        model.train(was_training)
-    if full.shape != mine.shape or not torch.allclose(full.float(), mine.float(), rtol=1e-4, atol=1e-4):
-        raise KDForgeError(f"train.logit_chunk_size: {type(model).__name__} does not compute its logits as "
-                           "lm_head(last hidden state) (logit scaling or soft-capping?); set logit_chunk_size to null")
+    return check_logit_transform(model, base, head, length)

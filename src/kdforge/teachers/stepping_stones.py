@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from ..align.layer_maps import build_layer_map, format_layer_map
 from ..align.projectors import build_projector
 from ..errors import KDForgeError
+from ..lm_head import head_logits
 from ..losses.logits import LOGIT_LOSSES
 
 log = logging.getLogger("kdforge")
@@ -129,7 +130,7 @@ class DecoderBlocks:
         return hidden
 
     def head(self, hidden: Tensor) -> Tensor:
-        return self.model.lm_head(self.base.norm(hidden))
+        return head_logits(self.model, self.base.norm(hidden))  # with the model's soft-cap / logit scale
 
 
 class StageBlocks:
