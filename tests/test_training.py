@@ -56,9 +56,85 @@ def test_killed_run_resumes_exactly(tiny_recipe, tmp_path, monkeypatch):
 
     quality = lambda out: {k: v for k, v in _final(out)["student"].items() if k != "tokens_per_s"}  # noqa: E731
     assert quality(resumed) == quality(ref)  # bit-identical, not approximately equal
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("tokens")} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
     read = lambda p: [json.loads(l) for l in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert strip(read(resumed)) == strip(read(ref))
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resumed_metrics_log_equals_the_uninterrupted_log(tiny_recipe, tmp_path, monkeypatch):
+    """Stop after 4 of 6 steps (checkpoint at 3, training and eval rows for step 4 already written, then a row cut
+    off mid-write), resume to 6: metrics.jsonl equals the uninterrupted run's in every field but tokens_per_s (the
+    one wall-clock field), including the cumulative `tokens`; no row is duplicated."""
+    base = {**tiny_recipe, "train": {**tiny_recipe["train"], "log_every": 2, "eval_every": 2}}
+    ref = train(parse_recipe({**base, "output_dir": str(tmp_path / "ref")}), progress=False)
+    recipe = parse_recipe({**base, "output_dir": str(tmp_path / "stopped")})
+    original = Distiller.forward
+
+    def stops_at_step_5(self, batch, **kw):
+        if kw.get("step") == 4:  # 0-based: steps 1-4 are done and logged, the checkpoint is at 3
+            raise KeyboardInterrupt
+        return original(self, batch, **kw)
+
+    monkeypatch.setattr(Distiller, "forward", stops_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, progress=False)
+    stopped = tmp_path / "stopped"
+    assert max(r["step"] for r in _rows(stopped)) == 4  # rows after the checkpoint, to be dropped on resume
+    with open(stopped / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 3.1')  # a kill in the middle of writing a row
+    monkeypatch.setattr(Distiller, "forward", original)
+    train(recipe, progress=False)
+
+    got, want = _rows(stopped), _rows(ref)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 2, 4, 4, 6]  # training + eval rows
+    for g, w in zip(got, want, strict=True):
+        assert set(g) == set(w)
+        for key in w:
+            if key != "tokens_per_s":
+                assert g[key] == w[key], (w["step"], key)
+    assert got[-1]["tokens"] == 6 * 4 * 31  # steps x global batch x targets per block
+    state = torch.load(stopped / "checkpoints" / "step_00000006" / "trainer_state.pt", weights_only=False)
+    assert state["tokens_seen"] == got[-1]["tokens"] and state["train_seconds"] > 0
+    assert state["layout"] == {"global_batch": 4, "order_micro_batch": 4, "world_size": 1, "batch_size": 4,
+                               "grad_accum": 1}
+
+
+def test_corrupt_metrics_row_is_refused_on_resume(tiny_recipe, tmp_path):
+    from kdforge.train import _rewrite_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(KDForgeError, match=r"line 2 is not a metrics row.*repair or delete that line"):
+        _rewrite_metrics(path, 1)
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    _rewrite_metrics(path, 1)
+    assert path.read_text() == '{"step": 1}\n'
+
+
+def test_batch_layout_keeps_the_global_batch_across_world_sizes():
+    from kdforge.distributed import batch_layout
+
+    two = batch_layout(2, 1, 2)  # 2 ranks x batch 2
+    saved = {"global_batch": two.global_batch, "order_micro_batch": two.order_micro_batch, "world_size": 2}
+    one = batch_layout(2, 1, 1, saved)  # resumed by 1 process: accumulates 2 micro-batches of 2
+    assert (one.global_batch, one.batch_size, one.grad_accum) == (4, 2, 2)
+    four = batch_layout(2, 1, 4, saved)  # by 4 processes: 1 block each
+    assert (four.global_batch, four.batch_size, four.grad_accum) == (4, 1, 1)
+    assert batch_layout(2, 1, 2, saved) == two  # the same world size: the recipe's layout
+    for layout in (one, four):  # every step reads the same blocks, in the same order, whatever the split
+        for step in (0, 7, 40):  # 40: a later epoch
+            want = torch.cat(two.step_indices(50, step, 3, 0) + two.step_indices(50, step, 3, 1))
+            parts = [layout.step_indices(50, step, 3, r) for r in range(layout.world_size)]
+            got = torch.cat([parts[r][j] for j in range(layout.grad_accum) for r in range(layout.world_size)])
+            assert torch.equal(got, want)
+    with pytest.raises(KDForgeError, match=r"checkpointed with 2 process\(es\) .* 3 processes cannot split"):
+        batch_layout(2, 1, 3, saved)
+    with pytest.raises(KDForgeError, match="under DeepSpeed .* resume with 2 processes"):
+        batch_layout(2, 1, 1, saved, deepspeed=True)
 
 
 def test_nan_loss_stops_and_names_the_step(tiny_recipe, monkeypatch):

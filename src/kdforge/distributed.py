@@ -17,12 +17,16 @@ and the checkpoints.
 - Checkpoints are always full (unsharded) and written by rank 0 only: the student as a `save_pretrained` folder, the
   trainable extras, and the optimizer state keyed by parameter name (`torch.distributed.checkpoint.state_dict`), so a
   run can resume under another world size or another strategy. Every rank then loads the same files.
+- `BatchLayout` keeps a run's global batch and data order when it resumes under another world size: the checkpoint
+  records them, and `batch_layout` re-derives the per-rank batch and gradient accumulation for the new world size (or
+  refuses when the global batch cannot be split evenly).
 """
 from __future__ import annotations
 
 import logging
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +35,60 @@ from torch import nn
 from .errors import KDForgeError
 
 log = logging.getLogger("kdforge")
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How one optimizer step reads its global batch, and how this launch splits it over ranks and micro-batches.
+
+    The data order is fixed when a run starts and never depends on the world size: step s reads the global
+    micro-batches s*A .. s*A+A-1 (A = global_batch / order_micro_batch) of `order_micro_batch` blocks each from the
+    seeded per-epoch permutation (`data/packing.py: batch_indices`), `global_batch` blocks in all. This launch
+    splits those blocks, in that order, into `grad_accum` micro-batches of `batch_size` blocks per rank.
+    """
+
+    global_batch: int  # blocks per optimizer step, all ranks and micro-batches together
+    order_micro_batch: int  # blocks per global micro-batch when the run started (batch_size x world size then)
+    world_size: int
+    batch_size: int  # blocks per rank and micro-batch in this launch
+    grad_accum: int  # micro-batches per step in this launch
+
+    def step_indices(self, n_blocks: int, step: int, seed: int, rank: int) -> list[torch.Tensor]:
+        """The block indices of this rank's micro-batches at `step`."""
+        from .data.packing import batch_indices
+
+        accum = self.global_batch // self.order_micro_batch
+        order = torch.cat([batch_indices(n_blocks, self.order_micro_batch, step * accum + j, seed)
+                           for j in range(accum)])
+        per_micro = self.batch_size * self.world_size
+        return [order[j * per_micro + rank * self.batch_size: j * per_micro + (rank + 1) * self.batch_size]
+                for j in range(self.grad_accum)]
+
+
+def batch_layout(batch_size: int, grad_accum: int, world: int, saved: dict | None = None, *,
+                 deepspeed: bool = False) -> BatchLayout:
+    """The layout for this launch: the recipe's (`batch_size` per rank, `grad_accum`) on a new run, or, on resume,
+    the checkpoint's global batch and data order with a per-rank batch and accumulation re-derived for `world`.
+
+    Re-derived: the largest per-rank batch up to `batch_size` that divides global_batch / world, and the
+    accumulation that makes up the rest. Refuses when the global batch does not split evenly over `world` ranks.
+    """
+    if saved is None:
+        return BatchLayout(batch_size * grad_accum * world, batch_size * world, world, batch_size, grad_accum)
+    total, old_world = int(saved["global_batch"]), int(saved["world_size"])
+    if total % world:
+        raise KDForgeError(
+            f"this run was checkpointed with {old_world} process(es) and a global batch of {total} blocks, which "
+            f"{world} processes cannot split evenly (the run would change); resume with a number of processes that "
+            f"divides {total} (for example {old_world} again), or start a new run in another --out")
+    per_rank = total // world
+    batch = max(b for b in range(1, min(batch_size, per_rank) + 1) if per_rank % b == 0)
+    if deepspeed and (batch, per_rank // batch) != (batch_size, grad_accum):
+        raise KDForgeError(
+            f"this run was checkpointed with {old_world} process(es); under DeepSpeed kdforge cannot re-derive the "
+            f"batch for {world} processes (its config fixes the micro-batch); resume with {old_world} processes, "
+            "or without DeepSpeed")
+    return BatchLayout(total, int(saved["order_micro_batch"]), world, batch, per_rank // batch)
 
 
 def _has_accelerator_device() -> bool:

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,13 +25,13 @@ import torch
 from torch import nn
 
 from .data.corpus import load_corpus
-from .data.packing import TokenBlocks, batch_indices, make_batch, pack, tokenize_documents
+from .data.packing import TokenBlocks, make_batch, pack, tokenize_documents
 from .batches import shifted_targets
 from .distiller import Distiller
 from .teachers.cache import cached_teacher_for, teacher_architecture
 from .teachers.curriculum import CurriculumTeacher
-from .distributed import (broadcast_object, full_model_state, full_optimizer_state, load_optimizer_state,
-                          make_accelerator, plain_model_init, plain_student)
+from .distributed import (BatchLayout, batch_layout, broadcast_object, full_model_state, full_optimizer_state,
+                          is_deepspeed, load_optimizer_state, make_accelerator, plain_model_init, plain_student)
 from .errors import KDForgeError
 from .evaluate.metrics import evaluate_models
 from .io import atomic_write_dir, atomic_write_json, atomic_write_text
@@ -186,9 +186,11 @@ def _extras_state(distiller: Distiller) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(out: Path, step: int, distiller: Distiller, optimizer, scheduler, keep: int, *,
-                    state: dict[str, torch.Tensor] | None = None, optimizer_state: dict | None = None) -> Path:
+                    state: dict[str, torch.Tensor] | None = None, optimizer_state: dict | None = None,
+                    progress: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint (main process only). Distributed runs pass the gathered full `state` (distiller state dict)
-    and `optimizer_state` (keyed by parameter name), see kdforge.distributed."""
+    and `optimizer_state` (keyed by parameter name), see kdforge.distributed. `progress` (the batch layout and the
+    run log's cumulative counters) goes into trainer_state.pt with the step."""
     from safetensors.torch import save_file
 
     path = out / "checkpoints" / f"step_{step:08d}"
@@ -206,7 +208,7 @@ def save_checkpoint(out: Path, step: int, distiller: Distiller, optimizer, sched
             save_file(extras, str(tmp / "extras.safetensors"))
         torch.save({"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
                     "scheduler": scheduler.state_dict(), "step": step,
-                    "rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+                    "rng": torch.get_rng_state(), **(progress or {})}, tmp / "trainer_state.pt")
 
     atomic_write_dir(path, fill)
     for old in sorted((out / "checkpoints").glob("step_*"))[:-keep]:
@@ -214,8 +216,10 @@ def save_checkpoint(out: Path, step: int, distiller: Distiller, optimizer, sched
     return path
 
 
-def load_checkpoint(path: Path, distiller: Distiller, optimizer, scheduler) -> int:
-    """Load weights, scheduler and RNG, and the optimizer unless it is None (train loads that after prepare)."""
+def load_checkpoint(path: Path, distiller: Distiller, optimizer, scheduler) -> dict[str, Any]:
+    """Load weights, scheduler and RNG, and the optimizer unless it is None (train loads that after prepare).
+    Returns the trainer state: step, optimizer, scheduler, RNG and (newer checkpoints) the batch layout and the
+    run log's cumulative counters."""
     from safetensors.torch import load_file
 
     student_state = load_file(str(path / "student" / "model.safetensors"))
@@ -230,15 +234,50 @@ def load_checkpoint(path: Path, distiller: Distiller, optimizer, scheduler) -> i
         load_optimizer_state(None, distiller, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
-    return int(state["step"])
+    return state
+
+
+def _resume_layout(recipe: Recipe, world: int, state: dict[str, Any] | None, out: Path, *, deepspeed: bool,
+                   announce: bool) -> BatchLayout:
+    """The batch layout of this launch (see kdforge.distributed.BatchLayout); on resume under another world size,
+    re-derived and announced in one line. Checkpoints written before the layout was recorded: the recipe's batch
+    at the world size in the manifest (that of the first launch)."""
+    t = recipe.train
+    if state is None:
+        return batch_layout(t.batch_size, t.grad_accum, world)
+    saved = state.get("layout")
+    if saved is None:
+        manifest_path = out / "manifest.json"
+        old_world = (json.loads(manifest_path.read_text())["hardware"]["world_size"] if manifest_path.is_file()
+                     else world)
+        saved = {"global_batch": t.batch_size * t.grad_accum * old_world,
+                 "order_micro_batch": t.batch_size * old_world, "world_size": old_world}
+    layout = batch_layout(t.batch_size, t.grad_accum, world, saved, deepspeed=deepspeed)
+    if announce and (layout.batch_size, layout.grad_accum) != (t.batch_size, t.grad_accum):
+        log.info("resuming under %d process(es) a run checkpointed under %d: re-derived per-rank batch %d x "
+                 "grad_accum %d (recipe: %d x %d), so the global batch stays %d blocks and each step reads the same "
+                 "blocks as before", world, saved["world_size"], layout.batch_size, layout.grad_accum, t.batch_size,
+                 t.grad_accum, layout.global_batch)
+    return layout
 
 
 def _rewrite_metrics(path: Path, upto_step: int) -> None:
-    """On resume, drop metric rows written after the checkpoint, so the log matches an uninterrupted run."""
+    """On resume, drop metric rows written after the checkpoint (and a last line cut off by a kill mid-write), so
+    the log matches an uninterrupted run. Atomic: the log is replaced whole."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= upto_step]
-    atomic_write_text(path, "".join(r + "\n" for r in rows))
+    lines = path.read_text().split("\n")
+    lines.pop()  # after the last newline: empty, or a row the kill cut off
+    keep = []
+    for n, line in enumerate(lines, 1):
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            raise KDForgeError(f"{path} line {n} is not a metrics row ({line[:60]!r}); repair or delete that line "
+                               "and resume again") from None
+        if step <= upto_step:
+            keep.append(line + "\n")
+    atomic_write_text(path, "".join(keep))
 
 
 class _Progress:
@@ -296,36 +335,40 @@ def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, 
     boundaries = stage_boundaries(recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.steps, t.min_lr_ratio, boundaries))
-    start = 0
     ckpt = latest_checkpoint(out)
-    if ckpt is not None:  # every rank loads the same files; the optimizer after prepare (FSDP re-creates params)
-        start = load_checkpoint(ckpt, distiller, None, scheduler)
-        if is_main:
-            log.info("resuming from %s (step %d)", ckpt, start)
+    # every rank loads the same files; the optimizer after prepare (FSDP re-creates params)
+    trainer_state = load_checkpoint(ckpt, distiller, None, scheduler) if ckpt is not None else None
+    start = int(trainer_state["step"]) if trainer_state is not None else 0
+    if is_main and ckpt is not None:
+        log.info("resuming from %s (step %d)", ckpt, start)
+    layout = _resume_layout(recipe, world, trainer_state, out, deepspeed=is_deepspeed(accelerator), announce=is_main)
+    blocks = setup.train_blocks
+    # The run log's cumulative counters continue from the checkpoint. Older checkpoints did not record them: every
+    # training block is a full packed block, so the tokens seen follow from the step.
+    tokens_seen = int(trainer_state.get("tokens_seen", start * layout.global_batch * (blocks.ids.shape[1] - 1))
+                      if trainer_state is not None else 0)
+    seconds_before = float(trainer_state.get("train_seconds", 0.0)) if trainer_state is not None else 0.0
     if is_main:
         _rewrite_metrics(out / "metrics.jsonl", start)
         if not (out / "manifest.json").is_file():
             atomic_write_json(out / "manifest.json", manifest(recipe, world))
     model, optimizer = accelerator.prepare(distiller, optimizer)
-    if ckpt is not None:
-        load_optimizer_state(accelerator, model, optimizer,
-                             torch.load(ckpt / "trainer_state.pt", weights_only=False)["optimizer"])
+    if trainer_state is not None:
+        load_optimizer_state(accelerator, model, optimizer, trainer_state["optimizer"])
     device = accelerator.device
     teacher_model = getattr(distiller.teacher_source, "model", None)
     if teacher_model is not None:  # not a submodule: DDP/FSDP never wrap it, each rank holds a frozen replica
         teacher_model.to(device)
-    blocks = setup.train_blocks
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.bf16 else nullcontext()
     bar = _Progress(progress and is_main, t.steps, start, recipe.name)
     metrics_path = out / "metrics.jsonl"
     last_good = ckpt
-    tokens_seen, t_start = 0, time.perf_counter()
+    t_start = time.perf_counter()
     model.train()
     try:
         for step in range(start, t.steps):
-            micro = [make_batch(blocks, batch_indices(len(blocks.ids), t.batch_size, step * t.grad_accum + j,
-                                                      recipe.seed, accelerator.process_index, world))
-                     for j in range(t.grad_accum)]
+            micro = [make_batch(blocks, index)
+                     for index in layout.step_indices(len(blocks.ids), step, recipe.seed, accelerator.process_index)]
             micro = [{k: v.to(device) for k, v in mb.items()} for mb in micro]
             local_count = sum(shifted_targets(mb)[1].sum() for mb in micro).float()
             global_count = accelerator.reduce(local_count.clone(), reduction="sum")
@@ -360,10 +403,11 @@ def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, 
             done = step + 1
             terms = {k: float(accelerator.reduce(v, reduction="sum") / global_count) for k, v in sums.items()}
             bar.update(done, {"loss": float(total_loss), **terms})
-            if is_main and (done % t.log_every == 0 or done == t.steps or done == start + 1):
+            train_seconds = seconds_before + time.perf_counter() - t_start
+            if is_main and (done % t.log_every == 0 or done == t.steps or done == 1):
                 row = {"step": done, "loss": float(total_loss), **{f"loss/{k}": v for k, v in terms.items()},
                        "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
-                       "tokens_per_s": tokens_seen / (time.perf_counter() - t_start)}
+                       "tokens_per_s": tokens_seen / train_seconds}  # the only wall-clock field
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
                 with open(metrics_path, "a") as f:
@@ -375,8 +419,10 @@ def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, 
                 state = full_model_state(accelerator, model)  # collective under FSDP; None off the main rank
                 optimizer_state = full_optimizer_state(accelerator, model, optimizer)
                 if is_main:
+                    counters = {"layout": asdict(layout), "tokens_seen": tokens_seen, "train_seconds": train_seconds}
                     last_good = save_checkpoint(out, done, accelerator.unwrap_model(model), optimizer, scheduler,
-                                                t.keep_checkpoints, state=state, optimizer_state=optimizer_state)
+                                                t.keep_checkpoints, state=state, optimizer_state=optimizer_state,
+                                                progress=counters)
                 accelerator.wait_for_everyone()
     finally:
         bar.close()
