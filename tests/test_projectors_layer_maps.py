@@ -349,3 +349,78 @@ def test_learned_layer_map_describe_and_checks():
         lm([rand(1, 4)] * 4)
     with pytest.raises(ValueError, match="width 6"):
         lm([rand(1, 6)] * 5)
+
+
+@pytest.mark.parametrize("strategy", ["skip", "uniform", "last", {"strategy": "last_k", "k": 2}, [[0, 1], [-1, -1]]])
+@pytest.mark.parametrize("student_tap", ["hidden_states", "model.layers.*"])
+@pytest.mark.parametrize("teacher_tap", ["hidden_states", "model.layers.*"])
+def test_layer_maps_name_the_same_blocks_whichever_tap_form(strategy, student_tap, teacher_tap):
+    """Issue 10: `hidden_states` taps counted the embedding output as layer 0, so skip paired student block 1 with
+    teacher block 1 of 4 (with model.layers.* taps: teacher block 3). Block indices now mean blocks on every tap form,
+    and the term's value is the mean loss over exactly those blocks' outputs."""
+    from kdforge.distiller import Distiller
+    from kdforge.losses.features import hidden_mse
+    from kdforge.models import tiny_llama
+
+    teacher, student = tiny_llama(layers=4, seed=1), tiny_llama(layers=2, seed=2)
+    d = Distiller(teacher, student, [{"loss": "hidden_mse", "student": student_tap, "teacher": teacher_tap,
+                                      "layer_map": strategy}])
+    term = d.feature_terms["0"]
+    n_s, n_t = 2, 4
+    if isinstance(strategy, list):
+        expected = [(0, 1), (1, 3)]
+    else:
+        spec = strategy if isinstance(strategy, dict) else {"strategy": strategy}
+        expected = build_layer_map(spec["strategy"], n_s, n_t, **{k: v for k, v in spec.items() if k != "strategy"})
+    assert term.block_pairs == expected
+    if strategy == "skip":
+        assert expected == [(0, 1), (1, 3)]  # the last student block learns from the teacher's last block
+
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        s_out = student(input_ids=ids, output_hidden_states=True).hidden_states
+        t_out = teacher(input_ids=ids, output_hidden_states=True).hidden_states
+        _, values = d(batch)
+    # block b's output: hidden_states[b + 1] (the last one after the final norm, as HF returns it); a module tap
+    # sees the block's raw output, equal to hidden_states[b + 1] for every block but the last
+    def block(out, b, n, tap):
+        if tap == "model.layers.*" and b == n - 1:
+            return None
+        return out[b + 1]
+
+    refs = []
+    counted = torch.ones_like(ids, dtype=torch.bool)
+    counted[:, -1] = False  # the distiller counts the positions that have a next-token target
+    for i, j in expected:
+        s, t = block(s_out, i, n_s, student_tap), block(t_out, j, n_t, teacher_tap)
+        if s is None or t is None:
+            return  # a last block through a module tap has no norm applied: checked by the pairs above
+        refs.append(hidden_mse(s, t, mask=counted))
+    torch.testing.assert_close(values["hidden_mse"], torch.stack(refs).mean())
+
+
+def test_embedding_outputs_are_paired_only_on_request():
+    from kdforge.distiller import Distiller
+    from kdforge.errors import KDForgeError
+    from kdforge.models import tiny_llama
+
+    teacher, student = tiny_llama(layers=4, seed=1), tiny_llama(layers=2, seed=2)
+    d = Distiller(teacher, student, [{"loss": "hidden_mse", "student": "hidden_states", "teacher": "hidden_states",
+                                      "layer_map": {"strategy": "skip", "embeddings": True}}])
+    assert d.feature_terms["0"].pairs == [(0, 0), (1, 2), (2, 4)]  # embeddings, then blocks (0,1), (1,3)
+    with pytest.raises(KDForgeError, match="embeddings: true"):
+        Distiller(teacher, student, [{"loss": "hidden_mse", "student": "model.layers.*", "teacher": "hidden_states",
+                                      "layer_map": {"strategy": "skip", "embeddings": True}}])
+
+
+def test_a_learned_layer_map_over_hidden_states_mixes_blocks_only():
+    from kdforge.distiller import Distiller
+    from kdforge.models import tiny_llama
+
+    teacher, student = tiny_llama(layers=4, seed=1), tiny_llama(layers=2, seed=2)
+    d = Distiller(teacher, student, [{"loss": "hidden_mse", "student": "hidden_states", "teacher": "hidden_states",
+                                      "layer_map": "learned"}])
+    term = d.feature_terms["0"]
+    assert (term.learned.n_student, term.learned.n_teacher) == (2, 4)
+    assert term.pairs == [(1, 0), (2, 1)]

@@ -3,9 +3,13 @@
 A term's `student:` / `teacher:` fields are tap specs (see kdforge.taps). What they capture decides the shape of the
 term:
   - one tensor each: one pair, optionally through a projector;
-  - a list each (a glob such as `model.layers.*`, or `hidden_states`): a layer map picks (student, teacher) pairs and
-    the loss is averaged over pairs, with one projector per pair; `layer_map: learned` instead mixes all teacher layers
-    per student layer with learned weights (Align-to-Distill style);
+  - a list each (a glob such as `model.layers.*`, or `hidden_states`): a layer map picks (student, teacher) pairs of
+    transformer blocks and the loss is averaged over pairs, with one projector per pair; `layer_map: learned` instead
+    mixes all teacher blocks per student block with learned weights (Align-to-Distill style). Layer-map indices always
+    count blocks, whichever tap form names them: a Hugging Face `hidden_states` tuple holds the embedding output at
+    index 0, so block i is its entry i + 1 (and its last entry is after the final norm in Llama-style models). The
+    embedding outputs are paired only on request (`layer_map: {strategy: ..., embeddings: true}`, TinyBERT's
+    embedding-layer term), which needs `hidden_states` taps on both sides;
   - a dict of specs each (e.g. MiniLM's `{q: ..., k: ..., v: ...}`): handed to the loss as dicts.
 Projector input/output sizes come from one probe forward at construction, so the optimizer sees every parameter.
 """
@@ -26,6 +30,14 @@ from .recipe import Term
 log = logging.getLogger("kdforge")
 
 Captured = Tensor | list[Tensor] | dict[str, Any]
+
+# Hugging Face output tuples that hold the embedding output first, then one entry per block.
+_EMBEDDING_FIRST = {"hidden_states", "encoder_hidden_states", "decoder_hidden_states"}
+
+
+def _embedding_offset(tap) -> int:
+    """1 when a tap captures a whole hidden-states tuple (entry 0 is the embedding output), else 0."""
+    return int(isinstance(tap, str) and tap.strip() in _EMBEDDING_FIRST)
 
 
 def tap_specs(term: Term) -> tuple[dict[str, str], dict[str, str]]:
@@ -88,17 +100,28 @@ class FeatureTerm(nn.Module):
         if isinstance(s_probe, list):
             lm = _layer_map_spec(term.layer_map)
             strategy = lm.pop("strategy")
+            embeddings = bool(lm.pop("embeddings", False))
+            # the first block's index in each captured list (1 for a hidden-states tuple, whose entry 0 is the
+            # embedding output): layer maps count blocks, so every tap form names the same blocks
+            self.offsets = (_embedding_offset(term.student), _embedding_offset(term.teacher))
+            if embeddings and (self.offsets != (1, 1) or strategy == "learned"):
+                raise KDForgeError(f"term '{term.label}': layer_map embeddings: true pairs the embedding outputs of "
+                                   "`hidden_states` taps; tap hidden_states on both sides, with a fixed strategy")
+            n_s, n_t = len(s_probe) - self.offsets[0], len(t_probe) - self.offsets[1]
             if strategy == "learned":
-                self.learned = LearnedLayerMap(len(s_probe), len(t_probe), t_probe[0].shape[-1], **lm)
-                pairs = [(i, i) for i in range(len(s_probe))]  # student i vs its learned teacher mix i
+                self.learned = LearnedLayerMap(n_s, n_t, t_probe[-1].shape[-1], **lm)
+                self.block_pairs = [(i, i) for i in range(n_s)]  # student block i vs its learned teacher mix i
             else:
                 try:
-                    pairs = build_layer_map(strategy, len(s_probe), len(t_probe), **lm)
+                    self.block_pairs = build_layer_map(strategy, n_s, n_t, **lm)
                 except ValueError as err:
                     raise KDForgeError(f"term '{term.label}': {err}") from None
-            self.pairs = pairs
-            log.info("term %s: %s", term.label, self.learned.describe() if self.learned else format_layer_map(pairs))
-            shapes = [(s_probe[i], t_probe[j] if not self.learned else t_probe[0]) for i, j in pairs]
+            log.info("term %s: %s%s", term.label, "embeddings s-1->t-1, " if embeddings else "",
+                     self.learned.describe() if self.learned else format_layer_map(self.block_pairs))
+            # indices into the captured lists (a learned map's teacher side is its list of mixes, one per block)
+            t_offset = 0 if self.learned else self.offsets[1]
+            self.pairs = [(0, 0)] * embeddings + [(i + self.offsets[0], j + t_offset) for i, j in self.block_pairs]
+            shapes = [(s_probe[i], t_probe[-1] if self.learned else t_probe[j]) for i, j in self.pairs]
         else:
             shapes = [(s_probe, t_probe)]
         if proj is not None:
@@ -125,7 +148,7 @@ class FeatureTerm(nn.Module):
         if self.pairs is None:
             s_value = self.projectors[0](s_value) if len(self.projectors) else s_value
             return self._loss(s_value, t_value, mask)
-        teacher_side = self.learned(t_value) if self.learned is not None else t_value
+        teacher_side = self.learned(t_value[self.offsets[1]:]) if self.learned is not None else t_value
         total = 0.0
         for n, (i, j) in enumerate(self.pairs):
             s = self.projectors[n](s_value[i]) if len(self.projectors) else s_value[i]
