@@ -69,6 +69,31 @@ def test_evaluate_models_reports_forward_reverse_kl_and_ece_exactly():
     assert "ece" in res["t"] and "kl_teacher_student" not in res["t"]
 
 
+def test_fidelity_over_a_shared_vocabulary_renormalises_both_distributions():
+    """Issue 10: with truncate_to_shared_vocab the teacher's softmax was cut to the shared ids without renormalising:
+    KL -0.00307 where the KL over the shared vocabulary (the training loss's definition) is 0.01251."""
+    from kdforge.distiller import Distiller
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (2, 16))
+    student, teacher = tiny_llama(vocab_size=128, seed=2), tiny_llama(vocab_size=130, seed=1)
+    res = evaluate_models({"student": student, "teacher": teacher}, TokenBlocks(ids, torch.full((2,), 40)),
+                          reference="teacher")["student"]
+    with torch.no_grad():
+        ls = F.log_softmax(student(input_ids=ids).logits[:, :-1], -1)
+        lt = F.log_softmax(teacher(input_ids=ids).logits[:, :-1, :128], -1)  # shared ids, renormalised
+    fwd = float((lt.exp() * (lt - ls)).sum(-1).mean())
+    assert fwd == pytest.approx(0.01251, abs=5e-6)
+    assert res["kl_teacher_student"] == pytest.approx(fwd, rel=1e-5)
+    assert res["kl_student_teacher"] == pytest.approx(float((ls.exp() * (ls - lt)).sum(-1).mean()), rel=1e-5)
+    assert res["top1_agreement"] == pytest.approx(float((ls.argmax(-1) == lt.argmax(-1)).double().mean()))
+    # the same number the training loss gives: forward KL of the Distiller with truncate_to_shared_vocab
+    d = Distiller(teacher, student, [{"loss": "forward_kl"}], truncate_to_shared_vocab=True)
+    with torch.no_grad():
+        _, values = d({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert float(values["forward_kl"]) == pytest.approx(fwd, rel=1e-4)
+
+
 # --------------------------------------------------------------------------- generation
 
 

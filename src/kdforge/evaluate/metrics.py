@@ -47,6 +47,17 @@ def _autocast(model: nn.Module, bf16: bool):
     return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
 
 
+def _add_fidelity(acc: dict, lp: torch.Tensor, ref: torch.Tensor) -> None:
+    """Add top-1 agreement and both KLs of log-probabilities ``lp`` against ``ref`` ``[B, T, V]`` to ``acc``."""
+    v = min(lp.shape[-1], ref.shape[-1])
+    if lp.shape[-1] != v or ref.shape[-1] != v:  # the shared ids, renormalised: the training losses' definition
+        lp, ref = lp[..., :v].log_softmax(-1), ref[..., :v].log_softmax(-1)
+    acc["agree"] += int((lp.argmax(-1) == ref.argmax(-1)).sum())
+    diff = lp - ref  # log p_model - log p_ref, shared by both directions
+    acc["kl"] -= float(torch.einsum("...v,...v->", ref.exp(), diff))
+    acc["rkl"] += float(torch.einsum("...v,...v->", lp.exp(), diff))
+
+
 @torch.no_grad()
 def evaluate_models(models: dict[str, nn.Module], blocks: TokenBlocks, *, reference: str | None = None,
                     batch_size: int = 8, bf16: dict[str, bool] | None = None) -> dict[str, dict[str, float]]:
@@ -56,7 +67,9 @@ def evaluate_models(models: dict[str, nn.Module], blocks: TokenBlocks, *, refere
     models with different tokenizers), expected calibration error of the top-1 prediction against the next token
     (`ece`, 15 equal-width confidence bins), tokens/s of the forward, parameter count. Against `reference` (the
     teacher), over the same positions: top-1 agreement, mean forward KL(reference || model) as `kl_teacher_student`
-    and mean reverse KL(model || reference) as `kl_student_teacher` (nats per token, temperature 1).
+    and mean reverse KL(model || reference) as `kl_student_teacher` (nats per token, temperature 1). Where the
+    vocabularies differ (a student trained with `truncate_to_shared_vocab`), both distributions are restricted to the
+    shared ids and renormalised before the agreement and both KLs, as the training losses define them.
     """
     bf16 = bf16 or {}
     stats = {name: {"nll": 0.0, "tokens": 0, "seconds": 0.0, "agree": 0, "kl": 0.0, "rkl": 0.0,
@@ -84,16 +97,9 @@ def evaluate_models(models: dict[str, nn.Module], blocks: TokenBlocks, *, refere
             logprobs[name] = lp
         if reference is not None:
             ref = logprobs[reference]
-            ref_top = ref.argmax(-1)
-            ref_p = ref.exp()
             for name, lp in logprobs.items():
-                if name == reference:
-                    continue
-                v = min(lp.shape[-1], ref.shape[-1])
-                stats[name]["agree"] += int((lp[..., :v].argmax(-1) == ref_top).sum())
-                diff = lp[..., :v] - ref[..., :v]  # log p_model - log p_ref, shared by both directions
-                stats[name]["kl"] -= float(torch.einsum("...v,...v->", ref_p[..., :v], diff))
-                stats[name]["rkl"] += float(torch.einsum("...v,...v->", lp[..., :v].exp(), diff))
+                if name != reference:
+                    _add_fidelity(stats[name], lp, ref)
     results = {}
     for name, s in stats.items():
         r = {
