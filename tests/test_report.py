@@ -69,8 +69,12 @@ def test_partial_run_report_says_what_is_missing(tiny_assets, tmp_path, monkeypa
 def test_empty_and_absent_directories(tmp_path):
     (tmp_path / "empty" / "runA").mkdir(parents=True)
     (tmp_path / "empty" / "runA" / "metrics.jsonl").write_text("")
-    _, md, missing = build_report(tmp_path / "empty")
-    assert "neither a run" in missing[0] and "It holds runs: runA" in missing[0] and md.is_file()
+    with pytest.raises(KDForgeError, match="neither a run .* it holds runs: runA: report on one of them"):
+        build_report(tmp_path / "empty")
+    (tmp_path / "bare").mkdir()
+    res = runner.invoke(app, ["report", str(tmp_path / "bare")])
+    assert res.exit_code != 0 and "neither a run" in res.output
+    assert list((tmp_path / "bare").iterdir()) == [] and not (tmp_path / "empty" / "report.md").exists()
     with pytest.raises(KDForgeError, match="does not exist"):
         build_report(tmp_path / "absent")
     res = runner.invoke(app, ["report", str(tmp_path / "absent")])

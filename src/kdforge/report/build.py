@@ -378,12 +378,12 @@ def build_report(path: str | Path, out: str | Path | None = None) -> tuple[Path,
     elif _looks_like_run(path):
         rep = Report(f"kdforge run report: {path.resolve().name}", out_dir)
         run_report(path, rep)
-    else:
-        rep = Report(f"kdforge report: {path.resolve().name}", out_dir)
+    else:  # refuse before writing anything into a folder that is not ours
         runs = sorted(p.name for p in path.iterdir() if p.is_dir() and _looks_like_run(p))
-        hint = f" It holds runs: {', '.join(runs)}; report on one of them." if runs else ""
-        rep.missing.append(f"{path} holds neither a run (manifest.json, metrics.jsonl, final.json) nor a bench "
-                           f"(results.json, cells/).{hint}")
+        hint = f"; it holds runs: {', '.join(runs)}: report on one of them" if runs else \
+            "; give a run directory (kdforge distill --out) or a bench directory (kdforge bench --out)"
+        raise KDForgeError(f"'{path}' holds neither a run (manifest.json, metrics.jsonl, final.json) nor a bench "
+                           f"(results.json, cells/){hint}")
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
     atomic_write_text(html_path, rep.html())
     atomic_write_text(md_path, rep.markdown())
