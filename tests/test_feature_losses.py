@@ -260,7 +260,8 @@ def test_cka_constant_input_is_safe():
 
 def _ref_tinybert(s, t, mask):
     b, h, n, _ = s.shape
-    clean = lambda v: 0.0 if (not math.isfinite(v) or v < -1e4) else v
+    # TinyBERT's code: torch.where(att <= -1e2, 0, att)
+    clean = lambda v: 0.0 if (not math.isfinite(v) or v <= -1e2) else v
     per_q = []
     for bi in range(b):
         for q in range(n):
@@ -291,6 +292,30 @@ def test_tinybert_zeroes_masked_scores():
     assert got.item() == pytest.approx(_ref_tinybert(s, t, None), rel=1e-5)
     lower = ((s - t).masked_fill(future, 0) ** 2).sum() / (B * 2 * T * T)
     assert got.item() == pytest.approx(lower.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("fill", [-10000.0, torch.finfo(torch.float32).min, float("-inf")])
+def test_tinybert_bert_mask_smallest_case_is_zero(fill):
+    # B = H = 1, T = 2, second key padded: raw student scores [[0, 1], [0, 1]], teacher 0, both after the
+    # additive mask. TinyBERT's code zeroes both masked scores (<= -1e2) and gives 0; -1e4 as the cut-off gave 0.5.
+    add = torch.tensor([0.0, fill])
+    s = (torch.tensor([[0.0, 1.0], [0.0, 1.0]]) + add).view(1, 1, 2, 2)
+    t = (torch.zeros(2, 2) + add).view(1, 1, 2, 2)
+    for convention in ("kdforge", "authors"):
+        assert tinybert_attention_mse(s, t, convention=convention).item() == 0.0
+        m = torch.tensor([[True, False]])
+        assert tinybert_attention_mse(s, t, mask=m, convention=convention).item() == 0.0
+
+
+@pytest.mark.parametrize("fill", [-10000.0, torch.finfo(torch.float32).min, float("-inf")])
+def test_tinybert_additive_mask_without_mask_arg_matches_masked_call(fill):
+    s, t, m = rand(B, 2, T, T, seed=45), rand(B, 2, T, T, seed=46), pad_mask()
+    add = torch.zeros(B, 1, 1, T).masked_fill(~m[:, None, None, :], fill)
+    # only the padded keys carry the mask value; no mask argument, so all query rows count
+    got = tinybert_attention_mse(s + add, t + add)
+    assert got.item() == pytest.approx(_ref_tinybert(s + add, t + add, None), rel=1e-5)
+    expected = ((s - t).masked_fill(~m[:, None, None, :], 0) ** 2).sum() / (B * 2 * T * T)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_tinybert_zero_on_identical_and_head_mismatch_error():

@@ -1,0 +1,60 @@
+"""Distillation losses as pure functions, importable under their registry names.
+
+``from kdforge.losses import forward_kl, tinybert_attention, block_kd`` gives the
+function that a recipe's ``loss: <name>`` uses (``kdforge.losses.registry``);
+the implementations live in the submodules ``logits``, ``features``,
+``attention``, ``relations``, ``chunked`` and ``sparse``.
+
+The names are resolved lazily (PEP 562): the registry imports
+``kdforge.teachers.stepping_stones``, which itself imports
+``kdforge.losses.logits``, so importing the registry here eagerly would make a
+cycle. An unknown name raises ``AttributeError`` (so ``from kdforge.losses
+import chunked`` still finds the submodule).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Every registered loss name (``registry.all_loss_names()``); a test keeps the two in step.
+__all__ = [
+    "attention_transfer",
+    "block_kd",
+    "cka",
+    "contrastive",
+    "correlation_aware_kd",
+    "cross_entropy",
+    "decoupled_kd",
+    "distilbert_cosine",
+    "fitnets_hint",
+    "forward_kl",
+    "generalized_jsd",
+    "hidden_cosine",
+    "hidden_mse",
+    "minilm_relations",
+    "minilm_v1",
+    "pkd_patient",
+    "reverse_kl",
+    "rkd",
+    "rkd_angle",
+    "rkd_distance",
+    "similarity_preserving",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "tinybert_attention",
+    "total_variation",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from .registry import lookup
+
+        fn = lookup(name)[1]
+        globals()[name] = fn  # later look-ups skip this function
+        return fn
+    raise AttributeError(f"module 'kdforge.losses' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdforge.losses.features import _check_mask, _check_reduction, _reduce_tokens
+from kdforge.losses.features import _check_convention, _check_mask, _check_reduction, _reduce_tokens
 
 __all__ = [
     "tinybert_attention_mse",
@@ -26,8 +26,9 @@ __all__ = [
     "attention_transfer",
 ]
 
-#: TinyBERT's reference code zeroes masked scores; anything this low is a mask.
-_MASKED_SCORE = -1e4
+#: TinyBERT's reference code zeroes scores ``<= -1e2`` (masked keys: BERT adds exactly -10000,
+#: HF models finfo.min or -inf); a real scaled dot-product score is never that low.
+_MASKED_SCORE = -1e2
 
 
 def _key_mask(mask: Tensor | None, t: int, *, causal: bool, device: torch.device) -> Tensor | None:
@@ -66,35 +67,64 @@ def tinybert_attention_mse(
     mask: Tensor | None = None,
     reduction: str = "mean",
     kind: str = "scores",
+    convention: str = "kdforge",
 ) -> Tensor:
     """TinyBERT attention loss (Jiao et al., 2020): MSE between attention matrices.
 
-    ``s_att``, ``t_att``: ``[B, H, T, T]`` with equal head counts. ``kind="scores"``
-    (the paper: unnormalised ``QK^T/sqrt(d)``) zeroes entries that are not
-    finite or below -1e4, as TinyBERT does for masked scores, so both sides
-    agree on masked positions. ``kind="probs"`` compares softmax outputs.
+    ``s_att``, ``t_att``: ``[B, H, T, T]`` with equal head counts; ``mask``: bool
+    ``[B, T]``. ``kind="scores"`` (the paper: unnormalised ``QK^T/sqrt(d)``,
+    with the additive mask already applied) zeroes entries that are not finite
+    or ``<= -1e2``, exactly as the authors' code
+    (huawei-noah/Pretrained-Language-Model, TinyBERT/general_distill.py and
+    task_distill.py: ``torch.where(att <= -1e2, 0, att)``), so masked scores
+    agree on both sides whatever the mask value (BERT's -10000, finfo.min,
+    -inf). ``kind="probs"`` compares softmax outputs.
 
-    Per query token: mean over heads and valid key positions; then the usual
-    token reduction over valid query rows.
+    Conventions (keyword ``convention``):
+
+    * ``"kdforge"`` (default): per valid query row, mean over heads and valid
+      keys; then the usual token reduction over valid query rows (``"none"``:
+      ``[B, T]``, zero at padded rows);
+    * ``"authors"``: the authors' ``nn.MSELoss`` over the whole
+      ``[B, H, T, T]`` tensor: padded keys contribute 0 (their masked scores are
+      zeroed) but still count in the denominator, and padded *query* rows count
+      with their valid-key entries. Per query row this is the squared error
+      summed over heads and keys divided by ``H * T``; ``"mean"`` averages all
+      ``B * T`` rows (the authors' value), ``"sum"`` adds them, ``"none"``
+      returns them ``[B, T]``.
+
+    Factor: identical without padding (factor 1). With padding there is no
+    constant factor; when every sequence has n valid tokens and the padded
+    query rows agree, ``authors = kdforge * n^2 / T^2``. The authors also sum
+    (not average) the per-layer losses: for a layer-mapped term multiply the
+    weight by the number of pairs.
+
+    Raises ``ValueError`` for non-square or mismatched maps, head-count
+    mismatch, a bad mask, kind, reduction or convention.
     """
     _check_reduction(reduction, name="tinybert_attention_mse")
+    _check_convention(convention, name="tinybert_attention_mse")
     if kind not in ("scores", "probs"):
         raise ValueError(f"tinybert_attention_mse: kind must be 'scores' or 'probs', got {kind!r}")
     _check_attention_pair("tinybert_attention_mse", s_att, t_att)
     b, h, t, _ = s_att.shape
     mask = _check_mask("tinybert_attention_mse", mask, torch.Size((b, t)))
+    authors = convention == "authors"
 
     def clean(a: Tensor) -> Tensor:
         a = a.float()
-        bad = ~torch.isfinite(a) | (a < _MASKED_SCORE)
+        bad = ~torch.isfinite(a) | (a <= _MASKED_SCORE)
         if mask is not None:
-            pair_ok = mask[:, None, :, None] & mask[:, None, None, :]
-            bad = bad | ~pair_ok
+            bad = bad | ~mask[:, None, None, :]  # padded keys
+            if not authors:
+                bad = bad | ~mask[:, None, :, None]  # padded query rows
         return a.masked_fill(bad, 0.0)
 
     s = clean(s_att)
     tt = clean(t_att.detach())
     sq = (s - tt).pow(2).sum(dim=(1, 3))  # [B, T_query]
+    if authors:
+        return _reduce_tokens(sq / (h * t), None, reduction)
     if mask is None:
         per_token = sq / (h * t)
     else:
@@ -175,6 +205,23 @@ def _relation_kl(
     return per_token, mask
 
 
+def _reduce_relation(per_token: Tensor, mask: Tensor | None, reduction: str, convention: str) -> Tensor:
+    """Token reduction ("kdforge") or the MiniLMv2 paper's per-sequence one ("authors")."""
+    if convention == "kdforge" or reduction == "none":
+        return _reduce_tokens(per_token, mask, reduction)
+    if mask is None:
+        per_seq = per_token.mean(dim=1)
+        nonempty = None
+    else:
+        per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+        n = mask.sum(dim=1)
+        per_seq = per_token.sum(dim=1) / n.clamp_min(1).to(per_token.dtype)
+        nonempty = (n > 0).sum().clamp_min(1).to(per_token.dtype)
+    if reduction == "sum":
+        return per_seq.sum()
+    return per_seq.mean() if nonempty is None else per_seq.sum() / nonempty
+
+
 def self_attention_relation_kl(
     s_vecs: Tensor,
     t_vecs: Tensor,
@@ -183,6 +230,7 @@ def self_attention_relation_kl(
     reduction: str = "mean",
     num_relation_heads: int,
     causal: bool = False,
+    convention: str = "kdforge",
 ) -> Tensor:
     """MiniLM v2 relation loss for one vector type (Q-Q, K-K or V-V).
 
@@ -191,14 +239,21 @@ def self_attention_relation_kl(
     The relation ``softmax(A A^T / sqrt(d_r))`` over key positions (padded keys,
     and future keys when ``causal=True``, are masked) is compared as
     ``KL(teacher || student)``, averaged over relation heads, then reduced over
-    valid query tokens.
+    valid query tokens (``mask``: bool ``[B, T]``).
+
+    ``convention`` (``"kdforge"`` or ``"authors"``): see :func:`minilm_loss`.
+
+    Raises ``ValueError`` for shapes that are not ``[B, T, D]`` or differ in
+    batch/tokens, widths not divisible by ``num_relation_heads``, a bad mask,
+    reduction or convention.
     """
     _check_reduction(reduction, name="self_attention_relation_kl")
+    _check_convention(convention, name="self_attention_relation_kl")
     per_token, mask = _relation_kl(
         "self_attention_relation_kl", s_vecs, s_vecs, t_vecs, t_vecs,
         mask=mask, num_relation_heads=num_relation_heads, causal=causal,
     )
-    return _reduce_tokens(per_token, mask, reduction)
+    return _reduce_relation(per_token, mask, reduction, convention)
 
 
 _VEC_NAMES = {"q": "query", "k": "key", "v": "value"}
@@ -213,6 +268,7 @@ def minilm_loss(
     num_relation_heads: int,
     relations: Sequence[str] = ("qq", "kk", "vv"),
     causal: bool = False,
+    convention: str = "kdforge",
 ) -> Tensor:
     """MiniLM v2 (Wang et al., 2021): sum of self-attention relation KLs.
 
@@ -220,8 +276,32 @@ def minilm_loss(
     key / value vectors ``[B, T, D]`` (before head split; student and teacher
     widths may differ). ``relations`` are two-letter names: the paper's default
     is Q-Q, K-K, V-V; cross relations such as ``"qk"`` (softmax(Q K^T)) work too.
+    Each relation is :func:`self_attention_relation_kl`'s KL; the result is
+    their (unweighted) sum, as in the paper.
+
+    Conventions (keyword ``convention``):
+
+    * ``"kdforge"`` (default): the usual token reduction -- every valid query
+      token of the batch weighs the same;
+    * ``"authors"``: the MiniLMv2 paper's relation loss
+      ``L_ij = 1/(A_r |x|) sum_a sum_t KL(R^T || R^S)`` per sequence: the mean over its
+      valid query tokens (``|x|`` = its own length) and relation heads, then
+      ``"mean"`` averages the sequences (``"sum"`` adds them; ``"none"`` is the
+      per-token ``[B, T]`` as for kdforge). Microsoft released no MiniLMv2
+      distillation code (microsoft/unilm/minilm has models and fine-tuning
+      only), so this follows the paper's formula.
+
+    Factor: identical without padding or when all sequences have the same
+    number n_b of valid tokens (factor 1); otherwise, with L_b the per-sequence
+    loss, ``kdforge = sum_b n_b L_b / sum_b n_b`` and ``authors = mean_b L_b``
+    (long sequences weigh more in kdforge's).
+
+    Raises ``ValueError`` for an empty or malformed ``relations``, a missing
+    q/k/v entry, and the shape/mask/reduction/convention errors of
+    :func:`self_attention_relation_kl`.
     """
     _check_reduction(reduction, name="minilm_loss")
+    _check_convention(convention, name="minilm_loss")
     if len(relations) == 0:
         raise ValueError("minilm_loss: relations is empty; use e.g. ('qq', 'kk', 'vv')")
     total = None
@@ -240,7 +320,7 @@ def minilm_loss(
             "minilm_loss", s_qkv[a], s_qkv[b], t_qkv[a], t_qkv[b],
             mask=mask, num_relation_heads=num_relation_heads, causal=causal,
         )
-        term = _reduce_tokens(per_token, m, reduction)
+        term = _reduce_relation(per_token, m, reduction, convention)
         total = term if total is None else total + term
     return total
 
@@ -254,20 +334,23 @@ def minilm_relation_kl(
     num_relation_heads: int,
     relations: Sequence[str] = ("qq", "kk", "vv"),
     causal: bool = False,
+    convention: str = "kdforge",
 ) -> Tensor:
     """MiniLM v2 relation KL for either one vector type or a ``{"q","k","v"}`` dict.
 
-    Tensors go to :func:`self_attention_relation_kl`, dicts to :func:`minilm_loss`.
+    Tensors ``[B, T, D]`` go to :func:`self_attention_relation_kl`, dicts to
+    :func:`minilm_loss` (see there for ``convention`` and the errors raised);
+    anything else raises ``TypeError``.
     """
     if isinstance(s_states, Mapping) and isinstance(t_states, Mapping):
         return minilm_loss(
             s_states, t_states, mask=mask, reduction=reduction,
-            num_relation_heads=num_relation_heads, relations=relations, causal=causal,
+            num_relation_heads=num_relation_heads, relations=relations, causal=causal, convention=convention,
         )
     if isinstance(s_states, Tensor) and isinstance(t_states, Tensor):
         return self_attention_relation_kl(
             s_states, t_states, mask=mask, reduction=reduction,
-            num_relation_heads=num_relation_heads, causal=causal,
+            num_relation_heads=num_relation_heads, causal=causal, convention=convention,
         )
     raise TypeError("minilm_relation_kl: pass two tensors [B, T, D] or two dicts of 'q'/'k'/'v' tensors")
 
@@ -329,22 +412,40 @@ def attention_transfer(
     reduction: str = "mean",
     p: float = 2.0,
     resize: bool = False,
+    convention: str = "kdforge",
     squared: bool = False,
     eps: float = 1e-12,
 ) -> Tensor:
     """Activation-based attention transfer (Zagoruyko & Komodakis, ICLR 2017).
 
     For feature maps ``[B, C, H, W]`` (channel counts may differ -- no projector
-    needed): ``a = normalize(flatten(mean_c |A|^p))``. Default loss per sample is
-    the paper's ``||a_s - a_t||_2`` (the norm, not squared); the ``beta/2``
-    weight (paper: beta = 1000 / number of map elements) is the caller's.
-    ``squared=True`` gives the authors' reference-code form instead: mean over
-    positions of ``(a_s - a_t)^2``. Reduced over the batch ("none" -> ``[B]``).
+    needed): ``a = normalize(flatten(mean_c |A|^p))``, one vector of ``H * W``
+    positions per sample. Reduced over the batch ("none" -> ``[B]``).
+
+    Conventions (keyword ``convention``):
+
+    * ``"kdforge"`` (default): the paper's ``||a_s - a_t||_2`` per sample (the
+      norm, not squared); the paper's ``beta/2`` weight is the caller's;
+    * ``"authors"``: the authors' code (szagoruyko/attention-transfer,
+      ``at_loss = (at(x) - at(y)).pow(2).mean()`` with
+      ``at(x) = F.normalize(x.pow(2).mean(1).view(B, -1))``): the mean over
+      positions of ``(a_s - a_t)^2`` per sample (then the batch mean, as their
+      ``.mean()``). Their beta = 1000 belongs to this form.
+      ``squared=True`` is the older spelling of the same choice.
+
+    Factor: not constant -- per sample ``authors = kdforge^2 / (H * W)``
+    (teacher's ``H * W``), so beta = 1000 cannot be rescaled onto the default;
+    use ``convention="authors"`` to reuse it.
 
     Spatial sizes must match unless ``resize=True``, which bilinearly resizes
     the student's (single-channel) attention map to the teacher's size.
+
+    Raises ``ValueError`` for inputs that are not ``[B, C, H, W]``, differing
+    batch sizes, differing spatial sizes without ``resize``, a bad reduction
+    or convention.
     """
     _check_reduction(reduction, name="attention_transfer")
+    _check_convention(convention, name="attention_transfer")
     if s_map.dim() != 4 or t_map.dim() != 4:
         raise ValueError(f"attention_transfer: expected feature maps [B, C, H, W], got {tuple(s_map.shape)} and {tuple(t_map.shape)}")
     if s_map.shape[0] != t_map.shape[0]:
@@ -361,7 +462,8 @@ def attention_transfer(
     a_s = F.normalize(a_s.flatten(1), dim=1, eps=eps)
     a_t = F.normalize(a_t.flatten(1), dim=1, eps=eps)
     diff = a_s - a_t
-    per_sample = diff.pow(2).mean(dim=1) if squared else diff.norm(dim=1)
+    authors = squared or convention == "authors"
+    per_sample = diff.pow(2).mean(dim=1) if authors else diff.norm(dim=1)
     if reduction == "none":
         return per_sample
     return per_sample.sum() if reduction == "sum" else per_sample.mean()

@@ -37,6 +37,11 @@ __all__ = [
 
 REDUCTIONS = ("mean", "sum", "none")
 
+#: ``convention=`` values shared by the losses whose published code uses another scale:
+#: "kdforge" (the default, documented per loss) or "authors" (the authors' code exactly,
+#: so their published loss weights carry over).
+CONVENTIONS = ("kdforge", "authors")
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -44,6 +49,11 @@ REDUCTIONS = ("mean", "sum", "none")
 def _check_reduction(reduction: str, allowed: tuple[str, ...] = REDUCTIONS, *, name: str = "loss") -> None:
     if reduction not in allowed:
         raise ValueError(f"{name}: reduction must be one of {list(allowed)}, got {reduction!r}")
+
+
+def _check_convention(convention: str, *, name: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"{name}: convention must be one of {list(CONVENTIONS)}, got {convention!r}")
 
 
 def _shape_error(name: str, student: Tensor, teacher: Tensor) -> ValueError:
@@ -175,18 +185,37 @@ def fitnets_hint(
     *,
     mask: Tensor | None = None,
     reduction: str = "mean",
+    convention: str = "kdforge",
 ) -> Tensor:
-    """FitNets hint loss (Romero et al., 2015): ``0.5 * ||r(s) - t||^2`` per token.
+    """FitNets hint loss (Romero et al., 2015) between ``[B, T, D]`` token features.
 
-    The regressor ``r`` is the caller's projector (``build_projector``); pass its
-    output as ``student``. The paper trains in two stages: stage 1 optimises
-    only this hint (student up to the guided layer plus the regressor), stage 2
-    trains the whole student with ordinary KD. That schedule belongs to the
-    trainer; this function is only the L2 term (summed over D, not averaged).
+    ``student`` is the regressor's output ``r(s)`` (the caller's projector,
+    ``build_projector``) and must have the teacher's shape. The paper trains in
+    two stages (stage 1: only this hint, up to the guided layer plus the
+    regressor; stage 2: the whole student with ordinary KD); that schedule
+    belongs to the trainer (``start_step`` / ``end_step``).
+
+    Conventions (keyword ``convention``):
+
+    * ``"kdforge"`` (default): the paper's ``0.5 * ||r(s) - t||^2`` per token,
+      summed over D, then the token reduction;
+    * ``"authors"``: the common implementation (RepDistiller's ``HintLoss``,
+      torchdistill): ``nn.MSELoss`` -- squared error averaged over D, then the
+      token reduction, i.e. the mean over all ``B * T * D`` elements when there
+      is no padding (over the valid tokens' elements with a ``mask``).
+
+    Factor: ``kdforge = D / 2 * authors`` exactly (D = feature width), so a
+    published hint weight w (e.g. RepDistiller's 100) is ``2 w / D`` here, or
+    use ``convention="authors"``.
+
+    Raises ``ValueError`` for mismatched shapes, a bad mask, reduction or
+    convention.
     """
     _check_reduction(reduction, name="fitnets_hint")
+    _check_convention(convention, name="fitnets_hint")
     s, t, mask = _prepare_pair("fitnets_hint", student, teacher, mask)
-    per_token = 0.5 * (s - t).pow(2).sum(dim=-1)
+    sq = (s - t).pow(2)
+    per_token = sq.mean(dim=-1) if convention == "authors" else 0.5 * sq.sum(dim=-1)
     return _reduce_tokens(per_token, mask, reduction)
 
 
@@ -196,18 +225,42 @@ def pkd_patient(
     *,
     mask: Tensor | None = None,
     reduction: str = "mean",
+    normalize: bool = True,
+    convention: str = "kdforge",
     eps: float = 1e-12,
 ) -> Tensor:
-    """BERT-PKD patient loss (Sun et al., 2019): ``||s/||s|| - t/||t|| ||_2^2``.
+    """BERT-PKD patient loss (Sun et al., 2019) between ``[B, T, D]`` token features.
 
+    With ``normalize=True`` (the paper's form) both vectors are first L2-normalised
+    over D: ``s/||s|| - t/||t||``; ``normalize=False`` compares the raw vectors.
     The paper applies it to the [CLS] vector of each mapped layer; for LMs we
     apply it to every token (pass ``[B, 1, D]`` to get the paper's CLS form).
     Normalising removes the scale gap, so unlike MSE it needs no layer norm.
+
+    Conventions (keyword ``convention``):
+
+    * ``"kdforge"`` (default): the paper's squared L2 distance, summed over D,
+      then the token reduction;
+    * ``"authors"``: the authors' code (intersun/PKD-for-BERT-Model-Compression,
+      ``patience_loss``): ``F.mse_loss`` of the (optionally normalised) vectors,
+      i.e. averaged over D, then the token reduction.
+
+    Factor: ``kdforge = D * authors`` exactly (same ``normalize``), so their
+    published beta (500, with ``--normalize_patience True`` as in their PKD
+    runs; their CLI default is ``False``, i.e. ``normalize=False`` here) is
+    ``beta / D`` here, or use ``convention="authors"``. Their code also
+    averages over the stacked mapped layers, as a layer-mapped kdforge term does.
+
+    Raises ``ValueError`` for mismatched shapes, a bad mask, reduction or
+    convention.
     """
     _check_reduction(reduction, name="pkd_patient")
+    _check_convention(convention, name="pkd_patient")
     s, t, mask = _prepare_pair("pkd_patient", student, teacher, mask)
-    diff = F.normalize(s, dim=-1, eps=eps) - F.normalize(t, dim=-1, eps=eps)
-    per_token = diff.pow(2).sum(dim=-1)
+    if normalize:
+        s, t = F.normalize(s, dim=-1, eps=eps), F.normalize(t, dim=-1, eps=eps)
+    sq = (s - t).pow(2)
+    per_token = sq.mean(dim=-1) if convention == "authors" else sq.sum(dim=-1)
     return _reduce_tokens(per_token, mask, reduction)
 
 
