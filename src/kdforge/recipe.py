@@ -7,9 +7,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from .errors import KDForgeError
+from .precision import auto_precision
+
+
+_BOOL = TypeAdapter(bool)
 
 
 class _Strict(BaseModel):
@@ -21,8 +25,16 @@ class ModelSpec(_Strict):
 
     model: str
     gguf_file: str | None = None
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Inference precision for a teacher: bfloat16 runs its forward under autocast (about 2.5x faster on CPU)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", validate_default=True)
+    """Inference precision for a teacher: bfloat16 runs its forward under autocast, float32 plainly; auto (resolved
+    when the recipe is read) picks bfloat16 only where the hardware has native bf16 (a CUDA GPU that supports it;
+    a CPU with AVX512_BF16 or AMX) and float32 elsewhere, where emulated bf16 is several times slower
+    (kdforge.precision)."""
+
+    @field_validator("dtype")
+    @classmethod
+    def _resolve_dtype(cls, v: str) -> str:
+        return auto_precision().dtype if v == "auto" else v
 
 
 class CurriculumStage(_Strict):
@@ -138,8 +150,9 @@ class TrainSpec(_Strict):
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     clip_grad_norm: float | None = 1.0
-    bf16: bool = False
-    """Run the student forward under bf16 autocast."""
+    bf16: bool | Literal["auto"] = Field("auto", validate_default=True)
+    """Run the student forward (and the losses) under bf16 autocast; auto (resolved when the recipe is read): where
+    the hardware has native bf16, as for teacher.dtype."""
     eval_every: int = 0
     save_every: int = 50
     keep_checkpoints: int = 2
@@ -149,6 +162,16 @@ class TrainSpec(_Strict):
     """Compute the logit and label terms from the student's last hidden states and lm-head weight, this many tokens
     at a time, so the whole batch's [tokens x vocabulary] logits never exist (kdforge.losses.chunked); null: off.
     Same values and gradients; needs a causal LM whose logits are exactly lm_head(last hidden state)."""
+
+    @field_validator("bf16", mode="before")
+    @classmethod
+    def _resolve_bf16(cls, v: Any) -> Any:
+        if v == "auto":
+            return auto_precision().bf16
+        try:
+            return _BOOL.validate_python(v)
+        except ValidationError:
+            raise ValueError(f"must be true, false or auto, not {v!r}") from None
 
 
 class Recipe(_Strict):

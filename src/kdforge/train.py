@@ -36,6 +36,7 @@ from .errors import KDForgeError
 from .evaluate.metrics import evaluate_models
 from .io import atomic_write_dir, atomic_write_json, atomic_write_text
 from .models import build_student, count_parameters, load_teacher, load_tokenizer
+from .precision import manifest_entry as precision_entry
 from .recipe import ModelSpec, Recipe
 
 log = logging.getLogger("kdforge")
@@ -116,6 +117,7 @@ def manifest(recipe: Recipe, world_size: int = 1) -> dict[str, Any]:
         "hardware": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
                      "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                      "world_size": world_size},
+        "precision": precision_entry(recipe),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

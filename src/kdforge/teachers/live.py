@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from ..batches import model_inputs, output_logits
+from ..errors import KDForgeError
+from ..precision import auto_precision
 
 
 @dataclass
@@ -21,6 +23,12 @@ class TeacherOutput:
 
 class LiveTeacher:
     def __init__(self, model: nn.Module, dtype: str = "float32"):
+        """dtype: float32, bfloat16 (forward under bf16 autocast) or auto (kdforge.precision: bf16 only where the
+        hardware runs it natively)."""
+        if dtype == "auto":
+            dtype = auto_precision().dtype
+        if dtype not in ("float32", "bfloat16"):
+            raise KDForgeError(f"teacher dtype must be auto, float32 or bfloat16, not {dtype!r}")
         self.model = model
         self.dtype = dtype
         model.eval()
