@@ -103,6 +103,10 @@ class DataSpec(_Strict):
     corpus: str = "shakespeare"
     """`shakespeare` (embedded), or a text file / glob / directory, or a .jsonl file."""
     text_field: str = "text"
+    encoding: str = "utf-8"
+    """Text encoding of the corpus files (any Python codec name, e.g. `latin-1`, `cp1252`)."""
+    max_undecodable: float = Field(0.001, ge=0.0, le=1.0)
+    """Largest share of a file's bytes that may fail to decode (each then reads as U+FFFD) before it is refused."""
     validation: list[str] = Field(default_factory=lambda: ["lear", "tempest"])
     """Held-out works (Shakespeare names) or paths/globs to held-out text."""
     seq_len: int = Field(128, ge=8)
@@ -126,7 +130,8 @@ class Term(BaseModel):
     dict with `kind`, `init` (`xavier`, `kaiming`, `zero`, `identity`) and kind-specific sizes."""
     layer_map: str | dict[str, Any] | list[list[int]] | None = None
     """For layer-list taps: `uniform` (default), `skip`, `last`, `last_k`, `learned`, a dict with `strategy` and `k`,
-    or explicit [[student, teacher], ...] pairs."""
+    or explicit [[student, teacher], ...] pairs. Indices count transformer blocks on every tap form (a `hidden_states`
+    tuple's embedding output is paired only with `embeddings: true` in the dict)."""
     start_step: int = 0
     end_step: int | None = None
     """The term is active for start_step <= step < end_step (e.g. FitNets stage 1: a hint term with end_step)."""

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import KDForgeError
 from ..recipe import DataSpec
+
+log = logging.getLogger("kdforge")
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of each byte that did not decode
 
 
 @dataclass
@@ -29,10 +34,32 @@ def _expand(pattern: str) -> list[Path]:
     raise KDForgeError(f"data file '{pattern}' not found; give a text file, a glob such as 'data/*.txt', or a .jsonl")
 
 
-def read_documents(path: Path, text_field: str) -> list[str]:
+def read_text(path: Path, encoding: str = "utf-8", max_undecodable: float = 0.001) -> str:
+    """A corpus file's text. Bytes that do not decode read as U+FFFD; their share is logged when any, and a file
+    with more than ``max_undecodable`` of them (random bytes, a Latin-1 file read as UTF-8) is refused."""
+    data = path.read_bytes()
+    try:
+        text = data.decode(encoding, errors="surrogateescape")
+    except LookupError:
+        raise KDForgeError(f"data.encoding '{encoding}' is not a known text encoding; use e.g. utf-8, latin-1, cp1252") from None
+    bad = len(_UNDECODABLE.findall(text))
+    if bad:
+        share = bad / max(len(data), 1)
+        first = _UNDECODABLE.search(text).start()
+        where = f"{path}: {bad} of {len(data)} bytes ({share:.2%}) are not valid {encoding}"
+        if share > max_undecodable:
+            raise KDForgeError(f"{where}; is it a text file in another encoding? set data.encoding (e.g. latin-1, "
+                               f"cp1252), or raise data.max_undecodable (now {max_undecodable:g}) to train on it with "
+                               "those bytes replaced")
+        log.warning("%s (first near character %d); they read as U+FFFD", where, first)
+        text = _UNDECODABLE.sub("\ufffd", text)
+    return text
+
+
+def read_documents(path: Path, text_field: str, encoding: str = "utf-8", max_undecodable: float = 0.001) -> list[str]:
     if path.suffix == ".jsonl":
         docs = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(read_text(path, encoding, max_undecodable).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -45,7 +72,7 @@ def read_documents(path: Path, text_field: str) -> list[str]:
                 )
             docs.append(str(row[text_field]))
         return docs
-    return [path.read_text(encoding="utf-8", errors="replace")]
+    return [read_text(path, encoding, max_undecodable)]
 
 
 def load_corpus(spec: DataSpec) -> Corpus:
@@ -69,6 +96,7 @@ def load_corpus(spec: DataSpec) -> Corpus:
     if not spec.validation or spec.validation == ["lear", "tempest"]:
         raise KDForgeError("data.validation must list held-out text files when data.corpus is not 'shakespeare'")
     val_paths = [p for pattern in spec.validation for p in _expand(pattern)]
-    train = [d for p in train_paths for d in read_documents(p, spec.text_field)]
-    validation = [d for p in val_paths for d in read_documents(p, spec.text_field)]
+    read = dict(text_field=spec.text_field, encoding=spec.encoding, max_undecodable=spec.max_undecodable)
+    train = [d for p in train_paths for d in read_documents(p, **read)]
+    validation = [d for p in val_paths for d in read_documents(p, **read)]
     return Corpus(train, validation, [str(p) for p in train_paths], [str(p) for p in val_paths])

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from ..data.corpus import _expand, read_documents
+from ..data.corpus import _expand, read_documents, read_text
 from ..data.packing import TokenBlocks, pack, tokenize_documents
 from ..errors import KDForgeError
 from ..models import count_parameters
@@ -66,7 +66,7 @@ def load_ood_documents(source: str | None, max_chars: int) -> tuple[list[str], s
             if p.suffix == ".jsonl":
                 quotes += read_documents(p, "text")
             else:
-                text = p.read_text(encoding="utf-8", errors="replace")
+                text = read_text(p)
                 quotes += split_fortunes(text) if "\n%\n" in text else [text]
         description = ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
     docs, total = [], 0
