@@ -66,3 +66,19 @@ def test_recipe_student_config_is_valid_at_full_size(path):
     if student.get("init", "config") == "config":
         config = LlamaConfig(**{**SMOLLM2, **student["config"]})
         assert config.num_attention_heads * config.head_dim >= 1
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_precision_is_auto(path):
+    """Shipped recipes leave the teacher's and the student's precision to the machine they run on (issue #10)."""
+    r = yaml.safe_load(path.read_text())
+    assert r["teacher"]["dtype"] == "auto"
+    assert r["train"].get("bf16", "auto") == "auto"
+
+
+def test_demo_uses_auto_precision():
+    from kdforge.demo import demo_recipe
+    from kdforge.precision import detect
+
+    r, here = demo_recipe(quick=True), detect()
+    assert r.teacher.dtype == here.dtype and r.train.bf16 is here.bf16
