@@ -3,7 +3,9 @@
 Token-level losses follow the kdforge convention (see ``losses.features``):
 bool ``mask`` ``[B, T]``, reduction over valid *query* tokens, float32 maths,
 teacher detached. Padded *key* positions are excluded as well, so garbage in
-padding never reaches a valid row.
+padding never reaches a valid row. Where the authors' code scales the loss
+differently, ``convention="authors"`` reproduces it exactly (each docstring
+states the factor between the two).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ __all__ = [
 ]
 
 #: TinyBERT's reference code zeroes scores ``<= -1e2`` (masked keys: BERT adds exactly -10000,
-#: HF models finfo.min or -inf); a real scaled dot-product score is never that low.
+#: HF models finfo.min or -inf); real scaled dot-product scores stay far above it.
 _MASKED_SCORE = -1e2
 
 

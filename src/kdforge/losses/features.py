@@ -15,6 +15,11 @@ freely:
 Padded positions are zeroed *before* any arithmetic, so garbage (even NaN or
 inf) in padding can change neither the value nor the gradient.
 
+Losses whose authors' code uses another scale than the paper's formula take a
+keyword ``convention="kdforge" | "authors"``; ``"authors"`` reproduces their
+code exactly so published loss weights carry over, and each docstring states
+the factor between the two.
+
 The private helpers ``_prepare_pair`` / ``_reduce_tokens`` are reused by the
 sibling modules ``attention`` and ``relations``.
 """
