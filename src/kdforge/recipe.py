@@ -110,8 +110,8 @@ class DataSpec(_Strict):
     validation: list[str] = Field(default_factory=lambda: ["lear", "tempest"])
     """Held-out works (Shakespeare names) or paths/globs to held-out text."""
     seq_len: int = Field(128, ge=8)
-    max_train_tokens: int | None = None
-    max_eval_tokens: int = 16384
+    max_train_tokens: int | None = Field(None, ge=1)
+    max_eval_tokens: int = Field(16384, ge=1)
 
 
 class Term(BaseModel):
@@ -120,7 +120,7 @@ class Term(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     loss: str
-    weight: float = 1.0
+    weight: float = Field(1.0, ge=0, allow_inf_nan=False)
     name: str | None = None
     student: str | dict[str, str] | None = None
     """Tap spec(s) for feature terms: a module path, a glob, an HF output such as `hidden_states`, or a dict of them."""
@@ -132,9 +132,23 @@ class Term(BaseModel):
     """For layer-list taps: `uniform` (default), `skip`, `last`, `last_k`, `learned`, a dict with `strategy` and `k`,
     or explicit [[student, teacher], ...] pairs. Indices count transformer blocks on every tap form (a `hidden_states`
     tuple's embedding output is paired only with `embeddings: true` in the dict)."""
-    start_step: int = 0
-    end_step: int | None = None
+    start_step: int = Field(0, ge=0)
+    end_step: int | None = Field(None, ge=1)
     """The term is active for start_step <= step < end_step (e.g. FitNets stage 1: a hint term with end_step)."""
+
+    @model_validator(mode="after")
+    def _valid_numbers(self) -> "Term":
+        if self.end_step is not None and self.end_step <= self.start_step:
+            raise ValueError(f"term '{self.label}': end_step ({self.end_step}) must be greater than start_step "
+                             f"({self.start_step})")
+        # loss arguments with a range every loss shares, checked here so a bad value fails before any model loads
+        for key, low in (("temperature", 0.0), ("warmup_steps", -1), ("strong_k", 0)):
+            value = self.params.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low or value != value:
+                raise ValueError(f"term '{self.label}': {key} must be a number > {low}, got {value!r}")
+        return self
 
     @property
     def params(self) -> dict[str, Any]:
@@ -149,19 +163,20 @@ class TrainSpec(_Strict):
     steps: int = Field(200, ge=1)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float = 1e-3
-    projector_lr: float | None = None
-    weight_decay: float = 0.01
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    clip_grad_norm: float | None = 1.0
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    projector_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(0.01, ge=0, allow_inf_nan=False)
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    clip_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False)
+    """Clip the global gradient norm to this value (> 0); null: no clipping."""
     bf16: bool | Literal["auto"] = Field("auto", validate_default=True)
     """Run the student forward (and the losses) under bf16 autocast; auto (resolved when the recipe is read): where
     the hardware has native bf16, as for teacher.dtype."""
-    eval_every: int = 0
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    log_every: int = 10
+    eval_every: int = Field(0, ge=0)
+    save_every: int = Field(50, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
     deterministic: bool = True
     logit_chunk_size: int | None = Field(None, ge=1)
     """Compute the logit and label terms from the student's last hidden states and lm-head weight, this many tokens
@@ -230,25 +245,43 @@ def _format_validation_error(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's problem and where it is, on one line: 'mapping values are not allowed here (line 3, column 9)'."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides; values parse as YAML (so numbers, bools and lists work)."""
     for item in overrides:
         if "=" not in item:
             raise KDForgeError(f"override '{item}' is not key=value; write e.g. --set train.steps=100")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise KDForgeError(f"override '{item}': the value is not valid YAML ({_yaml_problem(err)})") from None
         node: Any = data
         parts = key.split(".")
-        for p in parts[:-1]:
+        for depth, p in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[:depth]) or "the recipe"
             if isinstance(node, list):
-                node = node[int(p)]
+                if not (p.lstrip("-").isdigit() and -len(node) <= int(p) < len(node)):
+                    raise KDForgeError(f"override '{item}': {where} is a list of {len(node)} item(s); '{p}' is not "
+                                       f"an index of it (0..{len(node) - 1})")
+                if last:
+                    node[int(p)] = value
+                else:
+                    node = node[int(p)]
+            elif isinstance(node, dict):
+                if last:
+                    node[p] = value
+                else:
+                    node = node.setdefault(p, {})
             else:
-                node = node.setdefault(p, {})
-        last = parts[-1]
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
+                raise KDForgeError(f"override '{item}': {where} is a single value ({node!r}), so it has no '{p}'")
     return data
 
 
@@ -267,7 +300,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise KDForgeError(f"recipe '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise KDForgeError(f"recipe '{path}' is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise KDForgeError(f"recipe '{path}' must be a YAML mapping of keys (name, teacher, student, ...)")
     return parse_recipe(apply_overrides(data, overrides or []))
