@@ -1,0 +1,106 @@
+"""Teacher-cache build throughput vs. the teacher's own forward throughput, measured side by side in one process.
+
+Prints tokens/s of a plain no-grad teacher forward over the blocks (batch by batch, logits discarded) and of
+`build_cache` over the same blocks and batches (forward + top-k + coding + checksums + shard writes), and their ratio
+cache build / forward (target >= 0.8: building a cache should cost little beyond running the teacher).
+
+    .venv/bin/python benchmarks/cache_build.py [--blocks 64] [--seq 256] [--batch 8] [--vocab 49152]
+                                               [--hidden 64] [--layers 4] [--k 64] [--repeats 3] [--threads 1]
+                                               [--profile]
+
+The teacher is a random Llama (`kdforge.models.tiny_llama`) of --layers layers, width --hidden and a vocabulary of
+--vocab (SmolLM2's 49,152 by default), on random token ids; the cache uses the default options (top-64, packed ids,
+int6 values) with --k and --batch. The two measurements alternate for --repeats rounds (so load from other processes
+hits both alike) after one warm-up of each; the figures are medians. --profile instead runs one cache build under
+cProfile and prints the top functions by cumulative and by own time.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import tempfile
+import time
+
+import torch
+
+from kdforge.models import tiny_llama
+from kdforge.teachers.cache import CacheOptions, build_cache
+from kdforge.teachers.live import LiveTeacher
+
+
+class _Tokenizer:
+    """Just what a cache's index records about a tokenizer (its vocabulary, for the fingerprint)."""
+
+    def __init__(self, size: int):
+        self.name_or_path = f"synthetic-{size}"
+        self._size = size
+
+    def get_vocab(self) -> dict[str, int]:
+        return {f"t{i}": i for i in range(self._size)}
+
+    def __len__(self) -> int:
+        return self._size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--blocks", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--profile", action="store_true", help="profile one cache build instead of timing")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    teacher = tiny_llama(vocab_size=args.vocab, hidden=args.hidden, layers=args.layers, heads=4, seed=0)
+    tokenizer = _Tokenizer(args.vocab)
+    ids = torch.randint(0, args.vocab, (args.blocks, args.seq), generator=torch.Generator().manual_seed(0))
+    options = CacheOptions(k=args.k, batch_size=args.batch, shard_blocks=256)
+    live = LiveTeacher(teacher)
+
+    def forward() -> None:
+        for b0 in range(0, args.blocks, args.batch):
+            batch = ids[b0:b0 + args.batch]
+            live({"input_ids": batch, "attention_mask": torch.ones_like(batch)})
+
+    def build() -> None:
+        with tempfile.TemporaryDirectory(prefix="kdforge-cache-bench-") as tmp:
+            build_cache(teacher, tokenizer, ids, tmp, teacher_spec={"model": "synthetic"}, options=options)
+
+    if args.profile:
+        build()  # warm-up
+        prof = cProfile.Profile()
+        prof.runcall(build)
+        stats = pstats.Stats(prof)
+        stats.sort_stats("cumulative").print_stats(25)
+        stats.sort_stats("tottime").print_stats(20)
+        return
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    forward(), build()  # warm-up
+    fwd, cache = [], []
+    for _ in range(args.repeats):
+        fwd.append(timed(forward))
+        cache.append(timed(build))
+    tokens = ids.numel()
+    tf, tc = statistics.median(fwd), statistics.median(cache)
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s); teacher "
+          f"{args.layers} layers, d={args.hidden}, V={args.vocab}; {args.blocks} blocks x {args.seq} tokens, batch "
+          f"{args.batch}, k={args.k}; medians of {args.repeats}")
+    print(f"teacher forward   {tf:7.2f} s  {tokens / tf:10,.0f} tok/s")
+    print(f"cache build       {tc:7.2f} s  {tokens / tc:10,.0f} tok/s")
+    print(f"ratio             {tf / tc:.3f}  (cache build tok/s / forward tok/s; target >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
