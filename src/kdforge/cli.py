@@ -21,16 +21,16 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
     _state["debug"] = debug
     if not os.environ.get("KDFORGE_ONLINE"):  # no model hub by default; set KDFORGE_ONLINE=1 to allow hub ids
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # read by transformers when it is first imported (no progress bars, errors only): the heavy libraries load only
+    # once a command needs them, after its recipe has validated
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from .runtime import keep_freed_memory_in_heap
 
     keep_freed_memory_in_heap()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "accelerate", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _run(fn, *args, **kwargs):
@@ -60,12 +60,13 @@ def distill(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Run a recipe: train the student against the teacher, checkpoint, evaluate. Rerun to resume."""
-    from .distributed import end_distributed, is_main_process
     from .recipe import load_recipe
-    from .train import train
 
     def body():
         r = load_recipe(recipe, set_ or [])
+        from .distributed import end_distributed, is_main_process
+        from .train import train
+
         ok = False
         try:
             path = train(r, progress=not no_progress, out=out)
@@ -96,10 +97,11 @@ def cache_teacher(
 ) -> None:
     """Run the recipe's teacher once over its training blocks and store top-k logits for `teacher.kind: cache`."""
     from .recipe import load_recipe
-    from .teachers.cache import CacheOptions, cache_recipe_teacher, recipe_temperature
 
     def body():
         r = load_recipe(recipe, set_ or [])
+        from .teachers.cache import CacheOptions, cache_recipe_teacher, recipe_temperature
+
         given = {"k": k, "values": values, "ids": ids, "shard_blocks": shard_blocks}
         options = CacheOptions(**{key: v for key, v in given.items() if v is not None},
                                temperature=temperature if temperature is not None else recipe_temperature(r),
