@@ -1,9 +1,16 @@
 """Entry script for tests/test_distributed.py, run under `torchrun --nproc_per_node=2` (not a test module itself).
 
-    torchrun --nproc_per_node=2 tests/distributed_entry.py RECIPE.yaml [--ddp OUT] [--fsdp OUT]
-        [--fsdp-interrupt-at STEP] [--killed OUT --die-at STEP] [--gradcheck RECIPE.yaml PREFIX]
+    torchrun --nproc_per_node=2 tests/distributed_entry.py RECIPE.yaml [--refuse RECIPE.yaml OUT]
+        [--resize RECIPE.yaml REF OUT STEP] [--ddp OUT] [--fsdp OUT] [--fsdp-interrupt-at STEP]
+        [--killed OUT --die-at STEP] [--gradcheck RECIPE.yaml PREFIX]
 
 Jobs run in this order in the same processes (one launch: interpreter start-up dominates on 2 CPU cores):
+
+--refuse RECIPE OUT  resume OUT (a one-process run of RECIPE whose global batch 2 ranks cannot split) with 2 ranks;
+                every rank must refuse with a KDForgeError, whose message it writes to OUT.refused.rank<r>.txt.
+--resize RECIPE REF OUT STEP  train RECIPE uninterrupted into REF, then into OUT stopped on every rank when step
+                STEP starts (KeyboardInterrupt); the test resumes OUT with one process. Each rank writes the block
+                indices of every micro-batch it trains on to <REF|OUT>.blocks.rank<r>.jsonl.
 
 --ddp OUT       train RECIPE with DDP (gloo) into OUT.
 --fsdp OUT      switch accelerate's state to FSDP2, then train RECIPE into OUT. accelerate 1.15 turns FSDP on only for
@@ -140,6 +147,8 @@ def gradcheck(recipe_path: str, result_path: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("recipe")
+    ap.add_argument("--refuse", nargs=2, metavar=("RECIPE", "OUT"))
+    ap.add_argument("--resize", nargs=4, metavar=("RECIPE", "REF", "OUT", "STEP"))
     ap.add_argument("--ddp")
     ap.add_argument("--fsdp")
     ap.add_argument("--fsdp-interrupt-at", type=int)
@@ -151,11 +160,22 @@ def main() -> int:
 
     from kdforge.distiller import Distiller
     from kdforge.distributed import end_distributed
+    from kdforge.errors import KDForgeError
     from kdforge.recipe import load_recipe
     from kdforge.train import train
 
     recipe = load_recipe(args.recipe)
     rank = int(os.environ["RANK"])
+    blocks_log: list[str | None] = [None]  # where forward records its batch's block indices (None: nowhere)
+    plain_forward = Distiller.forward
+
+    def recording_forward(self, batch, **kw):
+        if blocks_log[0] is not None:
+            with open(blocks_log[0], "a") as f:
+                f.write(json.dumps({"step": kw.get("step"), "blocks": batch["block_index"].tolist()}) + "\n")
+        return plain_forward(self, batch, **kw)
+
+    Distiller.forward = recording_forward
     original = Distiller.forward
 
     def stop_at(step: int | None, how):
@@ -165,6 +185,29 @@ def main() -> int:
             return original(self, batch, **kw)
         return forward
 
+    def interrupt():
+        raise KeyboardInterrupt
+
+    if args.refuse:
+        try:
+            train(load_recipe(args.refuse[0]), progress=False, out=args.refuse[1])
+            message = "no error"
+        except KDForgeError as err:
+            message = str(err)
+        with open(f"{args.refuse[1]}.refused.rank{rank}.txt", "w") as f:
+            f.write(message)
+    if args.resize:
+        resize_recipe, ref, stopped, stop = load_recipe(args.resize[0]), *args.resize[1:]
+        blocks_log[0] = f"{ref}.blocks.rank{rank}.jsonl"
+        train(resize_recipe, progress=False, out=ref)
+        blocks_log[0] = f"{stopped}.blocks.rank{rank}.jsonl"
+        Distiller.forward = stop_at(int(stop), interrupt)
+        try:
+            train(resize_recipe, progress=False, out=stopped)
+        except KeyboardInterrupt:
+            dist.barrier()
+        Distiller.forward = original
+        blocks_log[0] = None
     if args.ddp:
         record_prepared_models(args.ddp + ".prepared.jsonl")
         if args.gradcheck:
@@ -175,10 +218,6 @@ def main() -> int:
         record_prepared_models(args.fsdp + ".prepared.jsonl")
         if args.gradcheck:
             gradcheck(args.gradcheck[0], args.gradcheck[1] + ".fsdp.json")
-
-        def interrupt():
-            raise KeyboardInterrupt
-
         Distiller.forward = stop_at(args.fsdp_interrupt_at, interrupt)
         try:
             train(recipe, progress=False, out=args.fsdp)

@@ -1,9 +1,10 @@
 """Real 2-process CPU training on gloo (torchrun), plus bf16 and gradient checkpointing in one process.
 
 Two launches serve all the multi-process tests (start-up dominates on 2 cores), see tests/distributed_entry.py:
-  1. DDP run; FSDP2 run interrupted at step 4 and resumed in the same processes; a DDP run whose rank 1 is SIGKILLed
-     at step 4 (after the step-3 checkpoint); before the DDP and FSDP runs, a gradient check with uneven valid-token
-     counts per rank.
+  1. 2 ranks refusing to resume a one-process run whose global batch (3) they cannot split; a DDP run at per-rank
+     batch 2, uninterrupted and stopped at step 4 (resumed here by one process); DDP run; FSDP2 run interrupted at
+     step 4 and resumed in the same processes; a DDP run whose rank 1 is SIGKILLed at step 4 (after the step-3
+     checkpoint); before the DDP and FSDP runs, a gradient check with uneven valid-token counts per rank.
   2. `kdforge distill` under torchrun on the killed run's directory: it resumes from the step-3 checkpoint.
 
 FSDP on CPU: torch's FSDP2 (`fully_shard`) works with gloo, but accelerate 1.15 enables FSDP only on GPU-like
@@ -26,6 +27,7 @@ import pytest
 import torch
 import yaml
 
+from kdforge.distiller import Distiller
 from kdforge.recipe import parse_recipe
 from kdforge.train import prepare, train
 
@@ -47,13 +49,14 @@ def _recipe(tiny_assets, out: Path, batch_size: int = 4, projector: bool = True)
                           "teacher": "model.layers.-1", "projector": "linear", "start_step": 1})
     return {
         "name": "tiny-dist", "seed": 0, "output_dir": str(out),
-        "teacher": {"model": str(tiny_assets["teacher"])},
+        "teacher": {"model": str(tiny_assets["teacher"]), "dtype": "float32"},
         "student": {"init": "config", "config": {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64}},
         "data": {"corpus": str(tiny_assets["train"]), "validation": [str(tiny_assets["val"])], "seq_len": 32,
                  "max_eval_tokens": 1024},
         "objective": objective,
+        # fp32 pinned: the equivalence checks hold to 1e-5 in fp32 (precision `auto` picks bf16 on a bf16 CPU)
         "train": {"steps": 6, "batch_size": batch_size, "lr": 3e-3, "warmup_steps": 2, "save_every": 3,
-                  "log_every": 1},
+                  "log_every": 1, "bf16": False},
     }
 
 
@@ -74,8 +77,8 @@ def _rows(out: Path) -> list[dict]:
 
 
 def _steps(out: Path) -> list[dict]:
-    """Metric rows without the wall-clock fields (tokens_per_s; tokens restarts counting on resume)."""
-    return [{k: v for k, v in r.items() if not k.startswith("tokens")} for r in _rows(out)]
+    """Metric rows without the one wall-clock field, tokens_per_s."""
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in _rows(out)]
 
 
 def _quality(out: Path) -> dict:
@@ -93,11 +96,87 @@ def runs(tiny_assets, tmp_path_factory) -> dict:
     recipe.write_text(yaml.safe_dump(_recipe(tiny_assets, root / "unused")))
     logits_only = root / "gradcheck.yaml"
     logits_only.write_text(yaml.safe_dump(_recipe(tiny_assets, root / "unused", projector=False)))
-    first = _torchrun(str(ENTRY), str(recipe), "--ddp", str(root / "ddp"), "--fsdp", str(root / "fsdp"),
+    small = root / "small.yaml"  # per-rank batch 2 (global batch 4 on 2 ranks), logits only
+    small.write_text(yaml.safe_dump(_recipe(tiny_assets, root / "unused", batch_size=2, projector=False)))
+    odd = _recipe(tiny_assets, root / "odd", batch_size=3, projector=False)  # global batch 3 in one process
+    odd["train"].update(steps=2, save_every=1)
+    (root / "odd.yaml").write_text(yaml.safe_dump(odd))
+    with pytest.MonkeyPatch.context() as patch:  # one process, stopped after the step-1 checkpoint
+        original = Distiller.forward
+        patch.setattr(Distiller, "forward", lambda self, batch, **kw: _stop(1, kw) or original(self, batch, **kw))
+        with pytest.raises(KeyboardInterrupt):
+            train(parse_recipe(odd), progress=False)
+    first = _torchrun(str(ENTRY), str(recipe), "--refuse", str(root / "odd.yaml"), str(root / "odd"),
+                      "--resize", str(small), str(root / "resize_ref"), str(root / "resized"), "4",
+                      "--ddp", str(root / "ddp"), "--fsdp", str(root / "fsdp"),
                       "--fsdp-interrupt-at", "4", "--killed", str(root / "killed"), "--die-at", "4",
                       "--gradcheck", str(logits_only), str(root / "gradcheck"))
     resumed = _torchrun("-m", "kdforge.cli", "distill", str(recipe), "--out", str(root / "killed"), "--no-progress")
-    return {"root": root, "recipe": recipe, "first": first, "resumed": resumed, "assets": tiny_assets}
+    return {"root": root, "recipe": recipe, "small": small, "first": first, "resumed": resumed, "assets": tiny_assets}
+
+
+def _stop(step: int, kw: dict) -> None:
+    if kw.get("step") == step:
+        raise KeyboardInterrupt
+
+
+def _blocks_by_step(*paths: Path) -> dict[int, list[int]]:
+    """The blocks trained on at each (0-based) step, all ranks and micro-batches together, sorted."""
+    steps: dict[int, list[int]] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            steps.setdefault(row["step"], []).extend(row["blocks"])
+    return {k: sorted(v) for k, v in steps.items()}
+
+
+def test_two_process_run_resumed_by_one_process_keeps_global_batch_and_data(runs, monkeypatch, caplog):
+    """Per-rank batch 2 on 2 ranks, stopped at step 4 (checkpoint at 3), resumed by this one process: it accumulates
+    2 micro-batches of 2, and every step trains on exactly the blocks of the uninterrupted 2-process run."""
+    root = runs["root"]
+    ref_blocks = _blocks_by_step(*(root / f"resize_ref.blocks.rank{r}.jsonl" for r in (0, 1)))
+    assert sorted(ref_blocks) == [0, 1, 2, 3, 4, 5] and (root / "resized" / "checkpoints").is_dir(), \
+        _tail(runs["first"])
+    assert _blocks_by_step(*(root / f"resized.blocks.rank{r}.jsonl" for r in (0, 1))) == \
+        {s: ref_blocks[s] for s in range(4)}
+    seen: list[tuple[int, list[int]]] = []
+    original = Distiller.forward
+
+    def record(self, batch, **kw):
+        seen.append((kw["step"], batch["block_index"].tolist()))
+        return original(self, batch, **kw)
+
+    monkeypatch.setattr(Distiller, "forward", record)
+    caplog.set_level("INFO", logger="kdforge")
+    train(parse_recipe(yaml.safe_load(runs["small"].read_text())), progress=False, out=root / "resized")
+    assert "resuming under 1 process(es) a run checkpointed under 2: re-derived per-rank batch 2 x grad_accum 2" \
+        in caplog.text and "global batch stays 4 blocks" in caplog.text
+    assert [s for s, _ in seen] == [3, 3, 4, 4, 5, 5] and all(len(b) == 2 for _, b in seen)
+    got = {}
+    for step, blocks in seen:
+        got.setdefault(step, []).extend(blocks)
+    assert {s: sorted(b) for s, b in got.items()} == {s: ref_blocks[s] for s in (3, 4, 5)}
+    # The same data and global batch: the log matches the uninterrupted run (summed in another order: to 1e-5).
+    resumed, ref = _steps(root / "resized"), _steps(root / "resize_ref")
+    assert resumed[:3] == ref[:3]
+    for g, w in zip(resumed, ref, strict=True):
+        assert set(g) == set(w) and g["tokens"] == w["tokens"]
+        for key in w:
+            assert g[key] == pytest.approx(w[key], rel=1e-5), (w["step"], key)
+    state = torch.load(root / "resized" / "checkpoints" / "step_00000006" / "trainer_state.pt", weights_only=False)
+    assert state["layout"] == {"global_batch": 4, "order_micro_batch": 4, "world_size": 1, "batch_size": 2,
+                               "grad_accum": 2}
+
+
+def test_resume_under_a_world_size_that_cannot_split_the_global_batch_is_refused(runs):
+    for rank in (0, 1):
+        path = runs["root"] / f"odd.refused.rank{rank}.txt"
+        assert path.is_file(), _tail(runs["first"])
+        message = path.read_text()
+        assert "\n" not in message
+        assert ("checkpointed with 1 process(es) and a global batch of 3 blocks, which 2 processes cannot split "
+                "evenly") in message and "resume with a number of processes that divides 3" in message
+    assert not (runs["root"] / "odd" / "final.json").exists()
 
 
 def test_ddp_two_ranks_match_one_process_with_twice_the_batch(runs, tmp_path):

@@ -66,31 +66,32 @@ def _rows(out: Path) -> list[dict]:
 
 
 def test_resumed_metrics_log_equals_the_uninterrupted_log(tiny_recipe, tmp_path, monkeypatch):
-    """Stop after 4 of 6 steps (checkpoint at 3, training and eval rows for step 4 already written, then a row cut
-    off mid-write), resume to 6: metrics.jsonl equals the uninterrupted run's in every field but tokens_per_s (the
-    one wall-clock field), including the cumulative `tokens`; no row is duplicated."""
-    base = {**tiny_recipe, "train": {**tiny_recipe["train"], "log_every": 2, "eval_every": 2}}
+    """Stop after 5 of 6 steps (checkpoint at 4, the eval row of step 5 already written, then a row cut off
+    mid-write), resume to 6: metrics.jsonl equals the uninterrupted run's in every field but tokens_per_s (the one
+    wall-clock field), including the cumulative `tokens`; no row is duplicated, and the resumed launch adds no row
+    off the log_every grid (step 5)."""
+    base = {**tiny_recipe, "train": {**tiny_recipe["train"], "save_every": 2, "log_every": 3, "eval_every": 5}}
     ref = train(parse_recipe({**base, "output_dir": str(tmp_path / "ref")}), progress=False)
     recipe = parse_recipe({**base, "output_dir": str(tmp_path / "stopped")})
     original = Distiller.forward
 
-    def stops_at_step_5(self, batch, **kw):
-        if kw.get("step") == 4:  # 0-based: steps 1-4 are done and logged, the checkpoint is at 3
+    def stops_at_step_6(self, batch, **kw):
+        if kw.get("step") == 5:  # 0-based: steps 1-5 are done, the checkpoint is at 4
             raise KeyboardInterrupt
         return original(self, batch, **kw)
 
-    monkeypatch.setattr(Distiller, "forward", stops_at_step_5)
+    monkeypatch.setattr(Distiller, "forward", stops_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         train(recipe, progress=False)
     stopped = tmp_path / "stopped"
-    assert max(r["step"] for r in _rows(stopped)) == 4  # rows after the checkpoint, to be dropped on resume
+    assert [r["step"] for r in _rows(stopped)] == [1, 3, 5]  # the eval row of step 5 is to be dropped on resume
     with open(stopped / "metrics.jsonl", "a") as f:
-        f.write('{"step": 5, "loss": 3.1')  # a kill in the middle of writing a row
+        f.write('{"step": 6, "loss": 3.1')  # a kill in the middle of writing a row
     monkeypatch.setattr(Distiller, "forward", original)
     train(recipe, progress=False)
 
     got, want = _rows(stopped), _rows(ref)
-    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 2, 4, 4, 6]  # training + eval rows
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 3, 5, 6]  # training rows, eval at 5
     for g, w in zip(got, want, strict=True):
         assert set(g) == set(w)
         for key in w:
