@@ -59,15 +59,17 @@ def tiny_assets(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture()
 def tiny_recipe(tiny_assets, tmp_path):
-    """A valid recipe dict on the tiny assets; tests change what they need."""
+    """A valid recipe dict on the tiny assets; tests change what they need. Precision is pinned to float32, so a test
+    does not depend on whether this CPU has native bf16 (`auto` picks by the hardware)."""
     return {
         "name": "tiny",
         "seed": 0,
         "output_dir": str(tmp_path / "run"),
-        "teacher": {"model": str(tiny_assets["teacher"])},
+        "teacher": {"model": str(tiny_assets["teacher"]), "dtype": "float32"},
         "student": {"init": "config", "config": {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64}},
         "data": {"corpus": str(tiny_assets["train"]), "validation": [str(tiny_assets["val"])], "seq_len": 32,
                  "max_eval_tokens": 1024},
         "objective": [{"loss": "cross_entropy", "weight": 0.5}, {"loss": "forward_kl", "weight": 0.5}],
-        "train": {"steps": 6, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "save_every": 3, "log_every": 1},
+        "train": {"steps": 6, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "save_every": 3, "log_every": 1,
+                  "bf16": False},
     }

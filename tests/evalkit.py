@@ -17,13 +17,13 @@ def recipe_dict(assets: dict, out: Path, **train) -> dict:
     """The conftest tiny recipe, for fixtures with a wider scope than tiny_recipe."""
     return {
         "name": "tiny", "seed": 0, "output_dir": str(out),
-        "teacher": {"model": str(assets["teacher"])},
+        "teacher": {"model": str(assets["teacher"]), "dtype": "float32"},  # not the CPU-dependent auto
         "student": {"init": "config", "config": {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64}},
         "data": {"corpus": str(assets["train"]), "validation": [str(assets["val"])], "seq_len": 32,
                  "max_eval_tokens": 512},
         "objective": [{"loss": "cross_entropy", "weight": 0.5}, {"loss": "forward_kl", "weight": 0.5}],
         "train": {"steps": 4, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "save_every": 4, "log_every": 1,
-                  **train},
+                  "bf16": False, **train},
     }
 
 
