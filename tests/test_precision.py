@@ -25,6 +25,11 @@ def fake_machine(monkeypatch, capability: str, avx512_bf16: bool = False, amx: b
     precision.auto_precision.cache_clear()
 
 
+def auto(recipe: dict) -> dict:
+    """The tiny recipe (pinned to float32 for the other tests) back on precision auto."""
+    return {**recipe, "teacher": {**recipe["teacher"], "dtype": "auto"}, "train": {**recipe["train"], "bf16": "auto"}}
+
+
 @pytest.fixture(autouse=True)
 def fresh_cache():
     precision.auto_precision.cache_clear()
@@ -82,6 +87,14 @@ def test_invalid_value_is_refused_in_one_line(data, expected):
     assert str(err.value) == expected and "\n" not in str(err.value)
 
 
+def test_a_recipe_error_is_reported_before_precision_is_resolved(monkeypatch):
+    """auto is resolved only once the whole recipe validated: a bad recipe neither probes the hardware nor logs."""
+    monkeypatch.setattr(precision, "detect", lambda: pytest.fail("precision resolved for an invalid recipe"))
+    with pytest.raises(KDForgeError, match="train.steps"):
+        parse_recipe({"teacher": {"model": "m"}, "train": {"steps": 0}})
+    assert parse_recipe({"teacher": {"model": "m", "dtype": "float32"}, "train": {"bf16": False}}).train.bf16 is False
+
+
 def test_live_teacher_resolves_auto_and_refuses_bad_values(monkeypatch):
     from kdforge.models import tiny_llama
 
@@ -110,7 +123,7 @@ def test_manifest_records_resolved_precision(monkeypatch, tiny_recipe, capabilit
     from kdforge.train import manifest
 
     fake_machine(monkeypatch, capability, **flags)
-    m = manifest(parse_recipe(tiny_recipe))
+    m = manifest(parse_recipe(auto(tiny_recipe)))
     assert m["recipe"]["teacher"]["dtype"] == want and m["recipe"]["train"]["bf16"] is (want == "bfloat16")
     assert m["precision"]["teacher_dtype"] == want and m["precision"]["student_bf16"] is (want == "bfloat16")
     assert m["precision"]["auto"] == want and capability in m["precision"]["auto_reason"]
@@ -123,7 +136,7 @@ def test_manifest_of_a_trained_run(tiny_recipe):
     from kdforge.train import train
 
     tiny_recipe["train"].update(steps=2, save_every=2)
-    out = train(parse_recipe(tiny_recipe), progress=False)
+    out = train(parse_recipe(auto(tiny_recipe)), progress=False)
     m = json.loads((out / "manifest.json").read_text())
     here = precision.detect()
     assert m["precision"] == {"teacher_dtype": here.dtype, "student_bf16": here.bf16, "auto": here.dtype,

@@ -15,8 +15,6 @@ import functools
 import logging
 from dataclasses import dataclass
 
-import torch
-
 log = logging.getLogger("kdforge")
 
 
@@ -33,11 +31,15 @@ class Precision:
 
 def cpu_capability() -> str:
     """torch's name for the CPU's vector extension level: AVX2, AVX512, ... (DEFAULT on others)."""
+    import torch
+
     return torch.backends.cpu.get_cpu_capability()
 
 
 def native_cpu_bf16() -> list[str]:
     """The native bf16 features this CPU has (empty: bf16 would be emulated)."""
+    import torch
+
     found = []
     for name, probe in (("AVX512_BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported")):
         check = getattr(torch.cpu, probe, None)
@@ -48,6 +50,8 @@ def native_cpu_bf16() -> list[str]:
 
 def detect() -> Precision:
     """The precision `auto` picks here, and why (not cached, not logged; see auto_precision)."""
+    import torch  # imported here: a recipe with explicit precisions validates without loading torch
+
     if torch.cuda.is_available():
         gpu = torch.cuda.get_device_name(0)
         if torch.cuda.is_bf16_supported():

@@ -25,16 +25,11 @@ class ModelSpec(_Strict):
 
     model: str
     gguf_file: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", validate_default=True)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Inference precision for a teacher: bfloat16 runs its forward under autocast, float32 plainly; auto (resolved
-    when the recipe is read) picks bfloat16 only where the hardware has native bf16 (a CUDA GPU that supports it;
-    a CPU with AVX512_BF16 or AMX) and float32 elsewhere, where emulated bf16 is several times slower
+    once the whole recipe has validated) picks bfloat16 only where the hardware has native bf16 (a CUDA GPU that
+    supports it; a CPU with AVX512_BF16 or AMX) and float32 elsewhere, where emulated bf16 is several times slower
     (kdforge.precision)."""
-
-    @field_validator("dtype")
-    @classmethod
-    def _resolve_dtype(cls, v: str) -> str:
-        return auto_precision().dtype if v == "auto" else v
 
 
 class CurriculumStage(_Strict):
@@ -170,9 +165,9 @@ class TrainSpec(_Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     clip_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False)
     """Clip the global gradient norm to this value (> 0); null: no clipping."""
-    bf16: bool | Literal["auto"] = Field("auto", validate_default=True)
-    """Run the student forward (and the losses) under bf16 autocast; auto (resolved when the recipe is read): where
-    the hardware has native bf16, as for teacher.dtype."""
+    bf16: bool | Literal["auto"] = "auto"
+    """Run the student forward (and the losses) under bf16 autocast; auto: where the hardware has native bf16, by the
+    same rule as teacher.dtype (resolved once the whole recipe has validated)."""
     eval_every: int = Field(0, ge=0)
     save_every: int = Field(50, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
@@ -185,9 +180,9 @@ class TrainSpec(_Strict):
 
     @field_validator("bf16", mode="before")
     @classmethod
-    def _resolve_bf16(cls, v: Any) -> Any:
+    def _bf16_value(cls, v: Any) -> Any:
         if v == "auto":
-            return auto_precision().bf16
+            return v
         try:
             return _BOOL.validate_python(v)
         except ValidationError:
@@ -217,6 +212,16 @@ class Recipe(_Strict):
     def _curriculum_fits(self) -> "Recipe":
         if self.teacher is not None and self.teacher.curriculum is not None:
             self.teacher.curriculum.stage_steps(self.train.steps)
+        return self
+
+    @model_validator(mode="after")
+    def _resolve_precision(self) -> "Recipe":
+        """`auto` precisions become what this machine runs natively (kdforge.precision). Only a recipe that validated
+        gets here, so a recipe error is reported without loading torch."""
+        if self.teacher is not None and self.teacher.dtype == "auto":
+            self.teacher.dtype = auto_precision().dtype
+        if self.train.bf16 == "auto":
+            self.train.bf16 = auto_precision().bf16
         return self
 
     def hash(self) -> str:
