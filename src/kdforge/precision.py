@@ -74,6 +74,6 @@ def auto_precision() -> Precision:
 
 def manifest_entry(recipe) -> dict:
     """What a run's manifest records: the precisions the run uses (auto already resolved) and what auto means here."""
-    p = auto_precision()
+    p = detect()  # not logged: with explicit precisions the run never asked for auto
     return {"teacher_dtype": recipe.teacher.dtype if recipe.teacher is not None else None,
             "student_bf16": recipe.train.bf16, "auto": p.dtype, "auto_reason": p.reason}
