@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# precision `auto` means float32 in every test (and the subprocesses they start), whatever this CPU's bf16 support;
+# tests of the detection itself unset it
+os.environ.setdefault("KDFORGE_AUTO_PRECISION", "float32")
 
 import torch  # noqa: E402
 

@@ -22,12 +22,23 @@ def fake_machine(monkeypatch, capability: str, avx512_bf16: bool = False, amx: b
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda is not None)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bool(cuda))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Fake GPU")
+    monkeypatch.delenv("KDFORGE_AUTO_PRECISION", raising=False)  # conftest pins auto for the other tests
     precision.auto_precision.cache_clear()
 
 
 def auto(recipe: dict) -> dict:
     """The tiny recipe (pinned to float32 for the other tests) back on precision auto."""
     return {**recipe, "teacher": {**recipe["teacher"], "dtype": "auto"}, "train": {**recipe["train"], "bf16": "auto"}}
+
+
+def test_the_environment_pins_what_auto_means(monkeypatch):
+    fake_machine(monkeypatch, "AVX512", avx512_bf16=True)
+    monkeypatch.setenv("KDFORGE_AUTO_PRECISION", "float32")
+    assert precision.auto_precision() == precision.Precision("float32", "pinned by KDFORGE_AUTO_PRECISION")
+    precision.auto_precision.cache_clear()
+    monkeypatch.setenv("KDFORGE_AUTO_PRECISION", "fp8")
+    with pytest.raises(KDForgeError, match="KDFORGE_AUTO_PRECISION='fp8': use float32 or bfloat16"):
+        precision.auto_precision()
 
 
 @pytest.fixture(autouse=True)
@@ -138,6 +149,6 @@ def test_manifest_of_a_trained_run(tiny_recipe):
     tiny_recipe["train"].update(steps=2, save_every=2)
     out = train(parse_recipe(auto(tiny_recipe)), progress=False)
     m = json.loads((out / "manifest.json").read_text())
-    here = precision.detect()
+    here = precision.what_auto_means()  # float32, pinned by conftest
     assert m["precision"] == {"teacher_dtype": here.dtype, "student_bf16": here.bf16, "auto": here.dtype,
                               "auto_reason": here.reason}

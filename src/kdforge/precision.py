@@ -7,13 +7,17 @@ bf16 autocast on a CPU without native bf16 instructions is emulated and several 
 - CPU: bf16 only with AVX512_BF16 or AMX (what torch's oneDNN kernels use for bf16), else fp32.
 
 `teacher.dtype: auto` and `train.bf16: auto` (recipe.py) resolve through `auto_precision()`, which logs its choice
-and the reason once per process.
+and the reason once per process. The environment variable KDFORGE_AUTO_PRECISION (`float32` or `bfloat16`) pins what
+auto means, whatever the hardware: for a test suite or CI whose results must not depend on the CPU it lands on.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
+
+from .errors import KDForgeError
 
 log = logging.getLogger("kdforge")
 
@@ -64,16 +68,26 @@ def detect() -> Precision:
                                 "bf16 autocast would be emulated, several times slower than fp32")
 
 
+def what_auto_means() -> Precision:
+    """What KDFORGE_AUTO_PRECISION pins, else `detect()` (not cached, not logged)."""
+    pinned = os.environ.get("KDFORGE_AUTO_PRECISION")
+    if not pinned:
+        return detect()
+    if pinned not in ("float32", "bfloat16"):
+        raise KDForgeError(f"KDFORGE_AUTO_PRECISION={pinned!r}: use float32 or bfloat16, or unset it")
+    return Precision(pinned, "pinned by KDFORGE_AUTO_PRECISION")
+
+
 @functools.cache
 def auto_precision() -> Precision:
-    """`detect()`, logged as one line the first time a process asks."""
-    p = detect()
+    """`what_auto_means()`, logged as one line the first time a process asks."""
+    p = what_auto_means()
     log.info("precision auto -> %s: %s", p.dtype, p.reason)
     return p
 
 
 def manifest_entry(recipe) -> dict:
     """What a run's manifest records: the precisions the run uses (auto already resolved) and what auto means here."""
-    p = detect()  # not logged: with explicit precisions the run never asked for auto
+    p = what_auto_means()  # not logged: with explicit precisions the run never asked for auto
     return {"teacher_dtype": recipe.teacher.dtype if recipe.teacher is not None else None,
             "student_bf16": recipe.train.bf16, "auto": p.dtype, "auto_reason": p.reason}
