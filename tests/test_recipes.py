@@ -78,7 +78,7 @@ def test_recipe_precision_is_auto(path):
 
 def test_demo_uses_auto_precision():
     from kdforge.demo import demo_recipe
-    from kdforge.precision import detect
+    from kdforge.precision import what_auto_means
 
-    r, here = demo_recipe(quick=True), detect()
+    r, here = demo_recipe(quick=True), what_auto_means()
     assert r.teacher.dtype == here.dtype and r.train.bf16 is here.bf16
