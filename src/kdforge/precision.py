@@ -86,6 +86,11 @@ def auto_precision() -> Precision:
     return p
 
 
+def resolve(dtype: str) -> str:
+    """A precision setting (`auto`, `float32`, `bfloat16`) as the dtype it means on this machine."""
+    return auto_precision().dtype if dtype == "auto" else dtype
+
+
 def manifest_entry(recipe) -> dict:
     """What a run's manifest records: the precisions the run uses (auto already resolved) and what auto means here."""
     p = what_auto_means()  # not logged: with explicit precisions the run never asked for auto

@@ -17,6 +17,7 @@ from ..data.corpus import _expand, read_documents, read_text
 from ..data.packing import TokenBlocks, pack, tokenize_documents
 from ..errors import KDForgeError
 from ..models import count_parameters
+from ..precision import resolve
 from ..recipe import EvalSpec
 from .cka import layer_cka, write_cka
 from .generation import DEFAULT_PROMPTS, greedy_generate, generation_agreement
@@ -251,9 +252,9 @@ def run_eval(target: str | Path, *, teacher: str | None = None, corpus: str | No
     recipe = parse_recipe(json.loads((target / "manifest.json").read_text())["recipe"]) if is_run else None
     # the teacher: as given, else the run's, else the embedded default
     if teacher is None:
-        teacher_spec = recipe.teacher if recipe else ModelSpec(model="smollm2-135m", dtype="bfloat16")
+        teacher_spec = recipe.teacher if recipe else ModelSpec(model="smollm2-135m")
     else:
-        teacher_spec = ModelSpec(model=teacher, dtype="bfloat16") if teacher else None
+        teacher_spec = ModelSpec(model=teacher) if teacher else None
     # held-out data: as given, else the run's, else Shakespeare's lear + tempest
     if corpus is None and recipe is not None:
         data = recipe.data.model_copy(update={k: v for k, v in (("seq_len", seq_len), ("max_eval_tokens", max_tokens))
@@ -270,7 +271,7 @@ def run_eval(target: str | Path, *, teacher: str | None = None, corpus: str | No
     t_model = load_teacher(teacher_spec) if teacher_spec else None
     t_dir = resolve_model_path(teacher_spec) if teacher_spec else None
     base_model = load_causal_lm(ModelSpec(model=str(_student_folder(Path(baseline))))) if baseline else None
-    evaluator = Evaluator(tok, t_model, val, spec, teacher_bf16=bool(teacher_spec and teacher_spec.dtype == "bfloat16"),
+    evaluator = Evaluator(tok, t_model, val, spec, teacher_bf16=bool(teacher_spec and resolve(teacher_spec.dtype) == "bfloat16"),
                           teacher_dir=t_dir if isinstance(t_dir, Path) else None)
     if out_dir is None and is_run:
         out_dir = target
