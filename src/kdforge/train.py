@@ -32,6 +32,7 @@ from .teachers.cache import cached_teacher_for, teacher_architecture
 from .teachers.curriculum import CurriculumTeacher
 from .distributed import (BatchLayout, batch_layout, broadcast_object, full_model_state, full_optimizer_state,
                           is_deepspeed, load_optimizer_state, make_accelerator, plain_model_init, plain_student)
+from .checks import check_seq_len, check_student_tokenizer
 from .errors import KDForgeError
 from .evaluate.metrics import evaluate_models
 from .io import atomic_write_dir, atomic_write_json, atomic_write_text
@@ -69,6 +70,9 @@ def prepare(recipe: Recipe, teacher: nn.Module | None = None, tokenizer=None,
     torch.manual_seed(recipe.seed)
     student = build_student(recipe.student, teacher if teacher is not None or not cached
                             else teacher_architecture(spec), recipe.seed)
+    check_seq_len(recipe.data.seq_len, {"teacher": teacher, "student": student})
+    if recipe.student.init == "pretrained":
+        check_student_tokenizer(recipe.student.model, tokenizer)
     teacher_source = teacher
     if spec is not None and spec.curriculum is not None:  # PWKD: a sequence of teachers, one per stage
         teacher_source = CurriculumTeacher.from_spec(
