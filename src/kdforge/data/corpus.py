@@ -26,9 +26,17 @@ class Corpus:
 def _expand(pattern: str) -> list[Path]:
     path = Path(pattern).expanduser()
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl", ".md"} and p.is_file())
+        found = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl", ".md"} and p.is_file())
+        if not found:
+            raise KDForgeError(f"data folder '{pattern}' holds no .txt, .jsonl or .md file; put the text there or "
+                               "name the files (a glob such as 'data/*.text')")
+        return found
     if any(c in pattern for c in "*?["):
-        return sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not found:
+            raise KDForgeError(f"data glob '{pattern}' matches no file; check the path (relative paths start from "
+                               f"{Path.cwd()})")
+        return found
     if path.is_file():
         return [path]
     raise KDForgeError(f"data file '{pattern}' not found; give a text file, a glob such as 'data/*.txt', or a .jsonl")

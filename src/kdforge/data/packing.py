@@ -39,11 +39,12 @@ def pack(ids: list[int], char_counts: list[int], seq_len: int, max_tokens: int |
     if max_tokens is not None:
         ids, char_counts = ids[:max_tokens], char_counts[:max_tokens]
     n = len(ids) // seq_len
-    if n < min_blocks:
-        raise KDForgeError(
-            f"the {what} has {len(ids)} tokens, fewer than the {min_blocks * seq_len} needed for {min_blocks} "
-            f"block(s) of data.seq_len={seq_len}; add text or lower data.seq_len"
-        )
+    if n == 0:
+        raise KDForgeError(f"the {what} has {len(ids)} tokens, fewer than one block of data.seq_len={seq_len}; "
+                           "add text or lower data.seq_len")
+    if n < min_blocks:  # min_blocks is the batch size
+        raise KDForgeError(f"the {what} makes {n} block(s) of data.seq_len={seq_len} tokens, fewer than one batch of "
+                           f"train.batch_size={min_blocks}; lower train.batch_size to at most {n}, or add text")
     t = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
     c = torch.tensor(char_counts[: n * seq_len], dtype=torch.long).view(n, seq_len)[:, 1:].sum(1)
     return TokenBlocks(t, c)

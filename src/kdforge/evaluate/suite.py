@@ -224,7 +224,15 @@ def summarize(res: dict[str, Any]) -> dict[str, float]:
 
 
 def _student_folder(path: Path) -> Path:
-    return path / "student" if (path / "student" / "config.json").is_file() else path
+    if (path / "student" / "config.json").is_file():
+        return path / "student"
+    if (path / "manifest.json").is_file() and not (path / "config.json").is_file():
+        steps = sorted((p.name for p in (path / "checkpoints").glob("step_*")), key=lambda n: int(n[5:]) if
+                       n[5:].isdigit() else -1) if (path / "checkpoints").is_dir() else []
+        last = f" (last checkpoint: {steps[-1]})" if steps else ""
+        raise KDForgeError(f"run '{path}' has not finished, so it has no exported student yet{last}; rerun "
+                           "`kdforge distill` with the same recipe and --out to finish it, then evaluate")
+    return path
 
 
 def run_eval(target: str | Path, *, teacher: str | None = None, corpus: str | None = None,
