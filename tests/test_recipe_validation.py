@@ -53,3 +53,19 @@ def test_a_yaml_syntax_error_names_line_and_column(tmp_path):
     path.write_text("name: x\ntrain:\n  steps: 3\n  lr: 0.1: 2\n")
     with pytest.raises(KDForgeError, match=r"not valid YAML: mapping values are not allowed here \(line 4, column 10\)"):
         load_recipe(path)
+
+
+def test_help_and_recipe_errors_load_no_heavy_library(tmp_path):
+    """`kdforge --help` and a bad recipe answer without importing torch or transformers (well under 1 s of CPU)."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {lr: -1}\n")
+    probe = ("import sys\nfrom kdforge.cli import app\n"
+             "try:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+             "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules), code)\n")
+    for args in (["--help"], ["distill", str(bad)], ["cache-teacher", str(bad)]):
+        out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
+        assert "HEAVY [] " in out.stdout, (args, out.stdout, out.stderr)
+    assert "train.lr: Input should be greater than 0" in out.stderr
