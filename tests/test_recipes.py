@@ -70,10 +70,11 @@ def test_recipe_student_config_is_valid_at_full_size(path):
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_precision_is_auto(path):
-    """Shipped recipes leave the teacher's and the student's precision to the machine they run on (issue #10)."""
+    """Shipped recipes leave the teacher's precision to the machine they run on (issue #10); the student trains in
+    float32 unless a recipe asks otherwise (and then by the machine too)."""
     r = yaml.safe_load(path.read_text())
     assert r["teacher"]["dtype"] == "auto"
-    assert r["train"].get("bf16", "auto") == "auto"
+    assert r["train"].get("bf16", False) in (False, "auto")
 
 
 def test_demo_uses_auto_precision():
@@ -81,4 +82,4 @@ def test_demo_uses_auto_precision():
     from kdforge.precision import what_auto_means
 
     r, here = demo_recipe(quick=True), what_auto_means()
-    assert r.teacher.dtype == here.dtype and r.train.bf16 is here.bf16
+    assert r.teacher.dtype == here.dtype and r.train.bf16 is False

@@ -165,9 +165,10 @@ class TrainSpec(_Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     clip_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False)
     """Clip the global gradient norm to this value (> 0); null: no clipping."""
-    bf16: bool | Literal["auto"] = "auto"
+    bf16: bool | Literal["auto"] = False
     """Run the student forward (and the losses) under bf16 autocast; auto: where the hardware has native bf16, by the
-    same rule as teacher.dtype (resolved once the whole recipe has validated)."""
+    same rule as teacher.dtype (resolved once the whole recipe has validated). Off by default: the student trains in
+    float32, so a run's numbers do not depend on the machine it lands on."""
     eval_every: int = Field(0, ge=0)
     save_every: int = Field(50, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
