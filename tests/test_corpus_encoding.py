@@ -49,3 +49,72 @@ def test_an_unknown_encoding_is_one_line(tmp_path):
     (tmp_path / "a.txt").write_text("text\n")
     with pytest.raises(KDForgeError, match="'klingon' is not a known text encoding"):
         read_text(tmp_path / "a.txt", "klingon")
+
+
+# --------------------------------------------------------------------------- structured records (issue 16)
+
+CHAT = [{"role": "user", "content": "Who is the king?"}, {"role": "assistant", "content": "Lear."}]
+
+
+class TemplateTokenizer:
+    """The part of a tokenizer that rendering uses: a chat template applied to messages."""
+
+    chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+
+    def apply_chat_template(self, messages, tokenize=False):
+        assert tokenize is False
+        return "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
+
+
+def test_chat_messages_are_rendered_with_the_chat_template_never_stringified(tmp_path):
+    import json
+
+    from kdforge.data.corpus import read_documents
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"messages": CHAT[:1]}) + "\n")
+    docs = read_documents(path, "messages", tokenizer=TemplateTokenizer())
+    assert docs == ["<|user|>Who is the king?\n<|assistant|>Lear.\n", "<|user|>Who is the king?\n"]
+    assert not any("'role'" in d for d in docs)
+    with pytest.raises(KDForgeError, match=r"chat.jsonl:1 field 'messages' holds chat messages but the tokenizer "
+                                           r"has no chat template"):
+        read_documents(path, "messages")
+
+
+def test_a_real_tokenizer_chat_template_renders_roles(tiny_assets, tmp_path):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from kdforge.data.corpus import read_documents
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets["teacher"])
+    tok.chat_template = TemplateTokenizer.chat_template
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n")
+    assert read_documents(path, "messages", tokenizer=tok) == ["<|user|>Who is the king?\n<|assistant|>Lear.\n"]
+
+
+@pytest.mark.parametrize("value,kind", [({"a": 1}, "dict"), ([1, 2], "list"), (3, "int")])
+def test_other_structured_fields_are_refused(tmp_path, value, kind):
+    import json
+
+    from kdforge.data.corpus import read_documents
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"text": value}) + "\n")
+    with pytest.raises(KDForgeError, match=rf"rows.jsonl:1 field 'text' is a {kind}, not text"):
+        read_documents(path, "text")
+
+
+def test_a_json_array_file_is_read_as_records(tmp_path):
+    import json
+
+    from kdforge.data.corpus import read_documents
+
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"text": "first document"}, {"text": "second"}]))
+    assert read_documents(path, "text") == ["first document", "second"]
+    path.write_text(json.dumps({"text": "one object"}))
+    with pytest.raises(KDForgeError, match="a .json corpus must be an array of objects"):
+        read_documents(path, "text")

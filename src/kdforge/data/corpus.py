@@ -7,6 +7,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import KDForgeError
 from ..recipe import DataSpec
@@ -26,9 +27,9 @@ class Corpus:
 def _expand(pattern: str) -> list[Path]:
     path = Path(pattern).expanduser()
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl", ".md"} and p.is_file())
+        found = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl", ".json", ".md"} and p.is_file())
         if not found:
-            raise KDForgeError(f"data folder '{pattern}' holds no .txt, .jsonl or .md file; put the text there or "
+            raise KDForgeError(f"data folder '{pattern}' holds no .txt, .jsonl, .json or .md file; put the text there or "
                                "name the files (a glob such as 'data/*.text')")
         return found
     if any(c in pattern for c in "*?["):
@@ -64,26 +65,66 @@ def read_text(path: Path, encoding: str = "utf-8", max_undecodable: float = 0.00
     return text
 
 
-def read_documents(path: Path, text_field: str, encoding: str = "utf-8", max_undecodable: float = 0.001) -> list[str]:
-    if path.suffix == ".jsonl":
-        docs = []
-        for i, line in enumerate(read_text(path, encoding, max_undecodable).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise KDForgeError(f"{path}:{i} is not valid JSON; each line of a .jsonl must be one object") from None
-            if text_field not in row:
-                raise KDForgeError(
-                    f"{path}:{i} has no field '{text_field}' (has {', '.join(row)}); set data.text_field"
-                )
-            docs.append(str(row[text_field]))
-        return docs
-    return [read_text(path, encoding, max_undecodable)]
+def render_document(value: Any, where: str, tokenizer=None) -> str:
+    """A record's text field as training text. A string is taken as it is; a list of chat messages
+    (``[{"role": ..., "content": ...}, ...]``, TRL's ``messages`` records) is rendered with the tokenizer's chat
+    template; anything else (other lists, dicts, numbers) is refused, never stringified into Python reprs."""
+    if isinstance(value, str):
+        return value
+    is_chat = isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                         for m in value)
+    if is_chat:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise KDForgeError(f"{where} holds chat messages but the tokenizer has no chat template to render them; "
+                               "use a teacher whose tokenizer has one, or give plain text in data.text_field")
+        return tokenizer.apply_chat_template(value, tokenize=False)
+    raise KDForgeError(f"{where} is a {type(value).__name__}, not text; point data.text_field at a string field "
+                       "(or a list of chat messages with role and content)")
 
 
-def load_corpus(spec: DataSpec) -> Corpus:
+def _records(path: Path, text: str) -> list[tuple[str, Any]]:
+    """(where, record) for each object of a .jsonl file (one per line) or a .json file (an array of them)."""
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise KDForgeError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}); a .json corpus must be one "
+                               "array of objects") from None
+        if not isinstance(rows, list):
+            raise KDForgeError(f"{path} holds a JSON {type(rows).__name__}; a .json corpus must be an array of objects")
+        return [(f"{path}[{i}]", row) for i, row in enumerate(rows)]
+    records = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path}:{i}", json.loads(line)))
+        except json.JSONDecodeError:
+            raise KDForgeError(f"{path}:{i} is not valid JSON; each line of a .jsonl must be one object") from None
+    return records
+
+
+def read_documents(path: Path, text_field: str, encoding: str = "utf-8", max_undecodable: float = 0.001,
+                   tokenizer=None) -> list[str]:
+    """A corpus file's documents: the whole text of a text file, or each record's ``text_field`` of a .jsonl / .json
+    file (chat messages rendered with ``tokenizer``'s chat template, see :func:`render_document`)."""
+    text = read_text(path, encoding, max_undecodable)
+    if path.suffix not in (".jsonl", ".json"):
+        return [text]
+    docs = []
+    for where, row in _records(path, text):
+        if not isinstance(row, dict):
+            raise KDForgeError(f"{where} is a JSON {type(row).__name__}; each record must be an object with a "
+                               f"'{text_field}' field")
+        if text_field not in row:
+            raise KDForgeError(f"{where} has no field '{text_field}' (has {', '.join(row)}); set data.text_field")
+        docs.append(render_document(row[text_field], f"{where} field '{text_field}'", tokenizer))
+    return docs
+
+
+def load_corpus(spec: DataSpec, tokenizer=None) -> Corpus:
+    """The train and held-out documents the spec names; ``tokenizer`` renders chat-message records (its chat
+    template)."""
     if spec.corpus == "shakespeare":
         from .shakespeare import shakespeare_dir
 
@@ -104,7 +145,8 @@ def load_corpus(spec: DataSpec) -> Corpus:
     if not spec.validation or spec.validation == ["lear", "tempest"]:
         raise KDForgeError("data.validation must list held-out text files when data.corpus is not 'shakespeare'")
     val_paths = [p for pattern in spec.validation for p in _expand(pattern)]
-    read = dict(text_field=spec.text_field, encoding=spec.encoding, max_undecodable=spec.max_undecodable)
+    read = dict(text_field=spec.text_field, encoding=spec.encoding, max_undecodable=spec.max_undecodable,
+                tokenizer=tokenizer)
     train = [d for p in train_paths for d in read_documents(p, **read)]
     validation = [d for p in val_paths for d in read_documents(p, **read)]
     return Corpus(train, validation, [str(p) for p in train_paths], [str(p) for p in val_paths])

@@ -274,7 +274,7 @@ def run_eval(target: str | Path, *, teacher: str | None = None, corpus: str | No
             DataSpec(corpus=corpus, validation=[corpus], **extra)
     model = load_causal_lm(ModelSpec(model=str(folder)))
     tok = load_tokenizer(ModelSpec(model=str(folder)))
-    docs = load_corpus(data).validation
+    docs = load_corpus(data, tok).validation
     val = pack(*tokenize_documents(tok, docs), data.seq_len, data.max_eval_tokens, "held-out corpus")
     t_model = load_teacher(teacher_spec) if teacher_spec else None
     t_dir = resolve_model_path(teacher_spec) if teacher_spec else None
