@@ -11,7 +11,8 @@ cache build / forward (target >= 0.8: building a cache should cost little beyond
 The teacher is a random Llama (`kdforge.models.tiny_llama`) of --layers layers, width --hidden and a vocabulary of
 --vocab (SmolLM2's 49,152 by default), on random token ids; the cache uses the default options (top-64, packed ids,
 int6 values) with --k and --batch. The two measurements alternate for --repeats rounds (so load from other processes
-hits both alike) after one warm-up of each; the figures are medians. --profile instead runs one cache build under
+hits both alike) after one warm-up of each; the figures are medians. Like the `kdforge` command, the process keeps
+freed memory in its heap (`kdforge.runtime.keep_freed_memory_in_heap`). --profile instead runs one cache build under
 cProfile and prints the top functions by cumulative and by own time.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 import torch
 
 from kdforge.models import tiny_llama
+from kdforge.runtime import keep_freed_memory_in_heap
 from kdforge.teachers.cache import CacheOptions, build_cache
 from kdforge.teachers.live import LiveTeacher
 
@@ -57,6 +59,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="profile one cache build instead of timing")
     args = ap.parse_args()
+    keep_freed_memory_in_heap()  # as the kdforge command does at start-up
     torch.set_num_threads(args.threads)
     teacher = tiny_llama(vocab_size=args.vocab, hidden=args.hidden, layers=args.layers, heads=4, seed=0)
     tokenizer = _Tokenizer(args.vocab)

@@ -81,6 +81,70 @@ def test_elias_fano_ids_round_trip_and_size():
     assert cache_mod.packed_id_bytes(49152, 64) == 92  # vs 128 as uint16
 
 
+def _direct(logits: torch.Tensor, k: int, temperature: float):
+    """The cached quantities computed directly, in float64: top-k log-probs, ids, logsumexp and log tail mass."""
+    scaled = logits.double() / temperature
+    lse = torch.logsumexp(scaled, dim=-1)
+    top_vals, top_ids = scaled.topk(k, dim=-1)
+    log_rest = torch.logsumexp(scaled.scatter(-1, top_ids, float("-inf")), dim=-1) - lse
+    return top_vals - lse.unsqueeze(-1), top_ids, lse, log_rest
+
+
+def _logits(rows: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * 3
+    logits[0, 5] = 200.0  # a certain token: its tail underflows float32 and takes the exact fallback
+    logits[1, : vocab // 2] = float("-inf")  # half the vocabulary masked
+    return logits
+
+
+@pytest.mark.parametrize("vocab,k,temperature", [(49152, 64, 1.0), (50257, 64, 2.0), (128, 16, 0.5), (300, 300, 1.0)])
+def test_top_k_log_probs_equal_a_direct_computation(vocab, k, temperature):
+    logits = _logits(37, vocab)
+    log_p, ids, lse, log_rest = cache_mod.top_k_log_probs(logits, k, temperature)
+    ref_lp, ref_ids, ref_lse, ref_rest = _direct(logits, k, temperature)
+    assert torch.equal(ids.sort(-1).values, ref_ids.sort(-1).values)  # the same top-k ids...
+    assert torch.equal(logits.gather(-1, ids), logits.gather(-1, ref_ids))  # ...in the same (rank) order
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-5)
+    torch.testing.assert_close(log_p.double(), ref_lp, rtol=1e-6, atol=1e-5)
+    if k < vocab:
+        torch.testing.assert_close(log_rest.double(), ref_rest, rtol=1e-6, atol=1e-5)
+        assert -1000 < log_rest[0] < -60  # a tail mass below float32's range: exact, not 0 (-inf)
+    else:
+        assert torch.equal(log_rest, torch.full_like(log_rest, float("-inf")))
+
+
+@pytest.mark.parametrize("values,ids_format", [("int6", "packed"), ("fp16", "plain")])
+def test_cache_contents_equal_a_direct_computation(values, ids_format):
+    """The shard arrays at k=64, V=49,152 against the codecs applied to the float64 direct computation."""
+    n, seq, vocab, k, temperature = 2, 24, 49152, 64, 2.0
+    logits = _logits(n * seq, vocab).reshape(n, seq, vocab)
+    ids = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(1))
+    options = CacheOptions(k=k, values=values, ids=ids_format, temperature=temperature)
+    got = cache_mod.encode_block_outputs(logits, {}, ids, options)
+    ref_lp, ref_ids, ref_lse, ref_rest = _direct(logits.reshape(n * seq, vocab), k, temperature)
+    if ids_format == "packed":
+        packed, order = encode_ids(ref_ids, vocab)
+        assert np.array_equal(got["ids"].reshape(n * seq, -1), packed)
+        ref_lp = ref_lp.gather(-1, order)
+    else:
+        assert np.array_equal(got["ids"].reshape(n * seq, k), ref_ids.numpy().astype(np.uint16))
+    ref_values = cache_mod.encode_values(ref_lp.float(), values)
+    if values == "fp16":
+        torch.testing.assert_close(torch.from_numpy(got["values"]).reshape(n * seq, k).float(),
+                                   torch.from_numpy(ref_values["values"]).float(), rtol=2 ** -10, atol=0)
+    else:  # the same codes and per-token scales, up to float32 rounding at a code boundary
+        q = cache_mod.unpack_bits(got["values"].reshape(n * seq, -1), k, 6)
+        ref_q = cache_mod.unpack_bits(ref_values["values"], k, 6)
+        assert np.abs(q - ref_q).max() <= 1 and (q == ref_q).mean() > 0.999
+        torch.testing.assert_close(torch.from_numpy(got["scale"]).reshape(n * seq, 2).float(),
+                                   torch.from_numpy(ref_values["scale"]).float(), rtol=2 ** -10, atol=0)
+    for name, ref in (("logsumexp", ref_lse), ("log_rest", ref_rest)):  # float16: equal up to its last bit
+        torch.testing.assert_close(torch.from_numpy(got[name]).reshape(-1).float(), ref.float(), rtol=2 ** -10,
+                                   atol=0)
+    assert bytes(got["block_hash"][1]) == cache_mod.block_hash(ids[1])
+
+
 @pytest.mark.parametrize("values,ids_format,expected", [("int6", "packed", 148.125), ("int8", "packed", 164.125),
                                                         ("int8", "plain", 200.125), ("fp16", "plain", 260.125)])
 def test_bytes_per_token_at_k64(values, ids_format, expected):
