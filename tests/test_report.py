@@ -125,3 +125,23 @@ def test_the_chromium_check_catches_external_resources_and_console_errors(tmp_pa
     got = chromium(bad.as_uri(), tmp_path / "c", "--dump-dom")
     assert got["requests"] == ["http://example.invalid/x.png"]
     assert any("broken" in line for line in got["console"])
+
+
+def test_a_demo_folder_rebuilds_the_demo_page_never_a_poorer_one(evaluated_run, tmp_path):
+    """Issue 16: `kdforge report runs/demo` replaced the demo's page with a 'holds neither a run' stub. A demo folder
+    (two runs and metrics.json) gets the same page the demo writes; the curve compares cross-entropy on both runs."""
+    from kdforge.demo import write_demo_report
+
+    demo = tmp_path / "demo"
+    for name in ("baseline", "distilled"):
+        shutil.copytree(evaluated_run, demo / name)
+    summary = write_demo_report(demo, {"baseline": demo / "baseline", "distilled": demo / "distilled"})
+    page = (demo / "report.html").read_text()
+    assert "Held-out results" in page and "data:image/png" in page and "distilled" in page
+    md = (demo / "report.md").read_text()
+    assert "report_files/demo_cross_entropy.png" in md
+    assert "x lower than the baseline" in md or "did NOT beat" in md
+    assert summary["rows"][0]["model"].startswith("teacher")
+    res = runner.invoke(app, ["report", str(demo)])
+    assert res.exit_code == 0, res.output
+    assert (demo / "report.html").read_text() == page  # the same page, rebuilt

@@ -181,16 +181,17 @@ def demo(
     from rich.console import Console
     from rich.table import Table
 
-    from .demo import COLUMNS, run_demo
+    from .demo import run_demo
+    from .report.build import DEMO_COLUMNS
 
     def body():
         summary = run_demo(quick=quick, out=out)
         table = Table(title="Held-out (King Lear + The Tempest)")
-        for c in COLUMNS:
-            table.add_column(c, justify="right" if c != "model" else "left")
+        for c, label in DEMO_COLUMNS:
+            table.add_column(label, justify="right" if c != "model" else "left")
         for r in summary["rows"]:
             table.add_row(*[(f"{r[c]:,.4g}" if isinstance(r.get(c), float) else f"{r.get(c, '—'):,}"
-                             if isinstance(r.get(c), int) else str(r.get(c, "—"))) for c in COLUMNS])
+                             if isinstance(r.get(c), int) else str(r.get(c, "—"))) for c, _ in DEMO_COLUMNS])
         Console().print(table)
         gain = summary["baseline_over_distilled_perplexity"]
         typer.echo(f"distilled vs baseline perplexity: {gain:.2f}x lower" if gain > 1 else

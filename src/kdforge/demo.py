@@ -7,14 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json
 from .recipe import Recipe, Term, parse_recipe
-from .report.plots import plot_loss_curves
-from .report.tables import html_page, html_table, markdown_table
 from .train import prepare, train
-
-COLUMNS = ["model", "parameters", "perplexity", "bits_per_char", "top1_agreement", "kl_teacher_student",
-           "tokens_per_s"]
 
 
 def demo_recipe(quick: bool = False, out: Path = Path("runs/demo")) -> Recipe:
@@ -46,7 +41,11 @@ def run_demo(quick: bool = False, out: Path = Path("runs/demo"), progress: bool 
 
 
 def write_demo_report(out: Path, runs: dict[str, Path]) -> dict:
+    """metrics.json (the results table and the perplexity ratio), then the demo's report (kdforge.report: the page
+    `kdforge report OUT` rebuilds)."""
     import json
+
+    from .report.build import build_report
 
     finals = {name: json.loads((path / "final.json").read_text()) for name, path in runs.items()}
     teacher = next(iter(finals.values()))["teacher"]
@@ -56,13 +55,5 @@ def write_demo_report(out: Path, runs: dict[str, Path]) -> dict:
     summary = {"rows": rows, "baseline_over_distilled_perplexity": gain,
                "distilled_beats_baseline": gain > 1.0}
     atomic_write_json(out / "metrics.json", summary)
-    png = plot_loss_curves(runs, out / "loss_curves.png", keys=("loss/cross_entropy", "loss"))
-    verdict = (f"Distilled student perplexity is {gain:.2f}x lower than the baseline's at equal steps and data."
-               if gain > 1 else f"Distilled student did NOT beat the baseline (ratio {gain:.2f}).")
-    md = "\n".join([
-        "# kdforge demo", "", "Held-out: King Lear + The Tempest. Same student, steps, data and seed for both runs.",
-        "", markdown_table(rows, COLUMNS), "", verdict, "", "![loss curves](loss_curves.png)", ""])
-    atomic_write_text(out / "report.md", md)
-    page = html_page("kdforge demo", [("Held-out results", html_table(rows, COLUMNS) + f"<p>{verdict}</p>")], [png])
-    atomic_write_text(out / "report.html", page)
+    build_report(out)
     return summary

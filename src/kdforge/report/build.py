@@ -1,5 +1,6 @@
 """`kdforge report DIR`: one self-contained HTML page (images inlined as data URIs, no external resources) and its
-Markdown twin for a run directory (from `kdforge distill`) or a bench directory (from `kdforge bench`).
+Markdown twin for a run directory (from `kdforge distill`), a bench directory (from `kdforge bench`) or a demo
+directory (from `kdforge demo`: the same page the demo wrote). A folder that is none of these is refused untouched.
 
 Whatever is absent (an unfinished run, a bench still going, no eval.json) is listed under "Missing" with the command
 that would produce it; the report is written anyway.
@@ -17,7 +18,7 @@ import yaml
 
 from ..errors import KDForgeError
 from ..io import atomic_write_text
-from .plots import plot_cka_heatmap, plot_term_curves, read_metrics
+from .plots import plot_cka_heatmap, plot_loss_curves, plot_term_curves, read_metrics
 from .tables import _fmt
 
 ASSETS = "report_files"
@@ -168,6 +169,38 @@ def _generations_section(rep: Report, prompts: list[str], columns: dict[str, lis
 
 def _looks_like_run(d: Path) -> bool:
     return any((d / n).exists() for n in ("manifest.json", "metrics.jsonl", "final.json", "checkpoints"))
+
+
+def _looks_like_demo(d: Path) -> bool:
+    return (d / "metrics.json").is_file() and all((d / n / "final.json").is_file() for n in DEMO_RUNS)
+
+
+DEMO_RUNS = ("baseline", "distilled")
+DEMO_COLUMNS = [("model", "model"), ("parameters", "parameters"), ("perplexity", "held-out ppl"),
+                ("bits_per_char", "bits/char"), ("top1_agreement", "top-1 agr."),
+                ("kl_teacher_student", "KL(T‖S)"), ("tokens_per_s", "eval tok/s")]
+
+
+def demo_report(demo: Path, rep: Report) -> None:
+    """The demo's page: held-out results of teacher, CE baseline and distilled student, and their training
+    cross-entropy side by side (like for like: the distilled run's total loss also holds its KD term)."""
+    summary = _read_json(demo / "metrics.json") or {}
+    rep.heading("Held-out results")
+    rep.text("Same student, steps, data and seed for both runs; evaluated on the held-out works.")
+    rep.table([label for _, label in DEMO_COLUMNS],
+              [[row.get(key) for key, _ in DEMO_COLUMNS] for row in summary.get("rows", [])])
+    gain = summary.get("baseline_over_distilled_perplexity")
+    if gain is not None:
+        rep.text(f"Distilled student perplexity is {gain:.2f}x lower than the baseline's at equal steps and data."
+                 if gain > 1 else f"The distilled student did NOT beat the baseline (ratio {gain:.2f}).")
+    runs = {name: demo / name for name in DEMO_RUNS}
+    keys = ("loss/cross_entropy",) + (("eval/perplexity",) if any("eval/perplexity" in r for run in runs.values()
+                                                                  for r in read_metrics(run)) else ())
+    rep.heading("Training curves")
+    rep.image(plot_loss_curves(runs, rep.out_dir / ASSETS / "demo_cross_entropy.png", keys=keys),
+              "training cross-entropy: baseline vs distilled")
+    for name, run in runs.items():
+        _manifest_section(rep, _read_json(run / "manifest.json"), f"{name} run")
 
 
 def _looks_like_bench(d: Path) -> bool:
@@ -372,7 +405,10 @@ def build_report(path: str | Path, out: str | Path | None = None) -> tuple[Path,
     if not path.is_dir():
         raise KDForgeError(f"'{path}' is a file; give the run or bench directory that holds it")
     out_dir = Path(out) if out else path
-    if _looks_like_bench(path):
+    if _looks_like_demo(path):
+        rep = Report("kdforge demo", out_dir)
+        demo_report(path, rep)
+    elif _looks_like_bench(path):
         rep = Report(f"kdforge bench report: {path.resolve().name}", out_dir)
         bench_report(path, rep)
     elif _looks_like_run(path):
