@@ -24,7 +24,10 @@ class ModelSpec(_Strict):
     """Where a model comes from: an embedded name (`smollm2-135m`), a local HF folder, a GGUF file, or a hub id."""
 
     model: str
+    """An embedded name (`smollm2-135m`), a local Hugging Face model folder, a GGUF file or folder, or a hub id
+    (`org/name`; needs HF_HUB_OFFLINE=0)."""
     gguf_file: str | None = None
+    """The GGUF file inside the `model` folder; it is converted once to safetensors in ~/.cache/kdforge."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Inference precision for a teacher: bfloat16 runs its forward under autocast, float32 plainly; auto (resolved
     once the whole recipe has validated) picks bfloat16 only where the hardware has native bf16 (a CUDA GPU that
@@ -45,6 +48,7 @@ class CurriculumStage(_Strict):
 
 class CurriculumSpec(_Strict):
     stages: list[CurriculumStage] = Field(min_length=1)
+    """The stages in training order."""
     cyclic_lr: bool = True
     """PWKD's cyclic learning rate: the warm-up + cosine schedule restarts at every stage boundary."""
 
@@ -89,15 +93,22 @@ class StudentSpec(_Strict):
     """config: fresh weights from `config` overrides on the teacher's config; from_teacher: keep the teacher layers in
     `layers` (DistilBERT-style); pretrained: load `model`."""
     model: str | None = None
+    """The student for init: pretrained (an embedded name, local folder or hub id); it must use the teacher's tokenizer."""
     config: dict[str, Any] = Field(default_factory=dict)
+    """init: config: keys that replace the teacher's config (e.g. `num_hidden_layers`, `hidden_size`); without a teacher
+    it needs `model_type`."""
     layers: list[int] | None = None
+    """init: from_teacher: the teacher layers to keep, e.g. [0, 10, 20, 29] (negative indices count from the end)."""
     gradient_checkpointing: bool = False
+    """Recompute the student's activations in the backward pass: less memory, more time."""
 
 
 class DataSpec(_Strict):
     corpus: str = "shakespeare"
     """`shakespeare` (embedded), or a text file / glob / directory, or a .jsonl file."""
     text_field: str = "text"
+    """The field holding each record's text in a .jsonl/.json corpus (a string, or a list of chat messages rendered
+    with the tokenizer's chat template)."""
     encoding: str = "utf-8"
     """Text encoding of the corpus files (any Python codec name, e.g. `latin-1`, `cp1252`)."""
     max_undecodable: float = Field(0.001, ge=0.0, le=1.0)
@@ -105,8 +116,11 @@ class DataSpec(_Strict):
     validation: list[str] = Field(default_factory=lambda: ["lear", "tempest"])
     """Held-out works (Shakespeare names) or paths/globs to held-out text."""
     seq_len: int = Field(128, ge=8)
+    """Tokens per training block (documents are packed into blocks); at most the models' maximum positions."""
     max_train_tokens: int | None = Field(None, ge=1)
+    """Use at most this many training tokens; null: the whole corpus."""
     max_eval_tokens: int = Field(16384, ge=1)
+    """Held-out tokens evaluated."""
 
 
 class Term(BaseModel):
@@ -115,11 +129,15 @@ class Term(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     loss: str
+    """A registered loss name (docs/methods.md)."""
     weight: float = Field(1.0, ge=0, allow_inf_nan=False)
+    """The term's multiplier in the total loss."""
     name: str | None = None
+    """The term's label in logs and metrics (default: the loss name); two terms of the same loss need distinct names."""
     student: str | dict[str, str] | None = None
     """Tap spec(s) for feature terms: a module path, a glob, an HF output such as `hidden_states`, or a dict of them."""
     teacher: str | dict[str, str] | None = None
+    """The teacher-side tap spec(s), in the same form as `student`."""
     projector: str | dict[str, Any] | None = None
     """Student-side projector: a kind (`linear`, `mlp`, `orthogonal`, `conv1x1`, `fam`, `fam_seq`, `identity`) or a
     dict with `kind`, `init` (`xavier`, `kaiming`, `zero`, `identity`) and kind-specific sizes."""
@@ -128,6 +146,7 @@ class Term(BaseModel):
     or explicit [[student, teacher], ...] pairs. Indices count transformer blocks on every tap form (a `hidden_states`
     tuple's embedding output is paired only with `embeddings: true` in the dict)."""
     start_step: int = Field(0, ge=0)
+    """The first step at which the term is active."""
     end_step: int | None = Field(None, ge=1)
     """The term is active for start_step <= step < end_step (e.g. FitNets stage 1: a hint term with end_step)."""
 
@@ -156,13 +175,21 @@ class Term(BaseModel):
 
 class TrainSpec(_Strict):
     steps: int = Field(200, ge=1)
+    """Optimizer steps."""
     batch_size: int = Field(8, ge=1)
+    """Blocks per micro-batch (per process)."""
     grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
     lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    """Peak AdamW learning rate of the student."""
     projector_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
+    """Learning rate of the trainable extras (projectors, learned layer maps, connectors); null: `lr`."""
     weight_decay: float = Field(0.01, ge=0, allow_inf_nan=False)
+    """AdamW weight decay of the student's matrices (not of biases, norms or the extras)."""
     warmup_steps: int = Field(20, ge=0)
+    """Linear learning-rate warm-up steps, then a cosine decay."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """The cosine decay ends at lr x min_lr_ratio."""
     clip_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False)
     """Clip the global gradient norm to this value (> 0); null: no clipping."""
     bf16: bool | Literal["auto"] = False
@@ -170,10 +197,15 @@ class TrainSpec(_Strict):
     same rule as teacher.dtype (resolved once the whole recipe has validated). Off by default: the student trains in
     float32, so a run's numbers do not depend on the machine it lands on."""
     eval_every: int = Field(0, ge=0)
+    """Held-out evaluation every this many steps (the final one always runs); 0: only at the end."""
     save_every: int = Field(50, ge=0)
+    """Checkpoint every this many steps and at the last one; 0: no checkpoints (no resume)."""
     keep_checkpoints: int = Field(2, ge=1)
+    """How many of the newest checkpoints stay on disk."""
     log_every: int = Field(10, ge=1)
+    """Write a metrics row every this many steps."""
     deterministic: bool = True
+    """Ask torch for deterministic algorithms (warn-only where none exists)."""
     logit_chunk_size: int | None = Field(None, ge=1)
     """Compute the logit and label terms from the student's last hidden states and lm-head weight, this many tokens
     at a time, so the whole batch's [tokens x vocabulary] logits never exist (kdforge.losses.chunked); null: off.
@@ -192,13 +224,21 @@ class TrainSpec(_Strict):
 
 class Recipe(_Strict):
     name: str = "run"
+    """The run's name (in reports and the manifest)."""
     seed: int = 0
+    """Seeds the student's initialisation, the data order and every random choice of the run."""
     output_dir: str = "runs/run"
+    """The run directory (`kdforge distill --out` overrides it)."""
     teacher: TeacherSpec | None = None
+    """The model distilled from; null: no teacher (only label terms such as cross_entropy)."""
     student: StudentSpec = Field(default_factory=StudentSpec)
+    """The model trained."""
     data: DataSpec = Field(default_factory=DataSpec)
+    """Training and held-out text."""
     objective: list[Term] = Field(default_factory=lambda: [Term(loss="cross_entropy")])
+    """The loss: a weighted sum of these terms."""
     train: TrainSpec = Field(default_factory=TrainSpec)
+    """Optimisation, checkpoints and logging."""
     truncate_to_shared_vocab: bool = False
     """Compare logits over the first min(V_teacher, V_student) ids, for vocabularies that differ only by padding."""
 
@@ -319,14 +359,21 @@ class EvalSpec(_Strict):
     """Out-of-domain text: `auto` (Debian's fortunes in /usr/share/games/fortunes when installed), a file / glob /
     directory (a fortune file's %-separated quotes are split), or null to skip."""
     ood_max_tokens: int = Field(4096, ge=16)
+    """Out-of-domain tokens evaluated."""
     prompts: list[str] | None = None
     """Greedy-generation prompts; null uses kdforge.evaluate.generation.DEFAULT_PROMPTS (8 Shakespeare-ish)."""
     new_tokens: int = Field(16, ge=1)
+    """Greedy tokens generated per prompt."""
     generation: bool = True
+    """Measure greedy-generation agreement with the teacher."""
     speed: bool = True
+    """Measure prefill and generation tokens/s."""
     cka: bool = True
+    """Layer-by-layer linear CKA against the teacher (cka.json, cka.png)."""
     cka_tokens: int = Field(1024, ge=16)
+    """Held-out tokens the CKA is computed on."""
     batch_size: int = Field(8, ge=1)
+    """Blocks per evaluation batch."""
 
 
 class MatrixSpec(_Strict):
@@ -336,13 +383,17 @@ class MatrixSpec(_Strict):
     to values, e.g. {objective: [{loss: reverse_kl}], train.lr: 0.001}."""
 
     name: str = "bench"
+    """The matrix's name (the default bench directory is runs/bench/NAME)."""
     base: str = "demo"
     """A recipe path (relative to the matrix file) or `demo` (the embedded demo recipe)."""
     overrides: dict[str, Any] | list[str] = Field(default_factory=dict)
     """Applied to every cell first."""
     methods: dict[str, dict[str, Any] | list[str]]
+    """Method name -> its overrides (e.g. its objective)."""
     seeds: list[int] = Field(default_factory=lambda: [0])
+    """Every method runs once per seed."""
     students: dict[str, dict[str, Any] | list[str]] | None = None
+    """Student name -> its overrides; every method x seed runs for each; null: the base recipe's student."""
     eval: EvalSpec = Field(default_factory=EvalSpec)
     keep_checkpoints: bool = False
     """Keep each finished cell's checkpoints/ (optimizer state included); by default only student/ stays."""
