@@ -424,3 +424,19 @@ def test_a_learned_layer_map_over_hidden_states_mixes_blocks_only():
     term = d.feature_terms["0"]
     assert (term.learned.n_student, term.learned.n_teacher) == (2, 4)
     assert term.pairs == [(1, 0), (2, 1)]
+
+
+def test_a_student_made_of_teacher_blocks_learns_from_its_source_blocks_by_default():
+    """Issue 16: student layers [0, 2, 3] of a 4-block teacher with the default (uniform) map paired student block 0
+    (a copy of teacher block 0) with teacher block 1. Without a layer_map each block now learns from its source."""
+    from kdforge.distiller import Distiller
+    from kdforge.models import student_from_teacher_layers, tiny_llama
+
+    teacher = tiny_llama(layers=4, seed=1)
+    student = student_from_teacher_layers(teacher, [0, 2, -1])
+    for tap in ("model.layers.*", "hidden_states"):
+        d = Distiller(teacher, student, [{"loss": "hidden_mse", "student": tap, "teacher": tap}])
+        assert d.feature_terms["0"].block_pairs == [(0, 0), (1, 2), (2, 3)]
+    chosen = Distiller(teacher, student, [{"loss": "hidden_mse", "student": "model.layers.*",
+                                           "teacher": "model.layers.*", "layer_map": "uniform"}])
+    assert chosen.feature_terms["0"].block_pairs == build_layer_map("uniform", 3, 4)

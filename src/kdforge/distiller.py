@@ -116,7 +116,7 @@ class Distiller(nn.Module):
             t_store = self.teacher_source(example_batch, self.teacher_taps).features
         for b in features:
             ft = FeatureTerm(b.term, b.fn, b.kwargs, gather(b.term, "s", s_store), gather(b.term, "t", t_store),
-                             seq_len)
+                             seq_len, getattr(self.student, "kdforge_teacher_layers", None))
             self.feature_terms[str(len(self.feature_terms))] = ft
             b.feature = ft
             mask = example_batch.get("attention_mask")

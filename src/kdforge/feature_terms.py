@@ -79,7 +79,9 @@ class FeatureTerm(nn.Module):
     """Holds a feature term's trainable parts (projectors, learned layer map) and computes its value."""
 
     def __init__(self, term: Term, fn: Callable, kwargs: dict[str, Any], s_probe: Captured, t_probe: Captured,
-                 seq_len: int):
+                 seq_len: int, source_layers: list[int] | None = None):
+        """source_layers: for a student made of teacher blocks (student.init from_teacher), the teacher block each
+        student block was copied from; without an explicit `layer_map` the term pairs each block with its source."""
         super().__init__()
         self.term, self.fn, self.kwargs = term, fn, kwargs
         self.takes_mask = "mask" in inspect.signature(fn).parameters
@@ -108,7 +110,13 @@ class FeatureTerm(nn.Module):
                 raise KDForgeError(f"term '{term.label}': layer_map embeddings: true pairs the embedding outputs of "
                                    "`hidden_states` taps; tap hidden_states on both sides, with a fixed strategy")
             n_s, n_t = len(s_probe) - self.offsets[0], len(t_probe) - self.offsets[1]
-            if strategy == "learned":
+            follows_source = (term.layer_map is None and source_layers is not None and len(source_layers) == n_s
+                              and max(source_layers) < n_t)
+            if follows_source:
+                self.block_pairs = list(enumerate(source_layers))
+                log.info("term %s: the student's blocks were copied from teacher blocks %s; each learns from its "
+                         "source (set layer_map to choose otherwise)", term.label, source_layers)
+            elif strategy == "learned":
                 self.learned = LearnedLayerMap(n_s, n_t, t_probe[-1].shape[-1], **lm)
                 self.block_pairs = [(i, i) for i in range(n_s)]  # student block i vs its learned teacher mix i
             else:
@@ -116,7 +124,7 @@ class FeatureTerm(nn.Module):
                     self.block_pairs = build_layer_map(strategy, n_s, n_t, **lm)
                 except ValueError as err:
                     raise KDForgeError(f"term '{term.label}': {err}") from None
-            log.info("term %s: %s%s", term.label, "embeddings s-1->t-1, " if embeddings else "",
+            log.info("term %s: %s%s", term.label, "embedding outputs, " if embeddings else "",
                      self.learned.describe() if self.learned else format_layer_map(self.block_pairs))
             # indices into the captured lists (a learned map's teacher side is its list of mixes, one per block)
             t_offset = 0 if self.learned else self.offsets[1]

@@ -161,6 +161,8 @@ def student_from_teacher_layers(teacher: nn.Module, layers: list[int]) -> nn.Mod
         src = f"{m.group(1)}.{source[int(m.group(2))]}.{m.group(3)}" if m else key
         state[key] = teacher_state[src].clone()
     student.load_state_dict(state)
+    # which teacher block each student block copies: a feature term's default layer map pairs them (feature_terms)
+    student.kdforge_teacher_layers = layers
     return student
 
 
