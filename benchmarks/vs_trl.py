@@ -15,7 +15,7 @@ schedule to 10% (TRL is handed the same optimizer and LambdaLR), float32 student
 
 Variants (each in its own fresh subprocess, so peak RSS is that run's alone):
   trl             GKDTrainer; teacher in float32 (TRL's default; --trl-bf16 runs the whole step under bf16 autocast)
-  kdforge         live teacher under bf16 autocast (the demo recipe's teacher.dtype), chunked logit loss
+  kdforge         live teacher at the demo recipe's teacher.dtype (auto: bf16 autocast where the CPU has native bf16), chunked logit loss
   kdforge_fp32    (optional) kdforge with the teacher in float32 like TRL's default, chunked logit loss
   kdforge_cached  the teacher read from an offline top-64 cache (built beforehand in another subprocess, timed
                   separately and reported; not counted in the training figures), chunked logit loss
