@@ -97,3 +97,50 @@ def test_invalid_student_architecture_is_one_clear_line(tiny_recipe):
     bad = {**tiny_recipe, "student": {"init": "config", "config": {"hidden_size": 30, "num_attention_heads": 4}}}
     with pytest.raises(KDForgeError, match="student.config is not a valid LlamaConfig: .*not a multiple"):
         prepare(parse_recipe(bad))
+
+
+def test_set_with_a_space_is_one_line_naming_the_fix(tmp_path):
+    res = runner.invoke(app, ["distill", str(tmp_path / "r.yaml"), "--set", "train.steps", "10"])
+    assert res.exit_code == 2
+    assert res.output.strip() == "error: --set takes key=value: write --set train.steps=10"
+
+
+def test_version_and_eval_help_keep_their_text():
+    from kdforge import __version__
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"kdforge {__version__}"
+    res = runner.invoke(app, ["eval", "--help"])
+    assert "kdforge[lmeval]" in res.output  # not eaten as rich markup
+
+
+def test_taps_lists_module_paths_and_hf_outputs(tiny_assets):
+    res = runner.invoke(app, ["taps", str(tiny_assets["teacher"])])
+    assert res.exit_code == 0, res.output
+    assert "model.layers.*.self_attn.q_proj" in res.output and "x3" in res.output
+    assert "hidden_states.0 .. hidden_states.3" in res.output
+    res = runner.invoke(app, ["taps", str(tiny_assets["teacher"]), "--glob", "model.layers.*"])
+    assert res.output.split() == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    res = runner.invoke(app, ["taps", str(tiny_assets["teacher"]), "--glob", "model.nothing.*"])
+    assert res.exit_code == 2 and "matches" in res.output
+
+
+@pytest.mark.parametrize("user, online, expected", [(None, None, "1"), ("0", None, "0"), ("1", "1", "1"),
+                                                    (None, "1", None)])
+def test_cli_respects_a_user_set_hf_hub_offline(monkeypatch, tmp_path, user, online, expected):
+    import os
+
+    for name, value in (("HF_HUB_OFFLINE", user), ("KDFORGE_ONLINE", online)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    runner.invoke(app, ["distill", str(tmp_path / "missing.yaml")])  # the callback runs, the command fails fast
+    assert os.environ.get("HF_HUB_OFFLINE") == expected
+
+
+def test_a_hub_id_offline_says_how_to_go_online():
+    from kdforge.models import load_causal_lm
+
+    with pytest.raises(KDForgeError, match="set HF_HUB_OFFLINE=0 to download it"):
+        load_causal_lm("kdforge-test/no-such-model")

@@ -9,18 +9,51 @@ from typing import List, Optional
 
 import typer
 
+from typer.core import TyperGroup
+
 from .errors import KDForgeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+
+def spaced_set_value(args: list[str]) -> str | None:
+    """`--set train.steps 10` (a space where `=` belongs) -> the one-line fix, else None."""
+    for i, arg in enumerate(args[:-2]):
+        key, value = args[i + 1], args[i + 2]
+        if arg == "--set" and "=" not in key and not key.startswith("-") and not value.startswith("--"):
+            return f"--set takes key=value: write --set {key}={value}"
+    return None
+
+
+class _Group(TyperGroup):
+    def parse_args(self, ctx, args):
+        problem = spaced_set_value(list(args))
+        if problem:  # typer would answer with "unexpected extra argument" in a box
+            typer.echo(f"error: {problem}", err=True)
+            ctx.exit(2)
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
                   help="kdforge: knowledge distillation with feature alignment, LLMs first.")
 _state = {"debug": False}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"kdforge {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+         version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print kdforge's version and exit.")) -> None:
     _state["debug"] = debug
-    if not os.environ.get("KDFORGE_ONLINE"):  # no model hub by default; set KDFORGE_ONLINE=1 to allow hub ids
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # No model hub unless asked: an unset HF_HUB_OFFLINE becomes 1 (KDFORGE_ONLINE=1 leaves it unset, so hub ids
+    # download); a value the user set, 0 or 1, is theirs and is kept.
+    if "HF_HUB_OFFLINE" not in os.environ and os.environ.get("KDFORGE_ONLINE", "") in ("", "0"):
+        os.environ["HF_HUB_OFFLINE"] = "1"
     # read by transformers when it is first imported (no progress bars, errors only): the heavy libraries load only
     # once a command needs them, after its recipe has validated
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -137,7 +170,7 @@ def eval_(
                                        "run directory when given one)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write all results to this file."),
     lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="Comma-separated lm-eval tasks run on the student "
-                                          "(needs kdforge[lmeval]); 'kdforge_heldout' is a built-in offline "
+                                          "(needs kdforge\\[lmeval]); 'kdforge_heldout' is a built-in offline "
                                           "perplexity task over the held-out text."),
     lm_eval_include: Optional[Path] = typer.Option(None, "--lm-eval-include", help="A folder of lm-eval task YAMLs."),
     lm_eval_limit: Optional[float] = typer.Option(None, "--lm-eval-limit", help="Documents per lm-eval task."),
@@ -168,6 +201,41 @@ def eval_(
         typer.echo(json.dumps(shown, indent=2, default=str))
         if json_out:
             atomic_write_json(json_out, res)
+
+    _run(body)
+
+
+@app.command()
+def taps(
+    model: str = typer.Argument(..., help="An embedded name (smollm2-135m), a local model folder, a GGUF file or a "
+                                "hub id."),
+    gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="The GGUF file inside MODEL's folder."),
+    pattern: Optional[str] = typer.Option(None, "--glob", help="Only the paths this glob matches, one per line, "
+                                          "e.g. 'model.layers.*.mlp'."),
+    every: bool = typer.Option(False, "--all", help="Every path, one per line (default: numbered layers folded "
+                               "into one glob line each)."),
+) -> None:
+    """List a model's tappable module paths (for a term's `student:` / `teacher:`) and its Hugging Face outputs.
+    Builds the model from its config only: no weights are read."""
+
+    def body():
+        from .models import model_skeleton
+        from .recipe import ModelSpec
+        from .taps import describe, list_module_paths
+
+        skeleton = model_skeleton(ModelSpec(model=model, gguf_file=gguf_file))
+        if pattern is not None:
+            paths = list_module_paths(skeleton, pattern)
+            if not paths:
+                raise KDForgeError(f"no module path of {model} matches '{pattern}'; run `kdforge taps {model}` to "
+                                   "see them")
+            typer.echo("\n".join(paths))
+            return
+        typer.echo(describe(skeleton, max_lines=None, collapse=not every))
+        layers = getattr(getattr(skeleton, "config", None), "num_hidden_layers", None)
+        if layers is not None:
+            typer.echo(f"HF outputs: hidden_states (embeddings + {layers} blocks: hidden_states.0 .. "
+                       f"hidden_states.{layers}, or .-1), attentions.0 .. attentions.{layers - 1}, logits")
 
     _run(body)
 

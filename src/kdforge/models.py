@@ -94,6 +94,25 @@ def resolve_model_path(spec: ModelSpec) -> Path | str:
     )
 
 
+def _hub_offline() -> bool:
+    """Whether huggingface_hub runs offline (it reads HF_HUB_OFFLINE once, when first imported)."""
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _load_error(what: str, spec: ModelSpec, path: Path | str, err: Exception) -> KDForgeError:
+    """One line for a failed from_pretrained; for a hub id while offline, say how to go online."""
+    message = f"cannot load {what} '{spec.model}': {str(err).splitlines()[0].rstrip('.')}"
+    if isinstance(path, str) and _hub_offline():
+        message += ("; it is a hub id and the hub is offline (HF_HUB_OFFLINE=1, kdforge's default): set "
+                    "HF_HUB_OFFLINE=0 to download it, or give a local folder")
+    return KDForgeError(message)
+
+
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
@@ -101,7 +120,7 @@ def load_tokenizer(spec: ModelSpec):
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except OSError as err:
-        raise KDForgeError(f"cannot load tokenizer for '{spec.model}': {str(err).splitlines()[0]}") from None
+        raise _load_error("tokenizer for", spec, path, err) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -116,8 +135,22 @@ def load_causal_lm(spec: ModelSpec | str) -> nn.Module:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     except OSError as err:
-        raise KDForgeError(f"cannot load model '{spec.model}': {str(err).splitlines()[0]}") from None
+        raise _load_error("model", spec, path, err) from None
     return model
+
+
+def model_skeleton(spec: ModelSpec) -> nn.Module:
+    """The causal LM of `spec` built from its config on the meta device: every module, no weights read (for listing
+    tap paths of models of any size)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(spec)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except OSError as err:
+        raise _load_error("the config of", spec, path, err) from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def load_teacher(spec: ModelSpec) -> nn.Module:
