@@ -41,9 +41,15 @@ Spec grammar
     whole list as HF returns it: the embeddings followed by one entry per layer.
     Note that in transformers 5 the last entry is the *final-normed*
     ``last_hidden_state``, so ``"hidden_states.-1"`` differs from the raw output
-    of the last decoder layer (tap ``"model.layers.N"`` for that; module paths
-    take no negative indices).  Add ``":output"`` to force a module named like an
-    output field (``"logits:output"``) to be hooked instead.
+    of the last decoder layer (tap ``"model.layers.-1"`` for that).  Add
+    ``":output"`` to force a module named like an output field
+    (``"logits:output"``) to be hooked instead.
+``"model.layers.-1.mlp"``, ``"model.layers.-2:input"``
+    Negative indices: a negative segment of an exact module path counts from
+    the end of that numbered list (``model.layers.-1`` is the last block
+    whatever the depth), so one recipe fits teachers and students of any
+    depth.  HF output indices (``"hidden_states.-1"``, ``"attentions.-1"``)
+    count from the end of the output tuple.  Globs take no negative indices.
 
 Wrappers
 --------
@@ -523,7 +529,8 @@ class Taps:
         names = [p for p in paths if p]
         probe = spec.path.replace("*", "0") if spec.is_glob else spec.path
         close = difflib.get_close_matches(probe, names, n=5)
-        hint = ", ".join(close) if close else "(none; list them with kdforge.taps.describe(model))"
+        hint = (", ".join(close) if close
+                else "(none; list them with `kdforge taps MODEL` or kdforge.taps.describe(model))")
         return TapError(f"tap {spec.path!r} matches no module of {self._root_name}; closest: {hint}")
 
     def _check_hf(self, spec: TapSpec, root: nn.Module) -> None:
