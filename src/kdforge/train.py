@@ -35,10 +35,15 @@ from .distributed import (BatchLayout, batch_layout, broadcast_object, full_mode
 from .checks import check_seq_len, check_student_tokenizer
 from .errors import KDForgeError
 from .evaluate.metrics import evaluate_models
-from .io import atomic_write_dir, atomic_write_json, atomic_write_text
+from .checkpoints import (DamagedCheckpoint, apply_checkpoint, checkpoint_dirs, newest_intact, nonfinite,
+                          read_checkpoint, save_checkpoint, step_of)
+from .checkpoints import latest_checkpoint  # noqa: F401 - kept importable from here
+from .interrupts import StopRequested, StopSignals
+from .io import atomic_write_dir, atomic_write_json, atomic_write_text, disk_full_as_error, remove_temporaries
 from .models import build_student, count_parameters, load_teacher, load_tokenizer
 from .precision import manifest_entry as precision_entry
 from .recipe import ModelSpec, Recipe
+from .rundir import RunLock, check_manifest, make_output_dir
 
 log = logging.getLogger("kdforge")
 
@@ -91,7 +96,7 @@ def prepare(recipe: Recipe, teacher: nn.Module | None = None, tokenizer=None,
 
 
 def tokenize_corpus(recipe: Recipe, tokenizer) -> tuple[TokenBlocks, TokenBlocks]:
-    corpus = load_corpus(recipe.data)
+    corpus = load_corpus(recipe.data, tokenizer)
     seq = recipe.data.seq_len
     ids, chars = tokenize_documents(tokenizer, corpus.train)
     train = pack(ids, chars, seq, recipe.data.max_train_tokens, "training corpus", min_blocks=recipe.train.batch_size)
@@ -164,82 +169,17 @@ def param_groups(distiller: Distiller, recipe: Recipe) -> list[dict[str, Any]]:
     return groups
 
 
-def _check_output_dir(out: Path, recipe: Recipe) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise KDForgeError(f"cannot write to output dir '{out}' ({err.strerror}); choose another with --out") from None
-    existing = out / "manifest.json"
-    if existing.is_file():
-        old = json.loads(existing.read_text()).get("recipe_hash")
-        if old != recipe.hash():
-            raise KDForgeError(
-                f"output dir '{out}' holds a run of a different recipe (hash {old}, this one {recipe.hash()}); "
-                "use another --out or delete that folder"
-            )
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("step_*"))
-    return ckpts[-1] if ckpts else None
-
-
-def _extras_state(distiller: Distiller) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in distiller.state_dict().items() if not k.startswith("student.")}
-
-
-def save_checkpoint(out: Path, step: int, distiller: Distiller, optimizer, scheduler, keep: int, *,
-                    state: dict[str, torch.Tensor] | None = None, optimizer_state: dict | None = None,
-                    progress: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint (main process only). Distributed runs pass the gathered full `state` (distiller state dict)
-    and `optimizer_state` (keyed by parameter name), see kdforge.distributed. `progress` (the batch layout and the
-    run log's cumulative counters) goes into trainer_state.pt with the step."""
-    from safetensors.torch import save_file
-
-    path = out / "checkpoints" / f"step_{step:08d}"
-
-    def fill(tmp: Path) -> None:
-        if state is None:
-            distiller.student.save_pretrained(tmp / "student")
-            extras = _extras_state(distiller)
-        else:
-            distiller.student.save_pretrained(tmp / "student", state_dict={
-                k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
-            extras = {k: v for k, v in state.items() if not k.startswith("student.")}
-        extras = {k: v.detach().contiguous() for k, v in extras.items()}
-        if extras:
-            save_file(extras, str(tmp / "extras.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
-                    "scheduler": scheduler.state_dict(), "step": step,
-                    "rng": torch.get_rng_state(), **(progress or {})}, tmp / "trainer_state.pt")
-
-    atomic_write_dir(path, fill)
-    for old in sorted((out / "checkpoints").glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
 def load_checkpoint(path: Path, distiller: Distiller, optimizer, scheduler) -> dict[str, Any]:
     """Load weights, scheduler and RNG, and the optimizer unless it is None (train loads that after prepare).
     Returns the trainer state: step, optimizer, scheduler, RNG and (newer checkpoints) the batch layout and the
-    run log's cumulative counters."""
-    from safetensors.torch import load_file
-
-    student_state = load_file(str(path / "student" / "model.safetensors"))
-    missing, unexpected = distiller.student.load_state_dict(student_state, strict=False)
-    # Tied weights are stored once; anything else missing means a different model.
-    if unexpected or any("lm_head" not in k for k in missing):
-        raise KDForgeError(f"checkpoint {path} does not match the student of this recipe; use another --out")
-    if (path / "extras.safetensors").is_file():
-        distiller.load_state_dict(load_file(str(path / "extras.safetensors")), strict=False)
-    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    run log's cumulative counters. A damaged checkpoint raises KDForgeError naming the bad file."""
+    try:
+        ckpt = read_checkpoint(path)
+    except DamagedCheckpoint as err:
+        raise KDForgeError(f"checkpoint {err}; delete {path} to resume from the one before it") from None
+    state = apply_checkpoint(ckpt, distiller, scheduler)
     if optimizer is not None:
         load_optimizer_state(None, distiller, optimizer, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
     return state
 
 
@@ -309,23 +249,44 @@ class _Progress:
             self.bar.stop()
 
 
-def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, out: Path | None = None) -> Path:
-    """Run (or resume) the recipe's training and final evaluation. Returns the run directory."""
-    from accelerate.utils import set_seed
+_DISK_HINT = "use an --out on a larger disk"
 
+
+def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, out: Path | None = None) -> Path:
+    """Run (or resume) the recipe's training and final evaluation. Returns the run directory.
+
+    The main process holds the run folder's lock (kdforge.rundir) from start to end; SIGTERM and SIGINT stop the run
+    at a whole step and, in a single-process run, save a checkpoint there (kdforge.interrupts)."""
     out = Path(out or recipe.output_dir)
     accelerator = make_accelerator(recipe)  # DDP / FSDP / DeepSpeed come from the launcher; see kdforge.distributed
-    is_main = accelerator.is_main_process
-    world = accelerator.num_processes
-    error = None
-    if is_main:
+    lock = RunLock(out) if accelerator.is_main_process else None  # all ranks share the folder: one lock, on rank 0
+    error, new_manifest = None, False
+    if lock is not None:
         try:
-            _check_output_dir(out, recipe)
-        except KDForgeError as err:
+            make_output_dir(out)
+            lock.acquire()
+            for folder in (out, out / "checkpoints"):  # only kdforge writes here, and no other run does (the lock)
+                remove_temporaries(folder)
+            new_manifest = check_manifest(out, recipe.hash(), has_checkpoint=bool(checkpoint_dirs(out)))
+        except (KDForgeError, OSError) as err:
             error = str(err)
     error = broadcast_object(accelerator, error)  # every rank stops, none waits forever at a barrier
-    if error:
-        raise KDForgeError(error)
+    try:
+        if error:
+            raise KDForgeError(error)
+        with StopSignals() as signals:
+            return _train(recipe, accelerator, out, setup, progress, new_manifest, signals)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress: bool, new_manifest: bool,
+           signals: StopSignals) -> Path:
+    from accelerate.utils import set_seed
+
+    is_main = accelerator.is_main_process
+    world = accelerator.num_processes
     if (out / "final.json").is_file():
         if is_main:
             log.info("%s is already finished; delete it or use another --out to retrain", out)
@@ -341,12 +302,13 @@ def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, 
     boundaries = stage_boundaries(recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.steps, t.min_lr_ratio, boundaries))
-    ckpt = latest_checkpoint(out)
-    # every rank loads the same files; the optimizer after prepare (FSDP re-creates params)
-    trainer_state = load_checkpoint(ckpt, distiller, None, scheduler) if ckpt is not None else None
-    start = int(trainer_state["step"]) if trainer_state is not None else 0
+    # every rank reads the same files (the newest intact checkpoint); the optimizer after prepare (FSDP re-creates
+    # params)
+    ckpt = newest_intact(out, announce=is_main)
+    trainer_state = apply_checkpoint(ckpt, distiller, scheduler) if ckpt is not None else None
+    start = ckpt.step if ckpt is not None else 0
     if is_main and ckpt is not None:
-        log.info("resuming from %s (step %d)", ckpt, start)
+        log.info("resuming from %s (step %d)", ckpt.path, start)
     layout = _resume_layout(recipe, world, trainer_state, out, deepspeed=is_deepspeed(accelerator), announce=is_main)
     blocks = setup.train_blocks
     # The run log's cumulative counters continue from the checkpoint. Older checkpoints did not record them: every
@@ -354,11 +316,19 @@ def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, 
     tokens_seen = int(trainer_state.get("tokens_seen", start * layout.global_batch * (blocks.ids.shape[1] - 1))
                       if trainer_state is not None else 0)
     seconds_before = float(trainer_state.get("train_seconds", 0.0)) if trainer_state is not None else 0.0
+    metrics_path = out / "metrics.jsonl"
     if is_main:
-        _rewrite_metrics(out / "metrics.jsonl", start)
-        if not (out / "manifest.json").is_file():
+        _rewrite_metrics(metrics_path, start)
+        if new_manifest:
             atomic_write_json(out / "manifest.json", manifest(recipe, world))
     model, optimizer = accelerator.prepare(distiller, optimizer)
+    unusable = [p for p in checkpoint_dirs(out) if step_of(p) > start]  # passed over above: damaged
+    if unusable:
+        accelerator.wait_for_everyone()  # every rank has read its checkpoint
+        if is_main:
+            for p in unusable:
+                shutil.rmtree(p, ignore_errors=True)
+            log.info("removed the unusable checkpoint(s) %s", ", ".join(p.name for p in unusable))
     if trainer_state is not None:
         load_optimizer_state(accelerator, model, optimizer, trainer_state["optimizer"])
     device = accelerator.device
@@ -367,9 +337,17 @@ def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, 
         teacher_model.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.bf16 else nullcontext()
     bar = _Progress(progress and is_main, t.steps, start, recipe.name)
-    metrics_path = out / "metrics.jsonl"
-    last_good = ckpt
+    last_good = ckpt.path if ckpt is not None else None  # a checkpoint with finite weights (checked on save/read)
+    completed = saved = start  # steps done; the step of the newest checkpoint (or 0)
+    step_rng = torch.get_rng_state()  # the RNG state when the next step starts (what a checkpoint must hold)
     t_start = time.perf_counter()
+
+    def save(step: int, state, optimizer_state, rng=None) -> Path:
+        counters = {"layout": asdict(layout), "tokens_seen": tokens_seen,
+                    "train_seconds": seconds_before + time.perf_counter() - t_start}
+        return save_checkpoint(out, step, accelerator.unwrap_model(model), optimizer, scheduler, t.keep_checkpoints,
+                               state=state, optimizer_state=optimizer_state, progress=counters, rng=rng)
+
     model.train()
     try:
         for step in range(start, t.steps):
@@ -399,37 +377,66 @@ def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, 
                     f"loss became {float(total_loss)} at step {step}; training stopped ({where}); "
                     "lower train.lr, enable train.clip_grad_norm, or check the data"
                 )
-            grad_norm = None
-            if t.clip_grad_norm:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens_seen += int(global_count)
-            done = step + 1
-            terms = {k: float(accelerator.reduce(v, reduction="sum") / global_count) for k, v in sums.items()}
-            bar.update(done, {"loss": float(total_loss), **terms})
-            train_seconds = seconds_before + time.perf_counter() - t_start
-            if is_main and (done % t.log_every == 0 or done == t.steps or done == 1):
-                row = {"step": done, "loss": float(total_loss), **{f"loss/{k}": v for k, v in terms.items()},
-                       "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
-                       "tokens_per_s": tokens_seen / train_seconds}  # the only wall-clock field
-                if grad_norm is not None:
-                    row["grad_norm"] = float(grad_norm)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-                eval_student = plain_student(accelerator, model, setup.student)  # gathers under FSDP
-                _periodic_eval(replace(setup, student=eval_student), out, done, is_main)
-            if t.save_every and (done % t.save_every == 0 or done == t.steps):
-                state = full_model_state(accelerator, model)  # collective under FSDP; None off the main rank
-                optimizer_state = full_optimizer_state(accelerator, model, optimizer)
-                if is_main:
-                    counters = {"layout": asdict(layout), "tokens_seen": tokens_seen, "train_seconds": train_seconds}
-                    last_good = save_checkpoint(out, done, accelerator.unwrap_model(model), optimizer, scheduler,
-                                                t.keep_checkpoints, state=state, optimizer_state=optimizer_state,
-                                                progress=counters)
-                accelerator.wait_for_everyone()
+            with signals.critical():  # from the weight update to the end of the step: a stop waits for its end
+                grad_norm = None
+                if t.clip_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                tokens_seen += int(global_count)
+                done = step + 1
+                terms = {k: float(accelerator.reduce(v, reduction="sum") / global_count) for k, v in sums.items()}
+                bar.update(done, {"loss": float(total_loss), **terms})
+                train_seconds = seconds_before + time.perf_counter() - t_start
+                if is_main and (done % t.log_every == 0 or done == t.steps or done == 1):
+                    row = {"step": done, "loss": float(total_loss), **{f"loss/{k}": v for k, v in terms.items()},
+                           "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
+                           "tokens_per_s": tokens_seen / train_seconds}  # the only wall-clock field
+                    if grad_norm is not None:
+                        row["grad_norm"] = float(grad_norm)
+                    with disk_full_as_error(metrics_path, _DISK_HINT), open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+                    eval_student = plain_student(accelerator, model, setup.student)  # gathers under FSDP
+                    _periodic_eval(replace(setup, student=eval_student), out, done, is_main)
+                if t.save_every and (done % t.save_every == 0 or done == t.steps):
+                    state = full_model_state(accelerator, model)  # collective under FSDP; None off the main rank
+                    optimizer_state = full_optimizer_state(accelerator, model, optimizer)
+                    failure = None
+                    if is_main:  # never a checkpoint of non-finite weights: the last finite one stays the newest
+                        bad = nonfinite(state)
+                        if bad:
+                            failure = (f"weights became non-finite at step {done} ({', '.join(bad[:3])}); training "
+                                       f"stopped (last finite checkpoint: {last_good or 'none was written'}); lower "
+                                       "train.lr, enable train.clip_grad_norm, or check the data")
+                        else:
+                            try:
+                                last_good = save(done, state, optimizer_state)
+                            except KDForgeError as err:  # disk full: one line, the earlier checkpoints intact
+                                failure = str(err)
+                    failure = broadcast_object(accelerator, failure)  # also the barrier after rank 0's save
+                    if failure:
+                        raise KDForgeError(failure)
+                    saved = done
+                completed = done
+                step_rng = torch.get_rng_state()
+    except KeyboardInterrupt as stop:  # SIGINT, or SIGTERM turned into StopRequested
+        signals.hold()
+        how = f"stopped by {stop.signame}" if isinstance(stop, StopRequested) else "interrupted"
+        if is_main:
+            if world == 1 and t.save_every and completed > saved:  # no other rank to wait for: save here
+                try:
+                    last_good = save(completed, None, full_optimizer_state(accelerator, model, optimizer), step_rng)
+                    note = f"saved a checkpoint of step {completed} to {last_good}"
+                except KDForgeError as err:
+                    note = f"could not save a checkpoint ({err})"
+            elif last_good is not None:
+                note = f"the last checkpoint is {last_good} (step {step_of(last_good)})"
+            else:
+                note = "no checkpoint was written yet, so a rerun starts over"
+            log.warning("%s after %d of %d steps: %s; rerun the same command to resume", how, completed, t.steps, note)
+        raise
     finally:
         bar.close()
     final_student = plain_student(accelerator, model, setup.student)
@@ -446,7 +453,7 @@ def _periodic_eval(setup: Setup, out: Path, step: int, is_main: bool) -> None:
     setup.student.train()
     row = {"step": step, "eval/perplexity": res["student"]["perplexity"],
            "eval/bits_per_char": res["student"]["bits_per_char"]}
-    with open(out / "metrics.jsonl", "a") as f:
+    with disk_full_as_error(out / "metrics.jsonl", _DISK_HINT), open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
@@ -458,7 +465,8 @@ def finish(setup: Setup, out: Path) -> dict[str, Any]:
         student.save_pretrained(tmp)
         setup.tokenizer.save_pretrained(tmp)
 
-    atomic_write_dir(out / "student", fill)
+    with disk_full_as_error(out / "student", _DISK_HINT):
+        atomic_write_dir(out / "student", fill)
     models = {"student": student}
     teacher = setup.teacher
     if teacher is None and setup.recipe.teacher is not None and setup.recipe.teacher.kind == "cache":
@@ -470,5 +478,6 @@ def finish(setup: Setup, out: Path) -> dict[str, Any]:
                           bf16={"teacher": bool(setup.recipe.teacher and setup.recipe.teacher.dtype == "bfloat16")})
     final = {"step": setup.recipe.train.steps, "student": res["student"], "teacher": res.get("teacher"),
              "student_parameters": count_parameters(student)}
-    atomic_write_json(out / "final.json", final)
+    with disk_full_as_error(out / "final.json", _DISK_HINT):
+        atomic_write_json(out / "final.json", final)
     return final

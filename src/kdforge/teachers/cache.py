@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from ..errors import KDForgeError
-from ..io import atomic_write_bytes, atomic_write_json
+from ..io import atomic_write_bytes, atomic_write_json, remove_temporaries
 from ..losses.sparse import SparseLogits, log1mexp
 from .live import LiveTeacher, TeacherOutput
 
@@ -408,6 +408,7 @@ def build_cache(teacher: torch.nn.Module, tokenizer, blocks_ids: torch.Tensor, o
         diff = _differences(index["meta"], meta)
         raise KDForgeError(f"cache folder '{out}' holds a teacher cache of something else: "
                            f"{'; '.join(diff) or 'settings differ'}; use another --out or delete it")
+    remove_temporaries(out)  # shards and index a killed build was writing
     n_blocks = blocks_ids.shape[0]
     ranges = [(s, min(s + options.shard_blocks, n_blocks)) for s in range(0, n_blocks, options.shard_blocks)]
     done: dict[int, dict[str, Any]] = {}
