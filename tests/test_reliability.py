@@ -56,6 +56,12 @@ def _stopped_run(recipe: dict, monkeypatch, at: int = 4) -> Path:
     return Path(recipe["output_dir"])
 
 
+def _log(out: Path) -> list[dict]:
+    """metrics.jsonl without its one wall-clock field."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+
 def _ckpt(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step_{step:08d}"
 
@@ -180,6 +186,7 @@ def test_sigterm_saves_at_the_step_reached_and_the_rerun_resumes_exactly(tiny_re
     assert saved.is_dir() and not (out / "final.json").exists()
     assert not [p for p in out.rglob(".*") if p.name not in (".kdforge.lock",)]  # no temporaries, no holder note
     assert _quality(train(parse_recipe(tiny_recipe), progress=False)) == _quality(ref)  # bit-identical
+    assert _log(out) == _log(ref)
 
 
 def test_a_signal_during_the_weight_update_waits_for_the_end_of_the_step():
@@ -293,7 +300,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(tiny_recipe, t
     why = "is missing" if damage == "delete" else "is truncated or corrupt"
     assert f"checkpoint step_00000004 is unusable: {bad} {why}" in caplog.text
     assert "resuming from step_00000003 instead" in caplog.text
-    assert _quality(resumed) == _quality(ref)
+    assert _quality(resumed) == _quality(ref) and _log(resumed) == _log(ref)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
 
 
