@@ -105,22 +105,41 @@ class StudentSpec(_Strict):
 
 class DataSpec(_Strict):
     corpus: str = "shakespeare"
-    """`shakespeare` (embedded), or a text file / glob / directory, or a .jsonl file."""
+    """`shakespeare` (embedded), a text file / glob / directory, a .jsonl or .json file, a `Dataset.save_to_disk`
+    folder, or parquet file(s) (a file, a folder of them, or a glob); datasets are read with the `datasets` library."""
     text_field: str = "text"
-    """The field holding each record's text in a .jsonl/.json corpus (a string, or a list of chat messages rendered
-    with the tokenizer's chat template)."""
+    """The field holding each record's text in a .jsonl/.json corpus or each row's in a dataset (a string, or a list
+    of chat messages rendered with the tokenizer's chat template)."""
     encoding: str = "utf-8"
     """Text encoding of the corpus files (any Python codec name, e.g. `latin-1`, `cp1252`)."""
     max_undecodable: float = Field(0.001, ge=0.0, le=1.0)
     """Largest share of a file's bytes that may fail to decode (each then reads as U+FFFD) before it is refused."""
     validation: list[str] = Field(default_factory=lambda: ["lear", "tempest"])
-    """Held-out works (Shakespeare names) or paths/globs to held-out text."""
+    """Held-out works (Shakespeare names) or paths/globs to held-out text or datasets."""
+    validation_split: float | None = Field(None, gt=0, lt=1)
+    """Hold out this fraction of the corpus's documents (files, records or dataset rows), drawn with split_seed,
+    instead of listing held-out files in data.validation; e.g. 0.05."""
+    split_seed: int | None = None
+    """Seed of validation_split's draw; null: the recipe's seed (filled in when the recipe loads, so a run's manifest
+    and `kdforge eval` of the run see the same split). Fix it to hold out the same documents across seeds."""
     seq_len: int = Field(128, ge=8)
     """Tokens per training block (documents are packed into blocks); at most the models' maximum positions."""
     max_train_tokens: int | None = Field(None, ge=1)
     """Use at most this many training tokens; null: the whole corpus."""
     max_eval_tokens: int = Field(16384, ge=1)
     """Held-out tokens evaluated."""
+
+    @model_validator(mode="after")
+    def _one_way_to_hold_out(self) -> "DataSpec":
+        if self.validation_split is None:
+            return self
+        if self.corpus == "shakespeare":
+            raise ValueError("data.validation_split splits a corpus of your own; for Shakespeare, name the held-out "
+                             "works in data.validation")
+        if self.validation != ["lear", "tempest"]:
+            raise ValueError("set data.validation (held-out files) or data.validation_split (a fraction of the "
+                             "corpus), not both")
+        return self
 
 
 class Term(BaseModel):
@@ -253,6 +272,12 @@ class Recipe(_Strict):
     def _curriculum_fits(self) -> "Recipe":
         if self.teacher is not None and self.teacher.curriculum is not None:
             self.teacher.curriculum.stage_steps(self.train.steps)
+        return self
+
+    @model_validator(mode="after")
+    def _split_seed(self) -> "Recipe":
+        if self.data.validation_split is not None and self.data.split_seed is None:
+            self.data.split_seed = self.seed
         return self
 
     @model_validator(mode="after")

@@ -141,12 +141,33 @@ def load_corpus(spec: DataSpec, tokenizer=None) -> Corpus:
             train_names=train,
             validation_names=list(spec.validation),
         )
-    train_paths = _expand(spec.corpus)
-    if not spec.validation or spec.validation == ["lear", "tempest"]:
-        raise KDForgeError("data.validation must list held-out text files when data.corpus is not 'shakespeare'")
-    val_paths = [p for pattern in spec.validation for p in _expand(pattern)]
+    split = spec.validation_split
+    if split is None and (not spec.validation or spec.validation == ["lear", "tempest"]):
+        raise KDForgeError("data.validation must list held-out text files when data.corpus is not 'shakespeare' "
+                           "(or set data.validation_split, e.g. 0.05, to hold out a fraction of the corpus)")
     read = dict(text_field=spec.text_field, encoding=spec.encoding, max_undecodable=spec.max_undecodable,
                 tokenizer=tokenizer)
-    train = [d for p in train_paths for d in read_documents(p, **read)]
-    validation = [d for p in val_paths for d in read_documents(p, **read)]
-    return Corpus(train, validation, [str(p) for p in train_paths], [str(p) for p in val_paths])
+    train, train_names = _read_source(spec.corpus, read)
+    if split is not None:
+        from .datasets_input import split_documents
+
+        seed = spec.split_seed or 0
+        train, validation = split_documents(train, split, seed)
+        return Corpus(train, validation, train_names, [f"validation_split {split:g} (seed {seed}) of the corpus"])
+    validation, val_names = [], []
+    for pattern in spec.validation:
+        docs, names = _read_source(pattern, read)
+        validation += docs
+        val_names += names
+    return Corpus(train, validation, train_names, val_names)
+
+
+def _read_source(pattern: str, read: dict) -> tuple[list[str], list[str]]:
+    """The documents and file names of one corpus entry: a dataset (kdforge.data.datasets_input) or text/JSON files."""
+    from .datasets_input import dataset_source, read_dataset
+
+    source = dataset_source(pattern)
+    if source is not None:
+        return read_dataset(source, read["text_field"], read["tokenizer"]), [str(p) for p in source.paths]
+    paths = _expand(pattern)
+    return [d for p in paths for d in read_documents(p, **read)], [str(p) for p in paths]
