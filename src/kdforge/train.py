@@ -2,7 +2,8 @@
 
 A run directory holds: manifest.json (resolved recipe, hash, seed, versions, commit, hardware), metrics.jsonl (one
 row per logged step / eval), checkpoints/step_XXXXXXXX/ (student, trainable extras, optimizer, scheduler, RNG), and
-student/ (the final student, loadable with plain transformers) plus final.json (held-out metrics).
+student/ (the final student, loadable with plain transformers) plus final.json (held-out metrics), .kdforge.lock
+(the run lock) and, while a run is on, .kdforge.holder.json (kdforge.rundir). Checkpoint I/O: kdforge.checkpoints.
 """
 from __future__ import annotations
 
