@@ -168,7 +168,7 @@ def test_unwritable_output_dir(tiny_recipe, tmp_path):
 def test_too_short_corpus(tiny_recipe, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("the king")
-    with pytest.raises(KDForgeError, match="fewer than .* needed"):
+    with pytest.raises(KDForgeError, match="fewer than one block of data.seq_len=32; add text or lower data.seq_len"):
         train(parse_recipe({**tiny_recipe, "data": {**tiny_recipe["data"], "corpus": str(short)}}), progress=False)
 
 

@@ -80,9 +80,10 @@ def _run(fn, *args, **kwargs):
             raise
         typer.echo(f"error: {err} (rerun with --debug for details)", err=True)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted; rerun the same command to resume from the last checkpoint", err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (kdforge.interrupts.StopRequested)
+        if not getattr(stop, "reported", False):  # training already said where it saved
+            typer.echo("interrupted; rerun the same command to resume from the last checkpoint", err=True)
+        raise typer.Exit(143 if getattr(stop, "signame", None) == "SIGTERM" else 130) from None
 
 
 @app.command()

@@ -190,4 +190,4 @@ class DistillationTrainer(transformers.Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, EXTRAS_NAME)
         if self.extra_parameters and os.path.isfile(path):
-            self.distiller.load_state_dict(torch.load(path, map_location=self.args.device), strict=False)
+            self.distiller.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True), strict=False)

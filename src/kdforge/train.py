@@ -437,6 +437,7 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
             else:
                 note = "no checkpoint was written yet, so a rerun starts over"
             log.warning("%s after %d of %d steps: %s; rerun the same command to resume", how, completed, t.steps, note)
+        stop.reported = True  # the CLI adds no second line
         raise
     finally:
         bar.close()
