@@ -31,6 +31,7 @@ __all__ = [
     "generalized_jsd",
     "hidden_cosine",
     "hidden_mse",
+    "logit_mse",
     "minilm_relations",
     "minilm_v1",
     "pkd_patient",

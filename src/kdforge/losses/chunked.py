@@ -74,7 +74,10 @@ class ChunkedTerm:
         params = list(inspect.signature(self.fn).parameters.values())
         # label losses are fn(student_logits, labels, *, mask, ...); logit losses fn(student_logits, teacher, *, ...)
         self.is_label_loss = len(params) > 1 and params[1].name == "labels"
-        self.takes_labels = self.is_label_loss or "labels" in {p.name for p in params}
+        # labels=None by default (forward_kl, logit_mse): needed only with a semiparametric `correction`
+        labels_param = next((p for p in params[1:] if p.name == "labels"), None)
+        self.takes_labels = self.is_label_loss or labels_param is not None and (
+            labels_param.default is inspect.Parameter.empty or self.kwargs.get("correction") is not None)
         for bad in ("reduction", "mask", "labels", "return_parts"):
             if bad in self.kwargs:
                 raise ValueError(f"{bad!r} is set by chunked_logit_terms, not in a term's kwargs")

@@ -23,7 +23,9 @@ Conventions shared by every loss here:
   zero probability contribute 0, so -inf vocabulary slots are fine.
 
 ``LOGIT_LOSSES`` maps stable names to the teacher-vs-student losses (note that
-"decoupled_kd" also requires ``labels=``). The label-only ``cross_entropy`` has
+"decoupled_kd" also requires ``labels=``, and that ``forward_kl`` and
+``logit_mse`` take optional ``labels=`` for their semiparametric
+``correction`` options, Dao et al. 2021, which need them). The label-only ``cross_entropy`` has
 a different signature, so it lives in ``LABEL_LOSSES``.
 """
 
@@ -44,6 +46,7 @@ from kdforge.losses.sparse import (
     full_vocab_log_probs,
     safe_log_softmax,
     safe_logsumexp,
+    standardize_logits,
 )
 
 Teacher = torch.Tensor | SparseLogits
@@ -172,12 +175,63 @@ def forward_kl(
     reduction: str = "mean",
     standardize: bool = False,
     missing_mass: str = "bucket",
+    correction: str | None = None,
+    eps: float = 1e-2,
+    smoothing: float = 0.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
 ) -> torch.Tensor:
-    """KL(p_teacher || p_student) · T², Hinton KD: mass-covering."""
-    return _pointwise_loss(
-        lambda ls, lt: kl_divergence(lt, ls),
-        student_logits, teacher_logits, mask, temperature, reduction, standardize, missing_mass,
-    )
+    """KL(p_teacher || p_student) · T², Hinton KD: mass-covering.
+
+    ``correction="orthogonal"``: the orthogonal (Neyman) correction of
+    semiparametric KD (Dao, Kamath, Syrgkanis, Mackey, ICLR 2021,
+    arXiv 2104.09732), as in the authors' ``KDOrthoLoss`` (kd.py of
+    microsoft/semiparametric-distillation). Per position, with the teacher's
+    class-probability estimate p̂ = softmax(teacher) at temperature 1 (shrunk
+    toward uniform: (1 - smoothing)·p̂ + smoothing/C), w = softmax(teacher/T),
+    log q = log_softmax(student/T), y the one-hot label and the residual
+    r = y / max(p̂, eps) - 1 (per class), the value is
+
+        (KL(w || q) + (1/T)·[(Σ r·w)(Σ w·log q) - Σ r·w·log q]) · T².
+
+    The bracket is the first-order term <∂/∂p̂ (-Σ w·log q), y - p̂>, so the
+    loss is insensitive to first-order errors in p̂; it is linear in r, whose
+    expectation under y ~ p̂ is 0 where p̂ >= eps (p̂/eps - 1 on a class below
+    eps: the clamp's bias), and it vanishes when p̂ is the one-hot label.
+    ``eps`` (in (0, 1)) only bounds the division; the authors' default is 1e-2.
+
+    Shapes: student and teacher logits ``[..., C]``, ``labels`` ``[...]``
+    class ids (needed by the correction, ignored without it; positions whose
+    label is ``ignore_index`` are dropped like ``mask=False``). The correction
+    needs a dense teacher and ``standardize=False``. Raises ``ValueError`` (one
+    line) for an unknown correction, a missing label, a label outside [0, C)
+    at a counted position, a top-k teacher with a correction, ``eps`` outside
+    (0, 1) or ``smoothing`` outside [0, 1].
+    """
+    _check_correction("forward_kl", correction, ("orthogonal",), eps, smoothing)
+    if correction is None:
+        return _pointwise_loss(
+            lambda ls, lt: kl_divergence(lt, ls),
+            student_logits, teacher_logits, mask, temperature, reduction, standardize, missing_mass,
+        )
+    _check_reduction(reduction)
+    check_temperature(temperature)
+    check_policy(missing_mass)
+    valid, y, teacher = _corrected_setup("forward_kl", correction, student_logits, teacher_logits, labels, mask,
+                                         standardize, ignore_index)
+    student, teacher = _sanitize(student_logits, teacher, valid)
+    dtype = compute_dtype(student, teacher)
+    s, t = student.to(dtype), teacher.to(dtype)
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    log_w = F.log_softmax(t / temperature, dim=-1)
+    w = log_w.exp()
+    r = y.to(dtype) / _teacher_probs(t, smoothing).clamp_min(eps) - 1.0
+    # w·log q with 0·log q = 0 where the teacher gives a class no mass (log q may be -inf there)
+    w_log_q = torch.where(w > 0, w * log_q, torch.zeros_like(log_q))
+    rw = r * w
+    first_order = (rw.sum(-1) * w_log_q.sum(-1) - (r * w_log_q).sum(-1)) / temperature
+    per_position = (kl_divergence(log_w, log_q) + first_order) * temperature**2
+    return _reduce(per_position, valid, reduction)
 
 
 def reverse_kl(
@@ -295,6 +349,132 @@ def total_variation(
         lambda ls, lt: 0.5 * (lt.exp() - ls.exp()).abs().sum(dim=-1),
         student_logits, teacher_logits, mask, temperature, reduction, standardize, missing_mass,
     )
+
+
+MSE_CORRECTIONS = ("orthogonal", "gamma_one", "gamma_one_minus_p")
+
+
+def logit_mse(
+    student_logits: torch.Tensor,
+    teacher_logits: Teacher,
+    *,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    standardize: bool = False,
+    missing_mass: str = "bucket",
+    correction: str | None = None,
+    eps: float = 1e-2,
+    smoothing: float = 0.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Squared error between raw logits, mean over classes: mean_c (z_s - target)².
+
+    target = teacher logits, or with ``correction`` the teacher logits plus a
+    label residual (Dao et al., ICLR 2021, arXiv 2104.09732; the authors'
+    kd.py in microsoft/semiparametric-distillation, "logp" scale), with p̂ =
+    softmax(teacher) at temperature 1, shrunk toward uniform by ``smoothing``,
+    and y the one-hot label:
+
+    * "orthogonal": target = teacher + (y / max(p̂, eps) - 1)   (``KDMSEOrthoLoss``)
+    * "gamma_one": target = teacher + (y - p̂)                  (``KDMSEGamma1Loss``, γ = 1)
+    * "gamma_one_minus_p": target = teacher + (1 - p̂)·(y - p̂)  (``KDMSEGammaVarLoss``, γ = 1 - p̂)
+
+    Squared error to the corrected target equals the squared error to the
+    teacher plus the first-order correction, up to a constant in the student.
+    The residual's expectation under y ~ p̂ is 0 (for "orthogonal" where
+    p̂ >= eps); the γ residuals vanish when p̂ is the one-hot label, the
+    "orthogonal" one is -1 off the label for every p̂ (it is y/p̂ - 1, exactly).
+
+    Per position the value is the mean over the C classes, so ``reduction="mean"``
+    over a ``[N, C]`` batch is the authors' ``F.mse_loss`` (mean over N·C
+    entries). ``temperature`` follows the module's convention (both sides / T,
+    then · T²), which cancels: the value does not depend on T. ``standardize``
+    z-scores both logit vectors first (no correction then). A top-k teacher is
+    compared on its k cached ids only (the tail has no logits, so
+    ``missing_mass`` is only validated); -inf logits give an infinite value.
+
+    Shapes: student ``[..., C]``; teacher ``[..., C]`` or SparseLogits;
+    ``labels`` ``[...]`` (needed by a correction, ignored without one).
+    Raises ``ValueError`` (one line) for an unknown correction, missing or
+    out-of-range labels, a correction with a top-k teacher or with
+    ``standardize``, ``eps`` outside (0, 1), ``smoothing`` outside [0, 1].
+    """
+    _check_correction("logit_mse", correction, MSE_CORRECTIONS, eps, smoothing)
+    _check_reduction(reduction)
+    check_temperature(temperature)
+    check_policy(missing_mass)
+    if correction is None:
+        valid = _valid_positions(mask, student_logits.shape[:-1], student_logits.device)
+        y = None
+    else:
+        valid, y, _ = _corrected_setup("logit_mse", correction, student_logits, teacher_logits, labels, mask,
+                                       standardize, ignore_index)
+    student, teacher = _sanitize(student_logits, teacher_logits, valid)
+    if isinstance(teacher, SparseLogits):
+        if standardize:
+            raise ValueError(
+                "standardize=True needs the full teacher logits (z-scoring uses all V entries); "
+                "pass dense teacher logits or set standardize=False"
+            )
+        dtype = compute_dtype(student, teacher.logits)
+        s = torch.gather(student.to(dtype), -1, teacher.ids.long())
+        target = teacher.logits.to(dtype)
+    else:
+        dtype = compute_dtype(student, teacher)
+        s, target = student.to(dtype), teacher.to(dtype)
+        if standardize:
+            s, target = standardize_logits(s), standardize_logits(target)
+    if y is not None:
+        p = _teacher_probs(target, smoothing)
+        y = y.to(dtype)
+        if correction == "orthogonal":
+            target = target + (y / p.clamp_min(eps) - 1.0)
+        elif correction == "gamma_one":
+            target = target + (y - p)
+        else:
+            target = target + (1.0 - p) * (y - p)
+    # (s/T - target/T)² · T² = (s - target)²: computed directly, no rounding through T
+    return _reduce((s - target).square().mean(-1), valid, reduction)
+
+
+# --------------------------------------------------------------------------- semiparametric corrections
+
+
+def _check_correction(loss: str, correction, valid: tuple[str, ...], eps: float, smoothing: float) -> None:
+    if correction is not None and correction not in valid:
+        raise ValueError(f"{loss}: unknown correction {correction!r}; valid: {', '.join(valid)} (or None)")
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"eps must be in (0, 1), got {eps}")
+    _check_unit_interval("smoothing", smoothing)
+
+
+def _corrected_setup(loss, correction, student_logits, teacher_logits, labels, mask, standardize, ignore_index):
+    """(counted positions, one-hot labels [..., C], dense teacher) for a corrected loss, or a one-line ValueError."""
+    if isinstance(teacher_logits, SparseLogits):
+        raise ValueError(f"{loss}: correction={correction!r} needs dense teacher logits (p̂ of every class), "
+                         "not a top-k SparseLogits teacher")
+    if standardize:
+        raise ValueError(f"{loss}: correction={correction!r} needs standardize=False (p̂ is the teacher's own softmax)")
+    if labels is None:
+        raise ValueError(f"{loss}: correction={correction!r} needs labels= (class ids of the leading shape)")
+    valid, safe = _label_positions(labels, mask, student_logits, ignore_index)
+    n_classes = student_logits.shape[-1]
+    bad = valid & ((safe < 0) | (safe >= n_classes))
+    if bool(bad.any()):
+        raise ValueError(f"{loss}: labels must be class ids in [0, {n_classes}) at counted positions, "
+                         f"got {int(safe[bad][0])}")
+    safe = torch.where(valid, safe, torch.zeros_like(safe))
+    return valid, F.one_hot(safe, n_classes), teacher_logits
+
+
+def _teacher_probs(teacher: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """p̂ = softmax(teacher) at temperature 1, shrunk toward uniform by ``smoothing``."""
+    p = F.softmax(teacher, dim=-1)
+    if smoothing > 0:
+        p = (1.0 - smoothing) * p + smoothing / teacher.shape[-1]
+    return p
 
 
 # --------------------------------------------------------------------------- decoupled losses
@@ -492,6 +672,7 @@ LOGIT_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "skew_forward_kl": skew_forward_kl,
     "skew_reverse_kl": skew_reverse_kl,
     "total_variation": total_variation,
+    "logit_mse": logit_mse,
     "decoupled_kd": decoupled_kd,
     "correlation_aware_kd": correlation_aware_kd,
 }

@@ -204,7 +204,8 @@ class SteppingStones(nn.Module):
         kd = kwargs.get("kd_loss", "forward_kl")
         if kd not in LOGIT_LOSSES:
             raise KDForgeError(f"term '{self.label}': unknown kd_loss '{kd}'; valid: {', '.join(sorted(LOGIT_LOSSES))}")
-        if "labels" in inspect.signature(LOGIT_LOSSES[kd]).parameters:
+        labels_param = inspect.signature(LOGIT_LOSSES[kd]).parameters.get("labels")
+        if labels_param is not None and labels_param.default is inspect.Parameter.empty:  # optional: forward_kl
             raise KDForgeError(f"term '{self.label}': kd_loss '{kd}' needs labels; use a teacher-vs-student loss")
         self.teacher = blocks_of(teacher, "teacher")  # a plain object: the teacher is never registered here
         student_kind = blocks_of(student, "student").kind
