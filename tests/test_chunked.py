@@ -9,7 +9,8 @@ from kdforge.losses.logits import LOGIT_LOSSES, cross_entropy
 from kdforge.losses.sparse import SparseLogits
 
 B, T, D, V, K = 2, 7, 6, 11, 4
-FAST = ("forward_kl", "cross_entropy")
+FAST = ("forward_kl", "reverse_kl", "generalized_jsd", "total_variation", "decoupled_kd", "correlation_aware_kd",
+        "cross_entropy")  # closed-form gradients for dense teachers; forward KL also for bucket/renormalize
 KWARGS = {
     "generalized_jsd": {"beta": 0.3},
     "skew_forward_kl": {"alpha": 0.2},
@@ -96,6 +97,113 @@ def test_fast_path_hands_unusual_inputs_to_the_generic_path():
     sparse = SparseLogits.from_dense(teacher, K)
     with pytest.raises(ValueError, match="cached at temperature"):
         chunked_logit_loss("forward_kl", hidden, weight, sparse, mask=mask, temperature=2.0)
+
+
+# Each closed-form path with the options that change its formula; the generic path is made to fail, so a silent
+# fallback cannot pass for a closed form.
+FAST_CASES = [
+    ("forward_kl", {"standardize": True}),
+    ("reverse_kl", {}),
+    ("reverse_kl", {"standardize": True}),
+    ("generalized_jsd", {"beta": 0.3}),
+    ("generalized_jsd", {"beta": 0.0}),
+    ("generalized_jsd", {"beta": 1.0}),
+    ("generalized_jsd", {"beta": 0.7, "standardize": True}),
+    ("total_variation", {}),
+    ("total_variation", {"standardize": True}),
+    ("decoupled_kd", {"alpha": 0.7, "beta": 2.0, "warmup": 0.5}),
+    ("decoupled_kd", {"standardize": True}),
+    ("correlation_aware_kd", {"strong_k": 3, "w_binary": 0.5, "w_strong": 2.0, "w_weak": 3.0}),
+    ("correlation_aware_kd", {"strong_k": 1, "scale_by_teacher_mass": False, "w_strong": 2.0, "w_weak": 3.0}),
+    ("correlation_aware_kd", {"strong_k": 4, "standardize": True}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", FAST_CASES, ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k in FAST_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_closed_form_gradients_equal_unchunked_without_the_generic_path(name, kwargs, dtype, monkeypatch):
+    """Masked rows, an ignore_index label, T = 1 and 2.5, chunks of 3 and 5 rows (14 rows: uneven splits)."""
+    from kdforge.losses import chunked
+
+    hidden, weight, b, teacher, labels, mask = _inputs(dtype)
+    extra = {"labels": labels} if name == "decoupled_kd" else {}
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    for temperature, chunk in ((1.0, 3), (2.5, 5)):
+        kw = {**kwargs, "temperature": temperature}
+        ref = LOGIT_LOSSES[name](hidden @ weight.T + b, teacher, mask=mask, **extra, **kw)
+        generic = chunked_logit_loss(name, hidden, weight, teacher, bias=b, mask=mask, chunk_size=chunk, fast=False,
+                                     **extra, **kw)
+        with monkeypatch.context() as m:
+            m.setattr(chunked._Plan, "_generic", lambda *a: pytest.fail(f"{name} {kw} fell back to the generic path"))
+            got = chunked_logit_loss(name, hidden, weight, teacher, bias=b, mask=mask, chunk_size=chunk, **extra, **kw)
+        for other in (ref, generic):
+            torch.testing.assert_close(got, other.to(got.dtype), **tol)
+        expected = _grads(ref, hidden, weight, b)
+        for a, g, r in zip(_grads(got, hidden, weight, b), _grads(generic, hidden, weight, b), expected):
+            torch.testing.assert_close(a, r, **tol)
+            torch.testing.assert_close(g, r, **tol)
+
+
+@pytest.mark.parametrize("name", FAST[:-1])
+def test_closed_forms_hand_edge_cases_to_the_generic_path(name):
+    """-inf teacher and student slots, a teacher sure of the label (DKD) or of its strong group (CAKD), strong_k >= V,
+    and chunks where a term counts no row: all equal the unchunked loss, through a closed form or the generic path."""
+    hidden, weight, b, teacher, labels, mask = _inputs(torch.float64)
+    kwargs = dict(KWARGS.get(name, {}), temperature=1.5)
+    labels = labels.clone()
+    labels[0, :5] = -100  # with chunk 2: chunks in which DKD counts no row while a forward KL term does
+    sure = teacher.clone()
+    sure.scatter_(-1, labels.clamp_min(0).unsqueeze(-1), 1e4)  # p_label = 1: no mass off the label
+    peaked = teacher.clone()
+    peaked.scatter_(-1, labels.clamp_min(0).unsqueeze(-1), 200.0)  # 1 - p_label ~ e^-200: no cancellation allowed
+    inf_teacher = teacher.clone()
+    inf_teacher[..., 3] = float("-inf")
+    neg_bias = b.detach().clone()
+    neg_bias[5] = float("-inf")  # a student slot that is ruled out where the teacher also is (below)
+    inf_both = inf_teacher.clone()
+    inf_both[..., 5] = float("-inf")
+    cases = [(teacher, b, kwargs), (sure, b, kwargs), (peaked, b, kwargs), (inf_teacher, b, kwargs), (inf_both, neg_bias, kwargs),
+             (teacher, b, {**kwargs, "standardize": True})]
+    if name == "correlation_aware_kd":
+        cases += [(teacher, b, {**kwargs, "strong_k": V}), (teacher, b, {**kwargs, "strong_k": V + 3})]
+    if name == "generalized_jsd":
+        cases += [(inf_teacher, b, {**kwargs, "beta": 0.0}), (inf_both, neg_bias, {**kwargs, "beta": 1.0})]
+    for t, bias, kw in cases:
+        extra = {"labels": labels} if name == "decoupled_kd" else {}
+        terms = [ChunkedTerm(name, 1.0, kw), ChunkedTerm("cross_entropy", 0.5)]
+        total, _ = chunked_logit_terms(terms, hidden, weight, t, bias=bias, mask=mask, labels=labels, chunk_size=2)
+        logits = hidden @ weight.T + bias
+        ref = LOGIT_LOSSES[name](logits, t, mask=mask, **extra, **kw) + 0.5 * cross_entropy(logits, labels, mask=mask)
+        torch.testing.assert_close(total, ref)
+        if torch.isfinite(ref):
+            for a, r in zip(_grads(total, hidden, weight), _grads(ref, hidden, weight)):
+                torch.testing.assert_close(a, r)
+
+
+def test_terms_with_different_closed_forms_share_the_chunk_softmaxes():
+    """Nine terms at two temperatures, standardized or not, in one pass: fast equals generic equals unchunked."""
+    hidden, weight, b, teacher, labels, mask = _inputs(torch.float64)
+    specs = [("cross_entropy", 0.3, {}), ("forward_kl", 0.7, {"temperature": 2.0}),
+             ("forward_kl", 0.2, {"temperature": 2.0, "standardize": True}),
+             ("reverse_kl", 0.1, {"temperature": 2.0}), ("generalized_jsd", 0.4, {"beta": 0.4, "temperature": 2.0}),
+             ("total_variation", 0.6, {"standardize": True, "temperature": 2.0}),
+             ("decoupled_kd", 0.1, {"temperature": 2.0, "warmup": 0.3}),
+             ("correlation_aware_kd", 0.5, {"strong_k": 2, "standardize": True}),
+             ("skew_forward_kl", 0.2, {"temperature": 2.0})]  # no closed form: the generic path in the same chunk
+    terms = [ChunkedTerm(n, w, kw) for n, w, kw in specs]
+    logits = hidden @ weight.T + b
+    parts = [cross_entropy(logits, labels, mask=mask) if n == "cross_entropy" else
+             LOGIT_LOSSES[n](logits, teacher, mask=mask, **({"labels": labels} if n == "decoupled_kd" else {}), **kw)
+             for n, _, kw in specs]
+    ref = sum(w * v for (_, w, _), v in zip(specs, parts))
+    expected = _grads(ref, hidden, weight, b)
+    for fast in (True, False):
+        total, values = chunked_logit_terms(terms, hidden, weight, teacher, bias=b, mask=mask, labels=labels,
+                                            chunk_size=4, fast=fast)
+        torch.testing.assert_close(total, ref)
+        torch.testing.assert_close(values, torch.stack(parts).detach())
+        for a, r in zip(_grads(total, hidden, weight, b), expected):
+            torch.testing.assert_close(a, r)
 
 
 def test_several_terms_share_one_pass_and_report_unweighted_values():
@@ -217,7 +325,7 @@ def test_terms_sharing_one_softmax_equal_the_generic_path(sparse):
 
 
 @pytest.mark.parametrize("transform", [dict(softcap=3.0), dict(scale=0.25), dict(scale=2.0, softcap=1.5)])
-@pytest.mark.parametrize("name", ["cross_entropy", "forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("name", ["cross_entropy", *FAST[:-1]])
 def test_a_logit_transform_is_applied_in_every_chunk(transform, name):
     """Soft-capped / scaled logits, fast and generic paths: value and gradients equal the direct computation."""
     from kdforge.lm_head import LogitTransform
@@ -234,8 +342,10 @@ def test_a_logit_transform_is_applied_in_every_chunk(transform, name):
         got = chunked_logit_loss(name, hidden, weight, bias=b, mask=mask, labels=labels, chunk_size=3,
                                  logit_transform=tf)
     else:
-        ref = LOGIT_LOSSES[name](logits, teacher, mask=mask)
-        got = chunked_logit_loss(name, hidden, weight, teacher, bias=b, mask=mask, chunk_size=3, logit_transform=tf)
+        extra = {"labels": labels} if name == "decoupled_kd" else {}
+        ref = LOGIT_LOSSES[name](logits, teacher, mask=mask, **extra, **KWARGS.get(name, {}))
+        got = chunked_logit_loss(name, hidden, weight, teacher, bias=b, mask=mask, chunk_size=3, logit_transform=tf,
+                                 **extra, **KWARGS.get(name, {}))
     torch.testing.assert_close(got, ref)
     for a, r in zip(_grads(got, hidden, weight, b), _grads(ref, hidden, weight, b)):
         torch.testing.assert_close(a, r)

@@ -13,11 +13,16 @@ fold it into ``grad_hidden[chunk] = g @ W`` and ``grad_W += g.T @ hidden[chunk]`
 are then dropped. The backward pass only scales the stored gradients by the incoming grad_output (in place; one
 backward per forward).
 
-``g`` comes from one of two places. ``forward_kl`` (dense teachers and the "bucket"/"renormalize" sparse policies)
-and ``cross_entropy`` have short closed-form gradients (``T·(q - p)``, ``softmax - onehot``), computed directly with
-2-4 buffers of ``[chunk, V]``; every other loss (and these in unusual cases: ``standardize``, the "uniform" policy,
-non-finite logits) runs the unchanged function of :mod:`kdforge.losses.logits` under autograd on the chunk, so no
-hand-written gradient exists for it to get wrong. The tests check both against the unchunked losses.
+``g`` comes from one of two places. Most logit losses have short closed-form gradients w.r.t. the chunk's logits,
+computed directly with a few buffers of ``[chunk, V]`` that the terms of a chunk share (one student log-softmax and
+softmax per temperature): ``cross_entropy`` (``softmax - onehot``), ``forward_kl`` (``T·(q - p)``; dense teachers
+and the "bucket"/"renormalize" sparse policies), and for dense teachers ``reverse_kl``, ``generalized_jsd`` (any β),
+``total_variation``, ``decoupled_kd`` and ``correlation_aware_kd``; each with ``standardize=True`` too (the gradient
+w.r.t. the z-scored logits is chained through the z-scoring's Jacobian once per chunk). The derivations are in the
+comments of each ``_fast_*`` function. Everything else — the skew KLs, a sparse teacher for the losses after
+``forward_kl``, the "uniform" policy, and unusual inputs (non-finite logits, a teacher with no mass where a formula
+divides by it) — runs the unchanged function of :mod:`kdforge.losses.logits` under autograd on the chunk. The tests
+check both against the unchunked losses, and check that the closed forms do not fall back on ordinary inputs.
 
 This is the approach of Liger-Kernel's fused linear losses. The alternative, keeping only the hidden states and
 recomputing each chunk's logits in backward, costs a 4th ``N×D×V`` matmul per step (forward logits twice) — about a
@@ -47,7 +52,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..lm_head import LogitTransform, check_logit_transform
-from .logits import LABEL_LOSSES, LOGIT_LOSSES, cross_entropy, forward_kl
+from .logits import (LABEL_LOSSES, LOGIT_LOSSES, correlation_aware_kd, cross_entropy, decoupled_kd, forward_kl,
+                     generalized_jsd, reverse_kl, total_variation)
 from .sparse import SparseLogits, check_policy, check_temperature, compute_dtype, log1mexp, safe_logsumexp
 
 Teacher = torch.Tensor | SparseLogits
@@ -91,57 +97,176 @@ def _flat(x: torch.Tensor, lead: torch.Size, what: str) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- closed-form fast paths
 #
-# For the most used terms the gradient w.r.t. the logits has a short closed form. The terms of one chunk share one
-# log-softmax (and softmax) of the student per temperature, and add their gradients into one buffer, so a CE +
-# forward-KL objective takes ~5 buffers of [chunk, V] and ~10 passes over them, where autograd through the generic
-# functions keeps ~20 (sanitising, log-softmaxes, the KL's masks). Each fast path returns the sum of its term over
-# the chunk's counted rows — exactly the generic function's value — after adding coeff · d(sum)/dz to the shared
+# For the logit losses the gradient w.r.t. the logits has a short closed form. The terms of one chunk share one
+# log-softmax (and softmax) of the student per (temperature, standardize), and add their gradients into one buffer, so
+# a CE + forward-KL objective takes ~5 buffers of [chunk, V] and ~10 passes over them, where autograd through the
+# generic functions keeps ~20 (sanitising, log-softmaxes, the KL's masks). Each fast path returns the sum of its term
+# over the chunk's counted rows — exactly the generic function's value — after adding coeff · d(sum)/dz to the shared
 # gradient, or None (before touching the gradient) to hand the term to the generic path: unusual inputs such as
-# -inf logits (a non-finite value), standardize, the "uniform" policy.
+# -inf logits (a non-finite value), a teacher with no mass where a formula divides by it, the "uniform" policy.
+#
+# Notation (every loss): u = the logits the softmax sees before the temperature (z, or z standardized), s = u / T,
+# q = softmax(s) (student), p = the teacher's softmax at T, L = T² · D(p, q). So dL/du = T · dD/ds, and for a D that
+# depends on s through q only, dD/ds_j = q_j · (g_j - Σ_i q_i g_i) with g = dD/dq (the softmax's Jacobian).
 #
 # Every row of a chunk is counted by at least one term (the plan drops the others), so the shared softmax needs no
 # sanitising; each term masks its own rows out of its value and gradient, and sanitises its own teacher rows.
 
+_EPS_STD = 1e-7  # standardize_logits' eps
+
+
+def _standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`kdforge.losses.sparse.standardize_logits` of rows that are all finite: (y, mean, std, var) per row.
+
+    y = (x - mean) / (std + eps), std = sqrt(max(var, 1e-12)), var = Σ(x - mean)² / (n - 1). A non-finite row gives a
+    non-finite mean; the callers then take the generic path (which z-scores over the finite entries only).
+    """
+    n = x.shape[-1]
+    mean = x.sum(-1, keepdim=True) / n
+    dev = x - mean
+    var = torch.linalg.vecdot(dev, dev).unsqueeze(-1) / max(n - 1, 1)
+    std = var.clamp_min(1e-12).sqrt()
+    return dev.div_(std + _EPS_STD), mean, std, var
+
+
+def _standardize_backward(g: torch.Tensor, y: torch.Tensor, std: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """dL/dx from g = dL/dy for y = _standardize(x) (in place on g).
+
+    With d = x - mean (Σd = 0) and σ = std: dd_i/dx_k = δ_ik - 1/n, dσ/dx_k = d_k / ((n-1)·σ) (0 where var was clamped),
+    dy_i/dσ = -d_i / (σ+ε)². So dL/dx = (g - mean(g)) / (σ+ε) - (g·y) · y / ((n-1)·σ).
+    """
+    n = g.shape[-1]
+    gy = torch.linalg.vecdot(g, y).unsqueeze(-1)
+    spread = torch.where(var > 1e-12, gy / ((n - 1) * std), 0.0) if n > 1 else torch.zeros_like(gy)
+    g.sub_(g.mean(-1, keepdim=True)).div_(std + _EPS_STD)
+    return g.addcmul_(y, spread, value=-1.0)
+
 
 class _ChunkState:
-    """The chunk's logits z, the student's (log-)softmax per temperature, and the gradient being accumulated."""
+    """The chunk's logits z, the student's (log-)softmax per (temperature, standardize), the gradient being summed.
+
+    Gradients w.r.t. the standardized logits are summed apart (one buffer per dtype) and chained through the
+    z-scoring's Jacobian once, in :meth:`gradient`.
+    """
 
     def __init__(self, z: torch.Tensor, want_grad: bool):
         self.z = z
         self.want_grad = want_grad
-        self.grad: torch.Tensor | None = None
+        self._grads: dict[torch.dtype | None, torch.Tensor] = {}  # None: d/dz; a dtype: d/dy, y = z standardized
         self._log_q: dict[tuple, torch.Tensor] = {}
         self._q: dict[tuple, torch.Tensor] = {}
+        self._std: dict[torch.dtype, tuple] = {}
 
-    def log_q(self, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-        key = (temperature, dtype)
+    def standardized(self, dtype: torch.dtype) -> tuple | None:
+        """(y, mean, std, var) of the z-scored chunk, or None if a row is not finite (the generic path's case)."""
+        if dtype not in self._std:
+            self._std[dtype] = _standardize(self.z.to(dtype))
+        stats = self._std[dtype]
+        return stats if bool(torch.isfinite(stats[1]).all()) else None
+
+    def log_q(self, temperature: float, dtype: torch.dtype, standardize: bool = False) -> torch.Tensor:
+        key = (temperature, dtype, standardize)
         if key not in self._log_q:
-            s = self.z.to(dtype)
+            s = self._std[dtype][0] if standardize else self.z.to(dtype)
             self._log_q[key] = torch.log_softmax(s / temperature if temperature != 1 else s, dim=-1)
         return self._log_q[key]
 
-    def q(self, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-        key = (temperature, dtype)
+    def q(self, temperature: float, dtype: torch.dtype, standardize: bool = False) -> torch.Tensor:
+        key = (temperature, dtype, standardize)
         if key not in self._q:
-            self._q[key] = self.log_q(temperature, dtype).exp()
+            self._q[key] = self.log_q(temperature, dtype, standardize).exp()
         return self._q[key]
 
-    def add_rows(self, x: torch.Tensor, factor: torch.Tensor) -> None:
-        """grad += x · factor[:, None]"""
+    def add_rows(self, x: torch.Tensor, factor: torch.Tensor, std: torch.dtype | None = None) -> None:
+        """grad += x · factor[:, None]  (std: the dtype of the standardized logits the gradient is w.r.t.)"""
         f = factor.unsqueeze(-1)
-        if self.grad is None:
-            self.grad = x * f
+        grad = self._grads.get(std)
+        if grad is None:
+            self._grads[std] = x * f
         else:
-            self.grad.addcmul_(x.to(self.grad.dtype), f.to(self.grad.dtype))
+            grad.addcmul_(x.to(grad.dtype), f.to(grad.dtype))
 
-    def scatter_add(self, ids: torch.Tensor, values: torch.Tensor) -> None:
+    def scatter_add(self, ids: torch.Tensor, values: torch.Tensor, std: torch.dtype | None = None) -> None:
         """grad[row, ids[row, j]] += values[row, j]"""
-        if self.grad is None:
-            self.grad = torch.zeros(self.z.shape, dtype=values.dtype, device=self.z.device)
-        self.grad.scatter_add_(-1, ids, values.to(self.grad.dtype))
+        grad = self._grads.get(std)
+        if grad is None:
+            grad = self._grads[std] = torch.zeros(self.z.shape, dtype=values.dtype, device=self.z.device)
+        grad.scatter_add_(-1, ids, values.to(grad.dtype))
+
+    def gradient(self) -> torch.Tensor | None:
+        """d(Σ coeff·value)/dz of the fast terms (None if none added any)."""
+        grad = self._grads.pop(None, None)
+        for dtype, g in self._grads.items():
+            y, _, std, var = self._std[dtype]
+            g = _standardize_backward(g, y, std, var)
+            grad = g if grad is None else grad.add_(g.to(grad.dtype))
+        self._grads.clear()
+        return grad
 
 
-def _fast_cross_entropy(st: _ChunkState, labels, valid, coeff, kwargs):
+@dataclass
+class _Dense:
+    """What a fast path on a dense teacher starts from: log p (its own buffer) and the shared log q."""
+
+    temperature: float
+    dtype: torch.dtype
+    standardize: bool
+    log_p: torch.Tensor
+    log_q: torch.Tensor
+
+    @property
+    def std(self) -> torch.dtype | None:  # the key of the gradient buffer these logits feed
+        return self.dtype if self.standardize else None
+
+
+def _dense(st: _ChunkState, teacher, valid, kwargs, allowed: set[str]) -> _Dense | None:
+    """The student's and a dense teacher's log-probs at the term's temperature (z-scored first with ``standardize``),
+    uncounted teacher rows made uniform; None (the generic path) for a sparse teacher, an unknown keyword, or a
+    non-finite row to standardize."""
+    if set(kwargs) - allowed or isinstance(teacher, SparseLogits):
+        return None
+    temperature = float(kwargs.get("temperature", 1.0))
+    check_temperature(temperature)
+    check_policy(kwargs.get("missing_mass", "bucket"))  # no effect on a dense teacher, but checked as generic does
+    standardize = bool(kwargs.get("standardize", False))
+    dtype = compute_dtype(st.z, teacher)
+    t = teacher.to(dtype)
+    if not bool(valid.all()):
+        t = torch.where(valid.unsqueeze(-1), t, 0.0)
+    if standardize:
+        t, mean, _, _ = _standardize(t)
+        if not bool(torch.isfinite(mean).all()) or st.standardized(dtype) is None:
+            return None
+    log_p = torch.log_softmax(t / temperature, dim=-1)
+    return _Dense(temperature, dtype, standardize, log_p, st.log_q(temperature, dtype, standardize))
+
+
+def _finite_sum(rows: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """scale · Σ rows over the counted rows; None if any row (counted or not) is not finite: its gradient would be
+    NaN too, and the generic path treats 0·log 0 as 0."""
+    if not bool(torch.isfinite(rows).all()):
+        return None
+    return torch.where(valid, rows, 0.0).sum() * scale
+
+
+def _logsumexp_except(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """logsumexp over each row of x without the entries ids (log(1 - mass of ids) with no 1 - x cancellation).
+
+    x is a shared buffer: the ids are set to -inf for the reduction and restored exactly, instead of copying [chunk, V].
+    """
+    saved = x.gather(-1, ids)
+    x.scatter_(-1, ids, -math.inf)
+    out = torch.logsumexp(x, dim=-1)
+    x.scatter_(-1, ids, saved)
+    return out
+
+
+def _xlogy_diff(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """a · (log a - log b) with 0 where a = 0: one outcome of a KL."""
+    return torch.where(a > 0, a * (log_a - log_b), 0.0)
+
+
+def _fast_cross_entropy(st: _ChunkState, teacher, labels, valid, coeff, kwargs):
     if set(kwargs) - {"ignore_index"}:
         return None
     dtype = compute_dtype(st.z)
@@ -154,37 +279,35 @@ def _fast_cross_entropy(st: _ChunkState, labels, valid, coeff, kwargs):
     return value
 
 
-def _fast_forward_kl(st: _ChunkState, teacher, valid, coeff, kwargs):
-    if set(kwargs) - {"temperature", "missing_mass", "standardize"} or kwargs.get("standardize"):
+def _fast_forward_kl(st: _ChunkState, teacher, labels, valid, coeff, kwargs):
+    """KL(p || q)·T²: dL/du = T·(q - p). Dense (with or without standardize), "bucket" and "renormalize" teachers."""
+    if set(kwargs) - {"temperature", "missing_mass", "standardize"}:
         return None
+    if not isinstance(teacher, SparseLogits):
+        d = _dense(st, teacher, valid, kwargs, {"temperature", "missing_mass", "standardize"})
+        if d is None:
+            return None
+        p = d.log_p.exp()
+        value = _finite_sum(torch.linalg.vecdot(p, d.log_p.sub_(d.log_q)), valid, d.temperature**2)
+        if value is not None and st.want_grad:
+            weight = valid.to(d.dtype) * (coeff * d.temperature)
+            st.add_rows(st.q(d.temperature, d.dtype, d.standardize), weight, d.std)
+            st.add_rows(p, -weight, d.std)
+        return value
+    if kwargs.get("standardize"):
+        return None  # the generic path refuses it with its message
     temperature = float(kwargs.get("temperature", 1.0))
     policy = kwargs.get("missing_mass", "bucket")
     check_temperature(temperature)
     check_policy(policy)
-    sparse = isinstance(teacher, SparseLogits)
-    dtype = compute_dtype(st.z, teacher.logits if sparse else teacher)
+    dtype = compute_dtype(st.z, teacher.logits)
     keep = valid.unsqueeze(-1)
-    if sparse and policy == "renormalize":
+    if policy == "renormalize":
         return _fast_forward_kl_renormalize(st, teacher, valid, coeff, temperature, dtype)
-    if sparse and (policy != "bucket" or teacher.logsumexp is None or teacher.k >= st.z.shape[-1]
-                   or not math.isclose(teacher.lse_temperature, temperature, rel_tol=1e-6)):
+    if (policy != "bucket" or teacher.logsumexp is None or teacher.k >= st.z.shape[-1]
+            or not math.isclose(teacher.lse_temperature, temperature, rel_tol=1e-6)):
         return None  # uniform / no tail / errors: the generic path (and its messages)
     log_q = st.log_q(temperature, dtype)
-    if not sparse:
-        t = teacher.to(dtype)
-        log_p = (t / temperature) if bool(valid.all()) else torch.where(keep, t, 0.0) / temperature
-        log_p -= torch.logsumexp(log_p, dim=-1, keepdim=True)
-        p = log_p.exp()
-        rows = torch.linalg.vecdot(p, log_p.sub_(log_q))
-        del log_p
-        value = torch.where(valid, rows, 0.0).sum() * temperature**2
-        if not bool(torch.isfinite(value)):  # -inf slots (0·inf): the generic path treats 0·log 0 as 0
-            return None
-        if st.want_grad:  # T·(q - p)
-            weight = valid.to(dtype) * (coeff * temperature)
-            st.add_rows(st.q(temperature, dtype), weight)
-            st.add_rows(p, -weight)
-        return value
 
     # bucket: support = the k ids + "everything else"
     ids = torch.where(keep, teacher.ids.long(), torch.arange(teacher.k, device=st.z.device))
@@ -227,7 +350,168 @@ def _fast_forward_kl_renormalize(st: _ChunkState, teacher, valid, coeff, tempera
     return value
 
 
-_FAST: dict[Callable, Callable] = {cross_entropy: _fast_cross_entropy, forward_kl: _fast_forward_kl}
+_POINTWISE = {"temperature", "missing_mass", "standardize"}
+
+
+def _fast_generalized_jsd(st: _ChunkState, teacher, labels, valid, coeff, kwargs):
+    """JSD_β·T² for dense teachers (sparse: the generic path). β = 0 is forward KL, β = 1 reverse KL, as generic.
+
+    m = βp + (1-β)q, JSD_β = β·KL(p||m) + (1-β)·KL(q||m). With dm_j/dq_j = 1-β:
+      dJSD/dq_j = -β(1-β)·p_j/m_j + (1-β)·(log(q_j/m_j) + 1 - (1-β)·q_j/m_j) = (1-β)·log(q_j/m_j)
+    (the p_j and q_j terms add to (1-β)·m_j/m_j, cancelling the +1), so with ℓ = log q - log m:
+      dJSD/ds_j = (1-β)·q_j·(ℓ_j - Σ_i q_i ℓ_i) = (1-β)·q_j·(ℓ_j - KL(q||m)),  dL/du = T·dJSD/ds.
+    Reverse KL (β = 1) is the same form with m = p and weight 1: dKL(q||p)/ds_j = q_j·(ℓ_j - KL(q||p)).
+    """
+    beta = float(kwargs.get("beta", 0.5))
+    rest = {k: v for k, v in kwargs.items() if k != "beta"}
+    if not 0.0 <= beta <= 1.0:
+        return None  # the generic path raises
+    if beta == 0:
+        return _fast_forward_kl(st, teacher, labels, valid, coeff, rest)
+    d = _dense(st, teacher, valid, rest, _POINTWISE)
+    if d is None:
+        return None
+    q = st.q(d.temperature, d.dtype, d.standardize)
+    if beta == 1:
+        ell = d.log_p.neg_().add_(d.log_q)  # log q - log p, in the teacher's buffer
+        rows = kl_qm = torch.linalg.vecdot(q, ell)  # NaN where q = 0 and p = 0 (both -inf): the generic path
+        weight_q = 1.0
+    else:
+        p = d.log_p.exp()
+        log_m = (p * beta).add_(q, alpha=1.0 - beta).log_()
+        kl_pm = torch.linalg.vecdot(p, d.log_p.sub_(log_m))
+        del p
+        ell = log_m.neg_().add_(d.log_q)
+        kl_qm = torch.linalg.vecdot(q, ell)
+        rows = beta * kl_pm + (1.0 - beta) * kl_qm
+        weight_q = 1.0 - beta
+    value = _finite_sum(rows, valid, d.temperature**2)
+    if value is not None and st.want_grad:
+        st.add_rows(ell.sub_(kl_qm.unsqueeze(-1)).mul_(q), valid.to(d.dtype) * (coeff * d.temperature * weight_q), d.std)
+    return value
+
+
+def _fast_reverse_kl(st: _ChunkState, teacher, labels, valid, coeff, kwargs):
+    """KL(q || p)·T²: dL/du_j = T·q_j·(log q_j - log p_j - KL(q||p)) (see _fast_generalized_jsd). Dense teachers."""
+    if "beta" in kwargs:
+        return None
+    return _fast_generalized_jsd(st, teacher, labels, valid, coeff, {**kwargs, "beta": 1.0})
+
+
+def _fast_total_variation(st: _ChunkState, teacher, labels, valid, coeff, kwargs):
+    """½Σ|p - q|·T² for dense teachers (sparse: the generic path).
+
+    g_j = dTV/dq_j = ½·sign(q_j - p_j) (sign(0) = 0, like autograd's abs); dTV/ds_j = q_j·(g_j - Σ_i q_i g_i).
+    """
+    d = _dense(st, teacher, valid, kwargs, _POINTWISE)
+    if d is None:
+        return None
+    q = st.q(d.temperature, d.dtype, d.standardize)
+    diff = d.log_p.exp_().sub_(q).neg_()  # q - p, in the teacher's buffer
+    value = _finite_sum(0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1), valid, d.temperature**2)
+    if value is not None and st.want_grad:
+        g = diff.sign_().mul_(0.5)
+        g.sub_(torch.linalg.vecdot(q, g).unsqueeze(-1)).mul_(q)
+        st.add_rows(g, valid.to(d.dtype) * (coeff * d.temperature), d.std)
+    return value
+
+
+def _fast_decoupled_kd(st: _ChunkState, teacher, labels, valid, coeff, kwargs):
+    """DKD, warmup·(α·TCKD + β·NCKD)·T², for dense teachers (a sparse one is densified by the generic path).
+
+    y = the label; b = [p_y, 1-p_y], c = [q_y, 1-q_y]; p̂, q̂ = the distributions over the classes j ≠ y.
+      TCKD = KL(b||c), a function of q_y: dTCKD/dq_y = (q_y - p_y) / (q_y·(1-q_y)), dq_y/ds_j = q_y·(δ_jy - q_j), so
+        dTCKD/ds_y = q_y - p_y and dTCKD/ds_j = -(q_y - p_y)·q̂_j (j ≠ y);
+      NCKD = KL(p̂||q̂), q̂ = softmax of s over j ≠ y (s_y drops out): dNCKD/ds_j = q̂_j - p̂_j (j ≠ y), 0 at y.
+      dL/du = warmup·T·(α·dTCKD/ds + β·dNCKD/ds).
+    1 - p_y and 1 - q_y are logsumexps over j ≠ y (no cancellation when p_y → 1); a teacher or student with no mass
+    off the label (NCKD undefined; generic: 0) gives a non-finite row and the generic path.
+    """
+    allowed = _POINTWISE | {"alpha", "beta", "warmup", "ignore_index"}
+    d = _dense(st, teacher, valid, kwargs, allowed)
+    if d is None:
+        return None
+    alpha, beta = float(kwargs.get("alpha", 1.0)), float(kwargs.get("beta", 8.0))
+    warmup = float(kwargs.get("warmup", 1.0))
+    target = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    lp, lq = d.log_p, d.log_q
+    lp_y, lq_y = lp.gather(-1, target).squeeze(-1), lq.gather(-1, target).squeeze(-1)
+    lp_rest, lq_rest = _logsumexp_except(lp, target), _logsumexp_except(lq, target)
+    gap = (lp - lq).scatter_(-1, target, 0.0)  # log p_j - log q_j off the label
+    p_hat = lp.sub_(lp_rest.unsqueeze(-1)).exp_().scatter_(-1, target, 0.0)  # in the teacher's buffer
+    nckd = torch.linalg.vecdot(p_hat, gap) - lp_rest + lq_rest  # Σ p̂·(log p - log q) - log(1-p_y) + log(1-q_y)
+    p_y, q_y = lp_y.exp(), lq_y.exp()
+    tckd = _xlogy_diff(p_y, lp_y, lq_y) + _xlogy_diff(lp_rest.exp(), lp_rest, lq_rest)
+    value = _finite_sum(warmup * (alpha * tckd + beta * nckd), valid, d.temperature**2)
+    if value is not None and st.want_grad:
+        w = valid.to(d.dtype) * (coeff * warmup * d.temperature)
+        q_hat = torch.sub(lq, lq_rest.unsqueeze(-1), out=gap).exp_().scatter_(-1, target, 0.0)
+        st.add_rows(q_hat, w * (beta - alpha * (q_y - p_y)), d.std)
+        st.add_rows(p_hat, -w * beta, d.std)
+        st.scatter_add(target, (w * alpha * (q_y - p_y)).unsqueeze(-1), d.std)
+    return value
+
+
+def _fast_correlation_aware_kd(st: _ChunkState, teacher, labels, valid, coeff, kwargs):
+    """CAKD, (w_b·BCD + w_s·c_S·SCD + w_w·c_W·WCD)·T², for dense teachers (sparse: the generic path).
+
+    S = the teacher's top-k classes, W = the others; P_G, Q_G = the teacher's/student's mass on group G, p̂_G, q̂_G the
+    distributions within G, c_G = P_G (scale_by_teacher_mass) or 1 — teacher constants.
+      BCD = KL([P_S, P_W] || [Q_S, Q_W]); dQ_S/ds_j = q_j·(1[j∈S] - Q_S), so for j ∈ G:
+        dBCD/ds_j = q_j·(1 - P_G/Q_G) (the coarse forward KL);
+      SCD, WCD = KL(p̂_G || q̂_G), q̂_G = softmax of s over G: d/ds_j = q̂_G,j - p̂_G,j for j ∈ G, 0 elsewhere.
+    Together, for j ∈ G: dLoss/ds_j = q_j·a_G - w_G·c_G·p̂_G,j with a_G = w_b + (w_G·c_G - w_b·P_G)/Q_G; dL/du = T·that.
+    A teacher with no mass on W (WCD undefined; generic: 0), strong_k >= V, or a -inf logit: the generic path.
+    """
+    allowed = _POINTWISE | {"strong_k", "w_binary", "w_strong", "w_weak", "scale_by_teacher_mass"}
+    strong_k = int(kwargs.get("strong_k", 10))
+    if strong_k < 1 or strong_k >= st.z.shape[-1]:
+        return None
+    d = _dense(st, teacher, valid, kwargs, allowed)
+    if d is None:
+        return None
+    w_b, w_s, w_w = (float(kwargs.get(k, 1.0)) for k in ("w_binary", "w_strong", "w_weak"))
+    lp, lq = d.log_p, d.log_q
+    top = lp.topk(strong_k, dim=-1).indices
+    lp_s, lq_s = lp.gather(-1, top), lq.gather(-1, top)
+    lP_S, lQ_S = torch.logsumexp(lp_s, -1), torch.logsumexp(lq_s, -1)
+    lP_W, lQ_W = _logsumexp_except(lp, top), _logsumexp_except(lq, top)
+    gap = (lp - lq).scatter_(-1, top, 0.0)  # log p_j - log q_j on W
+    p_hat_w = lp.sub_(lP_W.unsqueeze(-1)).exp_().scatter_(-1, top, 0.0)  # in the teacher's buffer
+    wcd = torch.linalg.vecdot(p_hat_w, gap) - lP_W + lQ_W
+    del gap
+    lp_hat_s, lq_hat_s = torch.log_softmax(lp_s, -1), torch.log_softmax(lq_s, -1)
+    p_hat_s = lp_hat_s.exp()
+    scd = _xlogy_diff(p_hat_s, lp_hat_s, lq_hat_s).sum(-1)
+    P_S, P_W, Q_S, Q_W = lP_S.exp(), lP_W.exp(), lQ_S.exp(), lQ_W.exp()
+    bcd = _xlogy_diff(P_S, lP_S, lQ_S) + _xlogy_diff(P_W, lP_W, lQ_W)
+    if kwargs.get("scale_by_teacher_mass", True):
+        c_s, c_w = P_S, P_W
+    else:
+        c_s, c_w = torch.ones_like(P_S), torch.ones_like(P_W)
+    value = _finite_sum(w_b * bcd + w_s * c_s * scd + w_w * c_w * wcd, valid, d.temperature**2)
+    if value is None or not st.want_grad:
+        return value
+    a_s, a_w = w_b + (w_s * c_s - w_b * P_S) / Q_S, w_b + (w_w * c_w - w_b * P_W) / Q_W
+    if not bool(torch.isfinite(a_s).all() and torch.isfinite(a_w).all()):
+        return None  # a group the student gives no mass: the generic path
+    f = valid.to(d.dtype) * (coeff * d.temperature)
+    st.add_rows(st.q(d.temperature, d.dtype, d.standardize), f * a_w, d.std)
+    st.add_rows(p_hat_w, -f * w_w * c_w, d.std)
+    on_s = lq_s.exp() * (a_s - a_w).unsqueeze(-1) - (w_s * c_s).unsqueeze(-1) * p_hat_s
+    st.scatter_add(top, f.unsqueeze(-1) * on_s, d.std)
+    return value
+
+
+_FAST: dict[Callable, Callable] = {
+    cross_entropy: _fast_cross_entropy,
+    forward_kl: _fast_forward_kl,
+    reverse_kl: _fast_reverse_kl,
+    generalized_jsd: _fast_generalized_jsd,
+    total_variation: _fast_total_variation,
+    decoupled_kd: _fast_decoupled_kd,
+    correlation_aware_kd: _fast_correlation_aware_kd,
+}
 
 
 class _Plan:
@@ -264,10 +548,10 @@ class _Plan:
         for i, (term, valid) in enumerate(zip(self.terms, self.valid)):
             fast = _FAST.get(term.fn) if self.fast else None
             if fast is not None:
-                values[i] = fast(state, labels if term.is_label_loss else teacher, valid[idx], coeffs[i], term.kwargs)
+                values[i] = fast(state, teacher, labels, valid[idx], coeffs[i], term.kwargs)
             if values[i] is None:
                 generic.append(i)
-        grad = state.grad
+        grad = state.gradient()
         del state  # the shared softmaxes
         if generic:
             leaf = z.detach().requires_grad_(want_grad)
