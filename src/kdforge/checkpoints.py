@@ -25,6 +25,7 @@ import torch
 
 from .errors import KDForgeError
 from .io import atomic_write_dir, disk_full_as_error
+from .rundir import set_aside
 
 log = logging.getLogger("kdforge")
 
@@ -191,3 +192,22 @@ def prune(out: Path, step: int, keep: int) -> None:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:160] if text else ""
+
+
+def rewind(out: Path, name: str) -> Path:
+    """Make checkpoint `name` (a folder name such as `step_00000040`, or its path) the run's newest: the later
+    checkpoints and the finished run's outputs (final.json, eval.json, student/) are set aside, not deleted."""
+    wanted = Path(name)
+    matches = [p for p in checkpoint_dirs(out) if p.name == wanted.name]
+    if not matches:
+        have = ", ".join(p.name for p in checkpoint_dirs(out)) or "none"
+        raise KDForgeError(f"--resume-from {name}: {out / 'checkpoints'} has no such checkpoint (it has: {have})")
+    chosen = matches[0]
+    try:
+        read_checkpoint(chosen)  # before anything moves
+    except DamagedCheckpoint as err:
+        raise KDForgeError(f"--resume-from {name}: {err}; choose another checkpoint") from None
+    later = [p for p in checkpoint_dirs(out) if step_of(p) > step_of(chosen)]
+    set_aside(out, later + [Path(out) / n for n in ("final.json", "eval.json", "student")])
+    log.info("rewound %s to %s", out, chosen.name)
+    return chosen

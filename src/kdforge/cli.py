@@ -92,8 +92,12 @@ def distill(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key, e.g. --set train.steps=50."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: the recipe's output_dir)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    resume_from: Optional[str] = typer.Option(None, "--resume-from", help="Rewind the run to this checkpoint "
+                                              "(e.g. step_00000040) and continue from it; what came after is moved "
+                                              "to superseded/."),
 ) -> None:
-    """Run a recipe: train the student against the teacher, checkpoint, evaluate. Rerun to resume."""
+    """Run a recipe: train the student against the teacher, checkpoint, evaluate. Rerun to resume; rerun with more
+    train.steps to extend a finished run."""
     from .recipe import load_recipe
 
     def body():
@@ -103,7 +107,7 @@ def distill(
 
         ok = False
         try:
-            path = train(r, progress=not no_progress, out=out)
+            path = train(r, progress=not no_progress, out=out, resume_from=resume_from)
             ok = True
         finally:  # under torchrun / accelerate launch: barrier, then tear the process group down
             end_distributed(success=ok)

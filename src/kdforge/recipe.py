@@ -241,6 +241,10 @@ class TrainSpec(_Strict):
             raise ValueError(f"must be true, false or auto, not {v!r}") from None
 
 
+# train.* keys that change when and where a run writes, not what it computes.
+BOOKKEEPING_KEYS = {"log_every", "save_every", "keep_checkpoints", "eval_every"}
+
+
 class Recipe(_Strict):
     name: str = "run"
     """The run's name (in reports and the manifest)."""
@@ -291,8 +295,11 @@ class Recipe(_Strict):
         return self
 
     def hash(self) -> str:
-        """Hash of everything that changes the result (output_dir excluded)."""
-        data = self.model_dump(mode="json", exclude={"output_dir"})
+        """Hash of what a run computes, step by step: bookkeeping (where and how often it logs, saves, evaluates) is
+        left out, and so is `train.steps`, so a run can be continued under new bookkeeping or extended to more steps
+        (kdforge.train decides what a change of steps means). The training data's contents are fingerprinted
+        separately, in the run's manifest."""
+        data = self.model_dump(mode="json", exclude={"output_dir": True, "train": BOOKKEEPING_KEYS | {"steps"}})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

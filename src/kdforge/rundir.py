@@ -109,3 +109,18 @@ def check_manifest(out: Path, recipe_hash: str, has_checkpoint: bool) -> bool:
     log.info("output dir %s holds the manifest of a run of another recipe (hash %s) that stopped before its first "
              "checkpoint; starting this recipe there instead", out, old)
     return True
+
+
+def set_aside(out: Path, paths: list[Path]) -> Path | None:
+    """Move what a run wrote (files or folders) into `out/superseded/<time>/`, keeping their names: a rewound or
+    extended run replaces them, and nothing a user may still want is deleted. Returns that folder (None: nothing
+    to move)."""
+    present = [p for p in paths if p.exists()]
+    if not present:
+        return None
+    folder = Path(out) / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in present:
+        os.replace(p, folder / p.name)
+    log.info("moved %s to %s", ", ".join(p.name for p in present), folder)
+    return folder

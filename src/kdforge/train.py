@@ -7,6 +7,7 @@ student/ (the final student, loadable with plain transformers) plus final.json (
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -38,13 +39,13 @@ from .errors import KDForgeError
 from .evaluate.metrics import evaluate_models
 from .checkpoints import (DamagedCheckpoint, apply_checkpoint, checkpoint_dirs, newest_intact, nonfinite,
                           read_checkpoint, save_checkpoint, step_of)
-from .checkpoints import latest_checkpoint  # noqa: F401 - kept importable from here
+from .checkpoints import latest_checkpoint, rewind  # noqa: F401 - latest_checkpoint: kept importable from here
 from .interrupts import StopRequested, StopSignals
 from .io import atomic_write_dir, atomic_write_json, atomic_write_text, disk_full_as_error, remove_temporaries
 from .models import build_student, count_parameters, load_teacher, load_tokenizer
 from .precision import manifest_entry as precision_entry
 from .recipe import ModelSpec, Recipe
-from .rundir import RunLock, check_manifest, make_output_dir
+from .rundir import RunLock, check_manifest, make_output_dir, read_manifest, set_aside
 
 log = logging.getLogger("kdforge")
 
@@ -106,7 +107,16 @@ def tokenize_corpus(recipe: Recipe, tokenizer) -> tuple[TokenBlocks, TokenBlocks
     return train, val
 
 
-def manifest(recipe: Recipe, world_size: int = 1) -> dict[str, Any]:
+def data_fingerprint(train_blocks: TokenBlocks, val_blocks: TokenBlocks) -> str:
+    """sha256 of the token ids a run trains and evaluates on: a resume on edited data files is refused by it."""
+    digest = hashlib.sha256()
+    for blocks in (train_blocks, val_blocks):
+        digest.update(str(tuple(blocks.ids.shape)).encode())
+        digest.update(blocks.ids.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def manifest(recipe: Recipe, world_size: int = 1, fingerprint: str | None = None) -> dict[str, Any]:
     import accelerate
     import transformers
 
@@ -120,6 +130,7 @@ def manifest(recipe: Recipe, world_size: int = 1) -> dict[str, Any]:
     return {
         "recipe": recipe.model_dump(mode="json"),
         "recipe_hash": recipe.hash(),
+        "data_fingerprint": fingerprint,
         "seed": recipe.seed,
         "versions": {"kdforge": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
                      "transformers": transformers.__version__, "accelerate": accelerate.__version__},
@@ -253,11 +264,15 @@ class _Progress:
 _DISK_HINT = "use an --out on a larger disk"
 
 
-def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, out: Path | None = None) -> Path:
+def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, out: Path | None = None,
+          resume_from: str | None = None) -> Path:
     """Run (or resume) the recipe's training and final evaluation. Returns the run directory.
 
     The main process holds the run folder's lock (kdforge.rundir) from start to end; SIGTERM and SIGINT stop the run
-    at a whole step and, in a single-process run, save a checkpoint there (kdforge.interrupts)."""
+    at a whole step and, in a single-process run, save a checkpoint there (kdforge.interrupts). A finished run whose
+    recipe now asks for more `train.steps` is extended from its last checkpoint (the learning-rate schedule then
+    spans the new step count). `resume_from` (a checkpoint folder name such as `step_00000040`, or its path) rewinds
+    the run to that checkpoint: what came after it is moved into `superseded/`, never deleted."""
     out = Path(out or recipe.output_dir)
     accelerator = make_accelerator(recipe)  # DDP / FSDP / DeepSpeed come from the launcher; see kdforge.distributed
     lock = RunLock(out) if accelerator.is_main_process else None  # all ranks share the folder: one lock, on rank 0
@@ -268,6 +283,8 @@ def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, 
             lock.acquire()
             for folder in (out, out / "checkpoints"):  # only kdforge writes here, and no other run does (the lock)
                 remove_temporaries(folder)
+            if resume_from is not None:
+                rewind(out, resume_from)
             new_manifest = check_manifest(out, recipe.hash(), has_checkpoint=bool(checkpoint_dirs(out)))
         except (KDForgeError, OSError) as err:
             error = str(err)
@@ -289,9 +306,24 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
     is_main = accelerator.is_main_process
     world = accelerator.num_processes
     if (out / "final.json").is_file():
+        finished = int(json.loads((out / "final.json").read_text()).get("step", recipe.train.steps))
+        if recipe.train.steps < finished:
+            raise KDForgeError(f"{out} finished {finished} steps, so train.steps={recipe.train.steps} cannot shorten "
+                               f"it; extend it (train.steps > {finished}), rewind it with --resume-from, or use "
+                               "another --out")
+        if recipe.train.steps == finished:
+            if is_main:
+                log.info("%s is already finished; delete it or use another --out to retrain", out)
+            return out
+        if not checkpoint_dirs(out):
+            raise KDForgeError(f"{out} finished {finished} steps without keeping a checkpoint (train.save_every 0?), "
+                               "so it cannot be extended; retrain in another --out")
+        accelerator.wait_for_everyone()  # every rank has read final.json before rank 0 moves it
         if is_main:
-            log.info("%s is already finished; delete it or use another --out to retrain", out)
-        return out
+            set_aside(out, [out / "final.json", out / "eval.json"])
+            log.info("extending the finished run from %d to %d steps, from its last checkpoint (the learning-rate "
+                     "schedule now spans %d steps)", finished, recipe.train.steps, recipe.train.steps)
+        new_manifest = True  # it records the new step count
     set_seed(recipe.seed)
     if recipe.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -318,10 +350,20 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
                       if trainer_state is not None else 0)
     seconds_before = float(trainer_state.get("train_seconds", 0.0)) if trainer_state is not None else 0.0
     metrics_path = out / "metrics.jsonl"
+    fingerprint = data_fingerprint(blocks, setup.val_blocks)
+    changed = None
+    if is_main and not new_manifest and ckpt is not None:
+        recorded = (read_manifest(out) or {}).get("data_fingerprint")
+        if recorded is not None and recorded != fingerprint:
+            changed = (f"the data of {out} changed since the run started (its token fingerprint was {recorded}, now "
+                       f"{fingerprint}): resuming would train on other data; restore the files, or use another --out")
+    changed = broadcast_object(accelerator, changed)
+    if changed:
+        raise KDForgeError(changed)
     if is_main:
         _rewrite_metrics(metrics_path, start)
         if new_manifest:
-            atomic_write_json(out / "manifest.json", manifest(recipe, world))
+            atomic_write_json(out / "manifest.json", manifest(recipe, world, fingerprint))
     model, optimizer = accelerator.prepare(distiller, optimizer)
     unusable = [p for p in checkpoint_dirs(out) if step_of(p) > start]  # passed over above: damaged
     if unusable:
