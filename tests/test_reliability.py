@@ -416,3 +416,18 @@ def test_a_cache_build_removes_the_temporaries_of_a_killed_one(tiny_assets, tmp_
                     options=CacheOptions(k=8, shard_blocks=4, batch_size=4))
     assert not [p for p in leftovers if p.exists()] and "removed 2 temporary file(s)" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard_00000.safetensors", "shard_00001.safetensors"]
+
+
+def test_atomic_writes_get_the_usual_permissions_not_owner_only(tmp_path):
+    """Issue 16: final.json, the report and the student folder were mode 0600/0700, so a teammate could not open
+    them. Atomic writes now give what a plain open()/mkdir would under the user's umask."""
+    from kdforge.io import atomic_write_dir, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "final.json", "{}")
+        atomic_write_dir(tmp_path / "student", lambda d: (d / "config.json").write_text("{}"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "final.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "student").stat().st_mode & 0o777 == 0o755

@@ -65,11 +65,18 @@ def disk_full_as_error(path: str | Path, hint: str = "") -> Iterator[None]:
                             f"{' or ' + hint if hint else ''}, then rerun the same command") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_TAG}")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # what open() would give, not mkstemp's owner-only 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -94,6 +101,7 @@ def atomic_write_dir(path: str | Path, fill: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{TMP_TAG}"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # what mkdir would give, not mkdtemp's owner-only 0700
         fill(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
