@@ -216,3 +216,18 @@ def test_distiller_returns_detached_named_terms(tiny_recipe):
     assert set(terms) == {"cross_entropy", "forward_kl"}
     assert total.requires_grad and not any(v.requires_grad for v in terms.values())
     torch.testing.assert_close(total, 0.5 * terms["cross_entropy"] + 0.5 * terms["forward_kl"])
+
+
+def test_the_exported_student_carries_a_model_card_and_its_own_name(tiny_recipe):
+    """Issue 16: a model card (teacher, objective, data, held-out figures, kdforge version); config.json no longer
+    names the teacher the student's config was derived from."""
+    from kdforge import __version__
+
+    out = train(parse_recipe(tiny_recipe), progress=False)
+    card = (out / "student" / "README.md").read_text()
+    final = json.loads((out / "final.json").read_text())
+    assert f"kdforge {__version__}" in card and str(tiny_recipe["teacher"]["model"]) in card
+    assert "`cross_entropy` weight 0.5" in card and "`forward_kl` weight 0.5" in card
+    assert f"| held-out perplexity | {final['student']['perplexity']:.4g} | {final['teacher']['perplexity']:.4g} |" in card
+    config = json.loads((out / "student" / "config.json").read_text())
+    assert config.get("_name_or_path", "tiny") == "tiny"

@@ -501,16 +501,49 @@ def _periodic_eval(setup: Setup, out: Path, step: int, is_main: bool) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def model_card(recipe: Recipe, final: dict[str, Any]) -> str:
+    """The exported student's README.md: what it was distilled from, how, on what, and how well it does."""
+    from . import __version__
+
+    teacher = recipe.teacher.model if recipe.teacher is not None else "none (cross-entropy only)"
+    terms = "\n".join(f"- `{t.loss}` weight {t.weight:g}" + "".join(f", {k} {v}" for k, v in t.params.items())
+                      + (f", student `{t.student}` ← teacher `{t.teacher}`" if t.student else "")
+                      for t in recipe.objective)
+    rows = [("perplexity", "held-out perplexity"), ("bits_per_char", "bits per character"),
+            ("top1_agreement", "top-1 agreement with the teacher"), ("kl_teacher_student", "KL(teacher ‖ student)")]
+    student, teacher_res = final["student"], final.get("teacher") or {}
+    table = "\n".join(f"| {label} | {student[k]:.4g} | {teacher_res[k]:.4g} |" if k in teacher_res else
+                      f"| {label} | {student[k]:.4g} | — |" for k, label in rows if k in student)
+    t = recipe.train
+    return f"""---
+library_name: transformers
+tags: [kdforge, knowledge-distillation]
+---
+# {recipe.name}
+
+A {final["student_parameters"]:,}-parameter student distilled with kdforge {__version__} from `{teacher}`.
+
+## Objective
+{terms}
+
+## Training
+{t.steps} steps of {t.batch_size} × {recipe.data.seq_len} tokens (gradient accumulation {t.grad_accum}), lr {t.lr:g},
+seed {recipe.seed}, on `{recipe.data.corpus}`.
+
+## Held-out results
+| metric | student | teacher |
+|---|---|---|
+{table}
+
+The full recipe, versions and hardware are in the run's `manifest.json`; `kdforge reproduce RUN/manifest.json`
+retrains it.
+"""
+
+
 def finish(setup: Setup, out: Path) -> dict[str, Any]:
-    """Export the student (plain transformers folder) and write held-out metrics against the teacher."""
+    """Write held-out metrics against the teacher, and export the student (a plain transformers folder with the
+    tokenizer and a model card)."""
     student = setup.student
-
-    def fill(tmp: Path) -> None:
-        student.save_pretrained(tmp)
-        setup.tokenizer.save_pretrained(tmp)
-
-    with disk_full_as_error(out / "student", _DISK_HINT):
-        atomic_write_dir(out / "student", fill)
     models = {"student": student}
     teacher = setup.teacher
     if teacher is None and setup.recipe.teacher is not None and setup.recipe.teacher.kind == "cache":
@@ -522,6 +555,15 @@ def finish(setup: Setup, out: Path) -> dict[str, Any]:
                           bf16={"teacher": bool(setup.recipe.teacher and setup.recipe.teacher.dtype == "bfloat16")})
     final = {"step": setup.recipe.train.steps, "student": res["student"], "teacher": res.get("teacher"),
              "student_parameters": count_parameters(student)}
+
+    def fill(tmp: Path) -> None:
+        student.config._name_or_path = setup.recipe.name  # not the teacher's (GGUF) name it was derived from
+        student.save_pretrained(tmp)
+        setup.tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(setup.recipe, final))
+
+    with disk_full_as_error(out / "student", _DISK_HINT):
+        atomic_write_dir(out / "student", fill)
     with disk_full_as_error(out / "final.json", _DISK_HINT):
         atomic_write_json(out / "final.json", final)
     return final
