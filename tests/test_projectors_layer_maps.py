@@ -440,3 +440,14 @@ def test_a_student_made_of_teacher_blocks_learns_from_its_source_blocks_by_defau
     chosen = Distiller(teacher, student, [{"loss": "hidden_mse", "student": "model.layers.*",
                                            "teacher": "model.layers.*", "layer_map": "uniform"}])
     assert chosen.feature_terms["0"].block_pairs == build_layer_map("uniform", 3, 4)
+
+
+def test_an_unknown_layer_map_lists_every_strategy_learned_included():
+    from kdforge.distiller import Distiller
+    from kdforge.errors import KDForgeError
+    from kdforge.models import tiny_llama
+
+    with pytest.raises(KDForgeError, match="unknown layer_map strategy 'uniformm'; valid: uniform, skip, last, "
+                                           "last_k, learned, or explicit"):
+        Distiller(tiny_llama(layers=4), tiny_llama(layers=2), [{"loss": "hidden_mse", "student": "model.layers.*",
+                                                               "teacher": "model.layers.*", "layer_map": "uniformm"}])

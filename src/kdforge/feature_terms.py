@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .align.layer_maps import LearnedLayerMap, build_layer_map, format_layer_map
+from .align.layer_maps import LAYER_MAP_STRATEGIES, LearnedLayerMap, build_layer_map, format_layer_map
 from .align.projectors import build_projector
 from .errors import KDForgeError
 from .recipe import Term
@@ -102,6 +102,10 @@ class FeatureTerm(nn.Module):
         if isinstance(s_probe, list):
             lm = _layer_map_spec(term.layer_map)
             strategy = lm.pop("strategy")
+            if strategy not in (*LAYER_MAP_STRATEGIES, "learned"):
+                raise KDForgeError(f"term '{term.label}': unknown layer_map strategy {strategy!r}; valid: "
+                                   f"{', '.join(s for s in LAYER_MAP_STRATEGIES if s != 'explicit')}, learned, "
+                                   "or explicit [[student, teacher], ...] pairs")
             embeddings = bool(lm.pop("embeddings", False))
             # the first block's index in each captured list (1 for a hidden-states tuple, whose entry 0 is the
             # embedding output): layer maps count blocks, so every tap form names the same blocks
