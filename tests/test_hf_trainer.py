@@ -1,6 +1,8 @@
 """DistillationTrainer: kdforge's Distiller inside transformers.Trainer (tiny offline models)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -117,3 +119,22 @@ def test_refuses_an_empty_objective(tiny_assets):
 
     with pytest.raises(KDForgeError, match="needs an objective"):
         DistillationTrainer(model=tiny_llama(), teacher_model=tiny_llama(), objective=[])
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_two_process_ddp_step_has_the_whole_batch_gradient(tmp_path):
+    """Under torchrun (2 CPU ranks): the student runs through the DDP wrapper, the projectors (outside it) are averaged
+    across ranks, and the token count is global, so the gradient is that of the whole global batch."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    entry = Path(__file__).with_name("hf_trainer_ddp_entry.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(entry),
+           str(tmp_path / "out")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    diffs = [float(d) for d in re.findall(r"max relative difference (\S+)", run.stdout)]
+    assert len(diffs) == 2 and max(diffs) < 1e-4, run.stdout
