@@ -9,8 +9,8 @@ from kdforge.losses.logits import LOGIT_LOSSES, cross_entropy
 from kdforge.losses.sparse import SparseLogits
 
 B, T, D, V, K = 2, 7, 6, 11, 4
-FAST = ("forward_kl", "reverse_kl", "generalized_jsd", "total_variation", "decoupled_kd", "correlation_aware_kd",
-        "cross_entropy")  # closed-form gradients for dense teachers; forward KL also for bucket/renormalize
+FAST = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_forward_kl", "skew_reverse_kl", "total_variation",
+        "decoupled_kd", "correlation_aware_kd", "cross_entropy")  # closed-form gradients for dense teachers; forward KL also for bucket/renormalize
 KWARGS = {
     "generalized_jsd": {"beta": 0.3},
     "skew_forward_kl": {"alpha": 0.2},
@@ -109,6 +109,12 @@ FAST_CASES = [
     ("generalized_jsd", {"beta": 0.0}),
     ("generalized_jsd", {"beta": 1.0}),
     ("generalized_jsd", {"beta": 0.7, "standardize": True}),
+    ("skew_forward_kl", {"alpha": 0.2}),
+    ("skew_forward_kl", {"alpha": 0.0}),
+    ("skew_forward_kl", {"alpha": 0.6, "standardize": True}),
+    ("skew_reverse_kl", {"alpha": 0.25}),
+    ("skew_reverse_kl", {"alpha": 0.0}),
+    ("skew_reverse_kl", {"alpha": 0.6, "standardize": True}),
     ("total_variation", {}),
     ("total_variation", {"standardize": True}),
     ("decoupled_kd", {"alpha": 0.7, "beta": 2.0, "warmup": 0.5}),
@@ -168,6 +174,8 @@ def test_closed_forms_hand_edge_cases_to_the_generic_path(name):
         cases += [(teacher, b, {**kwargs, "strong_k": V}), (teacher, b, {**kwargs, "strong_k": V + 3})]
     if name == "generalized_jsd":
         cases += [(inf_teacher, b, {**kwargs, "beta": 0.0}), (inf_both, neg_bias, {**kwargs, "beta": 1.0})]
+    if name.startswith("skew"):
+        cases += [(teacher, b, {**kwargs, "alpha": 1.0}), (inf_both, neg_bias, {**kwargs, "alpha": 0.0})]
     for t, bias, kw in cases:
         extra = {"labels": labels} if name == "decoupled_kd" else {}
         terms = [ChunkedTerm(name, 1.0, kw), ChunkedTerm("cross_entropy", 0.5)]
@@ -181,7 +189,7 @@ def test_closed_forms_hand_edge_cases_to_the_generic_path(name):
 
 
 def test_terms_with_different_closed_forms_share_the_chunk_softmaxes():
-    """Nine terms at two temperatures, standardized or not, in one pass: fast equals generic equals unchunked."""
+    """Eleven terms at two temperatures, standardized or not, in one pass: fast equals generic equals unchunked."""
     hidden, weight, b, teacher, labels, mask = _inputs(torch.float64)
     specs = [("cross_entropy", 0.3, {}), ("forward_kl", 0.7, {"temperature": 2.0}),
              ("forward_kl", 0.2, {"temperature": 2.0, "standardize": True}),
@@ -189,7 +197,8 @@ def test_terms_with_different_closed_forms_share_the_chunk_softmaxes():
              ("total_variation", 0.6, {"standardize": True, "temperature": 2.0}),
              ("decoupled_kd", 0.1, {"temperature": 2.0, "warmup": 0.3}),
              ("correlation_aware_kd", 0.5, {"strong_k": 2, "standardize": True}),
-             ("skew_forward_kl", 0.2, {"temperature": 2.0})]  # no closed form: the generic path in the same chunk
+             ("skew_forward_kl", 0.2, {"temperature": 2.0}), ("skew_reverse_kl", 0.3, {"alpha": 0.4}),
+             ("forward_kl", 0.2, {"missing_mass": "uniform"})]  # a dense teacher ignores the policy
     terms = [ChunkedTerm(n, w, kw) for n, w, kw in specs]
     logits = hidden @ weight.T + b
     parts = [cross_entropy(logits, labels, mask=mask) if n == "cross_entropy" else

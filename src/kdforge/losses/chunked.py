@@ -17,10 +17,9 @@ backward per forward).
 computed directly with a few buffers of ``[chunk, V]`` that the terms of a chunk share (one student log-softmax and
 softmax per temperature): ``cross_entropy`` (``softmax - onehot``), ``forward_kl`` (``T·(q - p)``; dense teachers
 and the "bucket"/"renormalize" sparse policies), and for dense teachers ``reverse_kl``, ``generalized_jsd`` (any β),
-``total_variation``, ``decoupled_kd`` and ``correlation_aware_kd``; each with ``standardize=True`` too (the gradient
+``skew_forward_kl``, ``skew_reverse_kl``, ``total_variation``, ``decoupled_kd`` and ``correlation_aware_kd``; each with ``standardize=True`` too (the gradient
 w.r.t. the z-scored logits is chained through the z-scoring's Jacobian once per chunk). The derivations are in the
-comments of each ``_fast_*`` function. Everything else — the skew KLs, a sparse teacher for the losses after
-``forward_kl``, the "uniform" policy, and unusual inputs (non-finite logits, a teacher with no mass where a formula
+comments of each ``_fast_*`` function. Everything else — a sparse teacher for the losses after ``forward_kl``, the "uniform" policy, and unusual inputs (non-finite logits, a teacher with no mass where a formula
 divides by it) — runs the unchanged function of :mod:`kdforge.losses.logits` under autograd on the chunk. The tests
 check both against the unchunked losses, and check that the closed forms do not fall back on ordinary inputs.
 
@@ -53,7 +52,7 @@ from torch.autograd.function import once_differentiable
 
 from ..lm_head import LogitTransform, check_logit_transform
 from .logits import (LABEL_LOSSES, LOGIT_LOSSES, correlation_aware_kd, cross_entropy, decoupled_kd, forward_kl,
-                     generalized_jsd, reverse_kl, total_variation)
+                     generalized_jsd, reverse_kl, skew_forward_kl, skew_reverse_kl, total_variation)
 from .sparse import SparseLogits, check_policy, check_temperature, compute_dtype, log1mexp, safe_logsumexp
 
 Teacher = torch.Tensor | SparseLogits
@@ -398,6 +397,64 @@ def _fast_reverse_kl(st: _ChunkState, teacher, labels, valid, coeff, kwargs):
     return _fast_generalized_jsd(st, teacher, labels, valid, coeff, {**kwargs, "beta": 1.0})
 
 
+def _fast_skew_forward_kl(st: _ChunkState, teacher, labels, valid, coeff, kwargs):
+    """Skew KL(p || m)·T², m = αp + (1-α)q, for dense teachers (sparse: the generic path); α = 0 is forward KL.
+
+    dD/dq_j = -(1-α)·p_j/m_j =: -(1-α)·r_j, so dD/ds_j = -(1-α)·q_j·(r_j - Σ_i q_i r_i).
+    α = 1 (m = p: the loss is 0) is 0 with no gradient.
+    """
+    alpha = float(kwargs.get("alpha", 0.1))
+    rest = {k: v for k, v in kwargs.items() if k != "alpha"}
+    if alpha == 0:
+        return _fast_forward_kl(st, teacher, labels, valid, coeff, rest)
+    if alpha == 1 and _dense(st, teacher, valid, rest, _POINTWISE) is not None:
+        return torch.zeros((), dtype=compute_dtype(st.z, teacher), device=st.z.device)
+    if not 0.0 < alpha < 1.0:
+        return None
+    d = _dense(st, teacher, valid, rest, _POINTWISE)
+    if d is None:
+        return None
+    q = st.q(d.temperature, d.dtype, d.standardize)
+    p = d.log_p.exp()
+    m = (p * alpha).add_(q, alpha=1.0 - alpha)
+    value = _finite_sum(torch.linalg.vecdot(p, d.log_p.sub_(m.log())), valid, d.temperature**2)
+    if value is not None and st.want_grad:
+        r = p.div_(m)  # p / m, in the teacher's buffer
+        del m
+        r.sub_(torch.linalg.vecdot(q, r).unsqueeze(-1)).mul_(q)
+        st.add_rows(r, valid.to(d.dtype) * (-coeff * d.temperature * (1.0 - alpha)), d.std)
+    return value
+
+
+def _fast_skew_reverse_kl(st: _ChunkState, teacher, labels, valid, coeff, kwargs):
+    """Skew reverse KL(q || m)·T², m = αq + (1-α)p, for dense teachers (sparse: the generic path); α = 0 is reverse KL.
+
+    dD/dq_j = log(q_j/m_j) + 1 - α·q_j/m_j; the constant drops through the softmax, so with
+    h = log q - log m - α·q/m: dD/ds_j = q_j·(h_j - Σ_i q_i h_i). α = 1 (m = q: the loss is 0) is 0 with no gradient.
+    """
+    alpha = float(kwargs.get("alpha", 0.1))
+    rest = {k: v for k, v in kwargs.items() if k != "alpha"}
+    if alpha == 0:
+        return _fast_reverse_kl(st, teacher, labels, valid, coeff, rest)
+    if alpha == 1 and _dense(st, teacher, valid, rest, _POINTWISE) is not None:
+        return torch.zeros((), dtype=compute_dtype(st.z, teacher), device=st.z.device)
+    if not 0.0 < alpha < 1.0:
+        return None
+    d = _dense(st, teacher, valid, rest, _POINTWISE)
+    if d is None:
+        return None
+    q = st.q(d.temperature, d.dtype, d.standardize)
+    m = d.log_p.exp_().mul_(1.0 - alpha).add_(q, alpha=alpha)  # in the teacher's buffer
+    ell = torch.sub(d.log_q, m.log())
+    value = _finite_sum(torch.linalg.vecdot(q, ell), valid, d.temperature**2)  # NaN where q = m = 0: generic path
+    if value is not None and st.want_grad:
+        h = ell.sub_(torch.div(q, m, out=m).mul_(alpha))
+        del m
+        h.sub_(torch.linalg.vecdot(q, h).unsqueeze(-1)).mul_(q)
+        st.add_rows(h, valid.to(d.dtype) * (coeff * d.temperature), d.std)
+    return value
+
+
 def _fast_total_variation(st: _ChunkState, teacher, labels, valid, coeff, kwargs):
     """½Σ|p - q|·T² for dense teachers (sparse: the generic path).
 
@@ -508,6 +565,8 @@ _FAST: dict[Callable, Callable] = {
     forward_kl: _fast_forward_kl,
     reverse_kl: _fast_reverse_kl,
     generalized_jsd: _fast_generalized_jsd,
+    skew_forward_kl: _fast_skew_forward_kl,
+    skew_reverse_kl: _fast_skew_reverse_kl,
     total_variation: _fast_total_variation,
     decoupled_kd: _fast_decoupled_kd,
     correlation_aware_kd: _fast_correlation_aware_kd,
@@ -558,8 +617,9 @@ class _Plan:
             with torch.set_grad_enabled(want_grad):
                 for i in generic:
                     values[i] = self._generic(i, leaf, idx, teacher, labels)
-                if want_grad:
-                    (g,) = torch.autograd.grad(sum(coeffs[i] * values[i] for i in generic), leaf)
+                total = sum(coeffs[i] * values[i] for i in generic)
+                if want_grad and total.requires_grad:  # not when no term depends on the logits (skew KL, alpha=1)
+                    (g,) = torch.autograd.grad(total, leaf)
                     grad = g if grad is None else grad.add_(g.to(grad.dtype))
         return [v.detach() for v in values], grad
 
