@@ -211,9 +211,12 @@ def test_eval_command_on_a_run_directory_uses_its_manifest_and_writes_eval_json(
     run = train(parse_recipe(recipe_dict(tiny_assets, tmp_path / "run")), progress=False)
     res = CliRunner().invoke(app, ["eval", str(run), "--ood", "none", "--new-tokens", "4"])
     assert res.exit_code == 0, res.output
-    shown = json.loads(res.output[res.output.index("{"):])
-    assert {"perplexity", "ece", "kl_student_teacher", "gen_token_agreement"} <= set(shown["summary"])
+    # a table of the headline figures on screen (rich box lines), not a JSON dump; all of it is in eval.json
+    assert "{" not in res.output and "held-out" in res.output and "━" in res.output
+    for row in ("student", "teacher", "generation token agreement", f"all results: {run / 'eval.json'}"):
+        assert row in res.output, res.output
     ev = json.loads((run / "eval.json").read_text())
+    assert {"perplexity", "ece", "kl_student_teacher", "gen_token_agreement"} <= set(ev["summary"])
     assert ev["teacher"]["model"] == str(tiny_assets["teacher"]) and ev["ood"]["skipped"]
     assert (run / "cka.png").is_file() and ev["size"]["student"]["safetensors_bytes"] > 0
     # the held-out figures equal the run's own final evaluation (same data, same model)

@@ -107,7 +107,13 @@ def distill(
 
         ok = False
         try:
-            path = train(r, progress=not no_progress, out=out, resume_from=resume_from)
+            from . import progress
+
+            progress.ENABLED = not no_progress  # the loading and evaluation phases too
+            try:
+                path = train(r, progress=not no_progress, out=out, resume_from=resume_from)
+            finally:
+                progress.ENABLED = True
             ok = True
         finally:  # under torchrun / accelerate launch: barrier, then tear the process group down
             end_distributed(success=ok)
@@ -144,7 +150,7 @@ def cache_teacher(
         options = CacheOptions(**{key: v for key, v in given.items() if v is not None},
                                temperature=temperature if temperature is not None else recipe_temperature(r),
                                features=list(feature or []), batch_size=r.train.batch_size)
-        path, index = cache_recipe_teacher(r, out=out, options=options, progress=typer.echo)
+        path, index = cache_recipe_teacher(r, out=out, options=options)  # progress: a bar, or a line every 30 s
         meta = index["meta"]
         typer.echo(f"cached {meta['data']['n_blocks']} blocks x {meta['data']['seq_len']} tokens to {path}: "
                    f"{index['bytes_per_token']:.1f} bytes/token (k={meta['options']['k']}, "
@@ -185,8 +191,6 @@ def eval_(
     layer-wise CKA; optionally lm-evaluation-harness tasks."""
 
     def body():
-        import json
-
         from .evaluate.suite import run_eval
         from .io import atomic_write_json
         from .recipe import EvalSpec
@@ -202,12 +206,55 @@ def eval_(
         res = run_eval(student, teacher=teacher, corpus=corpus, seq_len=seq_len, max_tokens=max_tokens, spec=spec,
                        baseline=baseline, out_dir=out, lm_eval_tasks=tasks, lm_eval_include=lm_eval_include,
                        lm_eval_limit=lm_eval_limit)
-        shown = {k: res[k] for k in ("heldout", "summary", "lm_eval", "notes") if res.get(k)}
-        typer.echo(json.dumps(shown, indent=2, default=str))
         if json_out:
             atomic_write_json(json_out, res)
+        _print_eval(res, [p for p in (out or (student if (student / "manifest.json").is_file() else None),
+                                      json_out) if p is not None])
 
     _run(body)
+
+
+def _print_eval(res: dict, written: list[Path]) -> None:
+    """`kdforge eval`'s screen: a table of the headline figures (the full results stay in eval.json)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .report.tables import _fmt
+
+    held = res.get("heldout") or {}
+    columns = [("perplexity", "ppl"), ("bits_per_char", "bits/char"), ("top1_agreement", "top-1 agr."),
+               ("kl_teacher_student", "KL(T‖S)"), ("kl_student_teacher", "KL(S‖T)"), ("ece", "ECE")]
+    setup = res.get("heldout_setup") or {}
+    caption = (f"{setup['eval_tokens']:,} held-out tokens, batch {setup['batch_size']}, teacher "
+               f"{setup['teacher_precision'] or 'none'}" if setup else None)
+    table = Table(title="held-out", caption=caption)
+    table.add_column("model")
+    for _, label in columns:
+        table.add_column(label, justify="right")
+    for name in ("student", "baseline", "teacher"):
+        if name in held:
+            table.add_row(name, *[_fmt(held[name].get(key)) for key, _ in columns])
+    console = Console()
+    console.print(table)
+    summary = res.get("summary") or {}
+    other = [("ood_perplexity", "out-of-domain ppl"), ("gen_token_agreement", "generation token agreement"),
+             ("gen_exact_match", "generation exact match"), ("prefill_tokens_per_s", "prefill tokens/s"),
+             ("generation_tokens_per_s", "generation tokens/s"), ("parameters", "parameters"),
+             ("cka_last_to_last", "CKA last-to-last"), ("peak_rss_bytes", "peak RSS bytes")]
+    more = Table(title="student")
+    more.add_column("figure")
+    more.add_column("value", justify="right")
+    for key, label in other:
+        if summary.get(key) is not None:
+            more.add_row(label, _fmt(summary[key]))
+    if more.row_count:
+        console.print(more)
+    for task, figures in (res.get("lm_eval") or {}).items():
+        console.print(f"lm-eval {task}: {figures}")
+    for note in res.get("notes") or []:
+        console.print(f"note: {note}")
+    for path in written:
+        console.print(f"all results: {path / 'eval.json' if path.is_dir() else path}")
 
 
 @app.command()

@@ -44,6 +44,7 @@ from .interrupts import StopRequested, StopSignals
 from .io import atomic_write_dir, atomic_write_json, atomic_write_text, disk_full_as_error, remove_temporaries
 from .models import build_student, count_parameters, load_teacher, load_tokenizer
 from .precision import manifest_entry as precision_entry
+from .progress import Progress, phase
 from .recipe import ModelSpec, Recipe
 from .rundir import RunLock, check_manifest, make_output_dir, read_manifest, set_aside
 
@@ -68,7 +69,8 @@ def prepare(recipe: Recipe, teacher: nn.Module | None = None, tokenizer=None,
     spec = recipe.teacher
     cached = spec is not None and spec.kind == "cache"  # an offline cache stands in for the teacher in training
     if spec is not None and teacher is None and not (cached and recipe.student.init != "from_teacher"):
-        teacher = load_teacher(spec)
+        with phase(f"loading teacher {spec.model}"):
+            teacher = load_teacher(spec)
     if tokenizer is None:
         tok_spec = spec or (ModelSpec(model=recipe.student.model) if recipe.student.model else None)
         if tok_spec is None:
@@ -85,7 +87,10 @@ def prepare(recipe: Recipe, teacher: nn.Module | None = None, tokenizer=None,
         teacher_source = CurriculumTeacher.from_spec(
             teacher, spec.curriculum, recipe.train.steps, dtype=spec.dtype,
             load=lambda name: load_teacher(ModelSpec(model=name, dtype=spec.dtype)))
-    train_blocks, val_blocks = blocks or tokenize_corpus(recipe, tokenizer)
+    if blocks is None:
+        with phase(f"tokenizing {recipe.data.corpus}"):
+            blocks = tokenize_corpus(recipe, tokenizer)
+    train_blocks, val_blocks = blocks
     example_batch = None
     if cached:
         teacher_source = cached_teacher_for(recipe, tokenizer, train_blocks, student)
@@ -238,29 +243,6 @@ def _rewrite_metrics(path: Path, upto_step: int) -> None:
     atomic_write_text(path, "".join(keep))
 
 
-class _Progress:
-    """A rich progress bar with live loss terms (rank 0 only), or nothing."""
-
-    def __init__(self, enabled: bool, total: int, start: int, title: str):
-        self.bar = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeRemainingColumn(), TextColumn("{task.fields[terms]}"), transient=False)
-            self.task = self.bar.add_task(title, total=total, completed=start, terms="")
-            self.bar.start()
-
-    def update(self, step: int, values: dict[str, float]) -> None:
-        if self.bar is not None:
-            terms = " ".join(f"{k}={v:.3f}" for k, v in values.items())
-            self.bar.update(self.task, completed=step, terms=terms)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 _DISK_HINT = "use an --out on a larger disk"
 
 
@@ -303,6 +285,7 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
            signals: StopSignals) -> Path:
     from accelerate.utils import set_seed
 
+    wall_start = time.time()
     is_main = accelerator.is_main_process
     world = accelerator.num_processes
     if (out / "final.json").is_file():
@@ -379,7 +362,7 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
     if teacher_model is not None:  # not a submodule: DDP/FSDP never wrap it, each rank holds a frozen replica
         teacher_model.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.bf16 else nullcontext()
-    bar = _Progress(progress and is_main, t.steps, start, recipe.name)
+    bar = Progress(recipe.name, t.steps, start=start, enabled=progress and is_main)
     last_good = ckpt.path if ckpt is not None else None  # a checkpoint with finite weights (checked on save/read)
     completed = saved = start  # steps done; the step of the newest checkpoint (or 0)
     step_rng = torch.get_rng_state()  # the RNG state when the next step starts (what a checkpoint must hold)
@@ -485,7 +468,10 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
         bar.close()
     final_student = plain_student(accelerator, model, setup.student)
     if is_main:
-        finish(replace(setup, student=final_student), out)
+        train_seconds = seconds_before + time.perf_counter() - t_start
+        timing = {"train_seconds": train_seconds, "tokens_seen": tokens_seen,
+                  "tokens_per_s": tokens_seen / train_seconds if train_seconds > 0 else None}
+        finish(replace(setup, student=final_student), out, timing=timing, progress=progress, wall_start=wall_start)
     accelerator.wait_for_everyone()
     return out
 
@@ -493,7 +479,9 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
 def _periodic_eval(setup: Setup, out: Path, step: int, is_main: bool) -> None:
     if not is_main:
         return
-    res = evaluate_models({"student": setup.student}, setup.val_blocks, batch_size=setup.recipe.train.batch_size)
+    from .recipe import EvalSpec
+
+    res = evaluate_models({"student": setup.student}, setup.val_blocks, batch_size=EvalSpec().batch_size)
     setup.student.train()
     row = {"step": step, "eval/perplexity": res["student"]["perplexity"],
            "eval/bits_per_char": res["student"]["bits_per_char"]}
@@ -540,21 +528,34 @@ retrains it.
 """
 
 
-def finish(setup: Setup, out: Path) -> dict[str, Any]:
+def finish(setup: Setup, out: Path, *, timing: dict[str, Any] | None = None, progress: bool = True,
+           wall_start: float | None = None) -> dict[str, Any]:
     """Write held-out metrics against the teacher, and export the student (a plain transformers folder with the
-    tokenizer and a model card)."""
+    tokenizer and a model card). `timing`: the run's training seconds, tokens seen and tokens/s (from train).
+
+    The held-out figures are measured as `kdforge eval` measures them (kdforge.evaluate.suite.heldout_setup: the same
+    blocks, evaluation batch size and teacher precision), so final.json and eval.json agree on the same student."""
+    from .evaluate.suite import heldout_setup
+
     student = setup.student
     models = {"student": student}
     teacher = setup.teacher
     if teacher is None and setup.recipe.teacher is not None and setup.recipe.teacher.kind == "cache":
-        teacher = load_teacher(setup.recipe.teacher)  # trained from an offline cache: loaded for evaluation only
+        with phase(f"loading teacher {setup.recipe.teacher.model} for the final evaluation", enabled=progress):
+            teacher = load_teacher(setup.recipe.teacher)  # trained from an offline cache: loaded for evaluation only
     if teacher is not None:
         models["teacher"] = teacher
+    from .precision import resolve
+
+    measured = heldout_setup(setup.val_blocks, resolve(setup.recipe.teacher.dtype) if teacher is not None else None)
     res = evaluate_models(models, setup.val_blocks, reference="teacher" if teacher is not None else None,
-                          batch_size=setup.recipe.train.batch_size,
-                          bf16={"teacher": bool(setup.recipe.teacher and setup.recipe.teacher.dtype == "bfloat16")})
+                          batch_size=measured["batch_size"],
+                          bf16={"teacher": measured["teacher_precision"] == "bfloat16"},
+                          progress="final evaluation" if progress else None)
     final = {"step": setup.recipe.train.steps, "student": res["student"], "teacher": res.get("teacher"),
-             "student_parameters": count_parameters(student)}
+             "student_parameters": count_parameters(student), "heldout_setup": measured, **(timing or {})}
+    if wall_start is not None:
+        final["wall_seconds"] = time.time() - wall_start  # this launch: loading, training and the final evaluation
 
     def fill(tmp: Path) -> None:
         student.config._name_or_path = setup.recipe.name  # not the teacher's (GGUF) name it was derived from

@@ -60,7 +60,8 @@ def _add_fidelity(acc: dict, lp: torch.Tensor, ref: torch.Tensor) -> None:
 
 @torch.no_grad()
 def evaluate_models(models: dict[str, nn.Module], blocks: TokenBlocks, *, reference: str | None = None,
-                    batch_size: int = 8, bf16: dict[str, bool] | None = None) -> dict[str, dict[str, float]]:
+                    batch_size: int = 8, bf16: dict[str, bool] | None = None,
+                    progress: str | None = None) -> dict[str, dict[str, float]]:
     """Evaluate several causal LMs on the same blocks in one pass.
 
     Per model: perplexity and bits per character (character counts come from tokenizer offsets, so bpc compares
@@ -70,36 +71,42 @@ def evaluate_models(models: dict[str, nn.Module], blocks: TokenBlocks, *, refere
     and mean reverse KL(model || reference) as `kl_student_teacher` (nats per token, temperature 1). Where the
     vocabularies differ (a student trained with `truncate_to_shared_vocab`), both distributions are restricted to the
     shared ids and renormalised before the agreement and both KLs, as the training losses define them.
+    With `progress` (a title), batches done, elapsed time and an ETA are shown (kdforge.progress).
     """
+    from ..progress import Progress
+
     bf16 = bf16 or {}
     stats = {name: {"nll": 0.0, "tokens": 0, "seconds": 0.0, "agree": 0, "kl": 0.0, "rkl": 0.0,
                     "bins": [torch.zeros(ECE_BINS, dtype=torch.float64) for _ in range(3)]} for name in models}
     chars = int(blocks.chars.sum())
     for m in models.values():
         m.eval()
-    for start in range(0, len(blocks.ids), batch_size):
-        ids = blocks.ids[start : start + batch_size]
-        targets = ids[:, 1:]
-        logprobs = {}
-        for name, model in models.items():
-            device = next(model.parameters()).device
-            t0 = time.perf_counter()
-            with _autocast(model, bf16.get(name, False)):
-                logits = model(input_ids=ids.to(device), use_cache=False).logits[:, :-1]
-            stats[name]["seconds"] += time.perf_counter() - t0
-            lp = F.log_softmax(logits.float().cpu(), dim=-1)
-            nll = -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            stats[name]["nll"] += float(nll.sum())
-            stats[name]["tokens"] += targets.numel()
-            top_lp, top_id = lp.max(-1)
-            for acc, part in zip(stats[name]["bins"], calibration_bins(top_lp.exp(), top_id == targets)):
-                acc += part
-            logprobs[name] = lp
-        if reference is not None:
-            ref = logprobs[reference]
-            for name, lp in logprobs.items():
-                if name != reference:
-                    _add_fidelity(stats[name], lp, ref)
+    n_batches = -(-len(blocks.ids) // batch_size)
+    with Progress(progress or "", n_batches, unit="batch", enabled=progress is not None) as bar:
+        for start in range(0, len(blocks.ids), batch_size):
+            ids = blocks.ids[start : start + batch_size]
+            targets = ids[:, 1:]
+            logprobs = {}
+            for name, model in models.items():
+                device = next(model.parameters()).device
+                t0 = time.perf_counter()
+                with _autocast(model, bf16.get(name, False)):
+                    logits = model(input_ids=ids.to(device), use_cache=False).logits[:, :-1]
+                stats[name]["seconds"] += time.perf_counter() - t0
+                lp = F.log_softmax(logits.float().cpu(), dim=-1)
+                nll = -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                stats[name]["nll"] += float(nll.sum())
+                stats[name]["tokens"] += targets.numel()
+                top_lp, top_id = lp.max(-1)
+                for acc, part in zip(stats[name]["bins"], calibration_bins(top_lp.exp(), top_id == targets)):
+                    acc += part
+                logprobs[name] = lp
+            if reference is not None:
+                ref = logprobs[reference]
+                for name, lp in logprobs.items():
+                    if name != reference:
+                        _add_fidelity(stats[name], lp, ref)
+            bar.update(start // batch_size + 1)
     results = {}
     for name, s in stats.items():
         r = {

@@ -18,6 +18,7 @@ from ..data.packing import TokenBlocks, pack, tokenize_documents
 from ..errors import KDForgeError
 from ..models import count_parameters
 from ..precision import resolve
+from ..progress import phase
 from ..recipe import EvalSpec
 from .cka import layer_cka, write_cka
 from .generation import DEFAULT_PROMPTS, greedy_generate, generation_agreement
@@ -81,6 +82,16 @@ def load_ood_documents(source: str | None, max_chars: int) -> tuple[list[str], s
     return docs, description, None
 
 
+def heldout_setup(blocks: TokenBlocks, teacher_precision: str | None, batch_size: int | None = None) -> dict[str, Any]:
+    """What held-out figures are measured on, recorded beside them in final.json and eval.json. Both files use this:
+    the same blocks, batch size and teacher precision give the same figures (under bf16 autocast the teacher's logits,
+    and so the KL, shift in the 3rd digit with the batch size alone)."""
+    n, seq = (int(x) for x in blocks.ids.shape)
+    return {"blocks": n, "seq_len": seq, "eval_tokens": n * (seq - 1),
+            "batch_size": batch_size or EvalSpec().batch_size,
+            "teacher_precision": teacher_precision}
+
+
 class Evaluator:
     def __init__(self, tokenizer, teacher: nn.Module | None, val_blocks: TokenBlocks, spec: EvalSpec | None = None,
                  *, teacher_bf16: bool = False, teacher_dir: str | Path | None = None):
@@ -111,11 +122,13 @@ class Evaluator:
                                "safetensors_bytes": safetensors_bytes(self.teacher_dir)}
         if self.ood_blocks is not None:
             fig["ood"] = evaluate_models({"teacher": t}, self.ood_blocks, batch_size=spec.batch_size,
-                                         bf16={"teacher": bf16})["teacher"]
+                                         bf16={"teacher": bf16}, progress="teacher: out-of-domain")["teacher"]
         if spec.generation:
-            fig["generations"] = greedy_generate(t, self.tokenizer, self.prompts, spec.new_tokens, bf16=bf16)
+            with phase("teacher: greedy generation"):
+                fig["generations"] = greedy_generate(t, self.tokenizer, self.prompts, spec.new_tokens, bf16=bf16)
         if spec.speed:
-            fig["prefill_tokens_per_s"] = prefill_tokens_per_s(t, self.val_blocks, spec.batch_size, bf16=bf16)
+            with phase("teacher: speed"):
+                fig["prefill_tokens_per_s"] = prefill_tokens_per_s(t, self.val_blocks, spec.batch_size, bf16=bf16)
         self._teacher = fig
         return fig
 
@@ -133,21 +146,25 @@ class Evaluator:
             if self.teacher is not None:
                 models["teacher"] = self.teacher
             res["heldout"] = evaluate_models(models, self.val_blocks, reference="teacher" if self.teacher else None,
-                                             batch_size=spec.batch_size, bf16={"teacher": self.teacher_bf16})
+                                             batch_size=spec.batch_size, bf16={"teacher": self.teacher_bf16},
+                                             progress="held-out evaluation")
+            precision = ("bfloat16" if self.teacher_bf16 else "float32") if self.teacher is not None else None
+            res["heldout_setup"] = heldout_setup(self.val_blocks, precision, spec.batch_size)
         # out-of-domain perplexity
         if self.ood_blocks is None:
             res["ood"] = {"skipped": self.ood_note}
             res["notes"].append(self.ood_note)
         else:
             ood = {"corpus": self.ood_description, "tokens": int(self.ood_blocks.ids.numel()),
-                   "student": evaluate_models({"student": student}, self.ood_blocks,
-                                              batch_size=spec.batch_size)["student"]}
+                   "student": evaluate_models({"student": student}, self.ood_blocks, batch_size=spec.batch_size,
+                                              progress="out-of-domain evaluation")["student"]}
             if "ood" in tf:
                 ood["teacher"] = tf["ood"]
             res["ood"] = ood
         # greedy-generation agreement
         if spec.generation:
-            gen = greedy_generate(student, self.tokenizer, self.prompts, spec.new_tokens)
+            with phase("greedy generation"):
+                gen = greedy_generate(student, self.tokenizer, self.prompts, spec.new_tokens)
             g: dict[str, Any] = {"prompts": self.prompts, "new_tokens": spec.new_tokens, "student": gen.texts,
                                  "student_tokens": gen.tokens}
             if "generations" in tf:
@@ -166,8 +183,9 @@ class Evaluator:
             size["teacher"] = {k: tf[k] for k in ("parameters", "parameter_bytes", "safetensors_bytes")}
         res["size"] = size
         if spec.speed:
-            speed = {"student": {"prefill_tokens_per_s": prefill_tokens_per_s(student, self.val_blocks,
-                                                                              spec.batch_size)}}
+            with phase("speed"):
+                prefill = prefill_tokens_per_s(student, self.val_blocks, spec.batch_size)
+            speed = {"student": {"prefill_tokens_per_s": prefill}}
             if spec.generation:
                 speed["student"]["generation_tokens_per_s"] = gen.generation_tokens_per_s
             if self.teacher is not None:
@@ -180,8 +198,9 @@ class Evaluator:
             res["speed"] = speed
         # representation similarity
         if spec.cka and self.teacher is not None:
-            matrix = layer_cka(student, self.teacher, self.val_blocks, spec.cka_tokens, spec.batch_size,
-                               teacher_bf16=self.teacher_bf16)
+            with phase("layer CKA"):
+                matrix = layer_cka(student, self.teacher, self.val_blocks, spec.cka_tokens, spec.batch_size,
+                                   teacher_bf16=self.teacher_bf16)
             cka: dict[str, Any] = {"matrix": [[float(v) for v in row] for row in matrix],
                                    "last_to_last": float(matrix[-1, -1]),
                                    "best_per_student_layer": [float(v) for v in matrix.max(1).values]}
@@ -272,12 +291,15 @@ def run_eval(target: str | Path, *, teacher: str | None = None, corpus: str | No
         extra = {"seq_len": seq_len or 128, "max_eval_tokens": max_tokens or 16384}
         data = DataSpec(corpus=corpus, **extra) if corpus == "shakespeare" else \
             DataSpec(corpus=corpus, validation=[corpus], **extra)
-    model = load_causal_lm(ModelSpec(model=str(folder)))
-    tok = load_tokenizer(ModelSpec(model=str(folder)))
-    docs = load_corpus(data, tok).validation
-    val = pack(*tokenize_documents(tok, docs), data.seq_len, data.max_eval_tokens, "held-out corpus")
-    t_model = load_teacher(teacher_spec) if teacher_spec else None
-    t_dir = resolve_model_path(teacher_spec) if teacher_spec else None
+    with phase(f"loading student {folder}"):
+        model = load_causal_lm(ModelSpec(model=str(folder)))
+        tok = load_tokenizer(ModelSpec(model=str(folder)))
+    with phase(f"tokenizing held-out {data.corpus}"):
+        docs = load_corpus(data, tok).validation
+        val = pack(*tokenize_documents(tok, docs), data.seq_len, data.max_eval_tokens, "held-out corpus")
+    with phase(f"loading teacher {teacher_spec.model if teacher_spec else ''}", enabled=teacher_spec is not None):
+        t_model = load_teacher(teacher_spec) if teacher_spec else None
+        t_dir = resolve_model_path(teacher_spec) if teacher_spec else None
     base_model = load_causal_lm(ModelSpec(model=str(_student_folder(Path(baseline))))) if baseline else None
     evaluator = Evaluator(tok, t_model, val, spec, teacher_bf16=bool(teacher_spec and resolve(teacher_spec.dtype) == "bfloat16"),
                           teacher_dir=t_dir if isinstance(t_dir, Path) else None)
@@ -285,6 +307,7 @@ def run_eval(target: str | Path, *, teacher: str | None = None, corpus: str | No
         out_dir = target
     res = evaluator.evaluate(model, student_dir=folder, out_dir=out_dir, baseline=base_model)
     res["student_path"] = str(folder)
+    res["baseline_path"] = str(_student_folder(Path(baseline))) if baseline else None
     res["teacher"] = teacher_spec.model_dump() if teacher_spec else None
     res["data"] = data.model_dump()
     if out_dir is not None:  # written before lm-eval runs, so its failure loses nothing

@@ -221,6 +221,7 @@ def run_report(run: Path, rep: Report) -> None:
     if ev is None:
         rep.missing.append("eval.json: no extended evaluation (out-of-domain perplexity, generation agreement, "
                            f"speed, CKA); run `kdforge eval {run}`")
+    _run_overview(rep, manifest, final, ev, rows)
     # results
     rep.heading("Results")
     summary = (ev or {}).get("summary", {})
@@ -233,9 +234,13 @@ def run_report(run: Path, rep: Report) -> None:
     for name in ("teacher", "baseline", "student"):
         if held.get(name) and not models.get(name):
             models[name] = held[name]
+    sources = {}
     for name, m in models.items():
         if not m:
             continue
+        held_from = "final.json" if final and final.get(name) is m else "eval.json"
+        extra = ev is not None and name in ("student", "teacher")
+        sources[name] = f"held-out: {held_from}" + ("; OOD, generation, speed, size: eval.json" if extra else "")
         vals = dict(m)
         if name == "student":
             vals.update({k: v for k, v in summary.items() if k not in vals})
@@ -244,11 +249,12 @@ def run_report(run: Path, rep: Report) -> None:
             tspeed = (ev.get("speed") or {}).get("teacher") or {}
             vals.update({k: v for k, v in tspeed.items() if v is not None})
             vals.update({k: v for k, v in ((ev.get("size") or {}).get("teacher") or {}).items() if v is not None})
-        table_rows.append([name] + [vals.get(k) for k, _ in RUN_COLUMNS])
+        table_rows.append([name] + [vals.get(k) for k, _ in RUN_COLUMNS] + [sources[name]])
     if table_rows:
         step = (final or {}).get("step")
-        rep.table(["model"] + [t for _, t in RUN_COLUMNS], table_rows,
+        rep.table(["model"] + [t for _, t in RUN_COLUMNS] + ["source"], table_rows,
                   caption=f"held-out metrics at the last step ({step})" if step else None)
+        _provenance(rep, final, ev)
         if ev and (ev.get("ood") or {}).get("skipped"):
             rep.text(f"Out-of-domain perplexity: {ev['ood']['skipped']}.")
         if ev and ev.get("memory"):
@@ -276,6 +282,69 @@ def run_report(run: Path, rep: Report) -> None:
     if gen:
         cols = {"teacher": gen.get("teacher"), "baseline": gen.get("baseline"), "student": gen.get("student")}
         _generations_section(rep, gen["prompts"], {k: v for k, v in cols.items() if v})
+
+
+def _measured_on(setup: dict | None) -> str:
+    if not setup:
+        return "an unrecorded setup (written before kdforge recorded it)"
+    teacher = setup.get("teacher_precision")
+    return (f"{setup['eval_tokens']:,} held-out tokens ({setup['blocks']} blocks of {setup['seq_len']}), batch "
+            f"{setup['batch_size']}, teacher {teacher or 'none'}")
+
+
+def _provenance(rep: Report, final: dict | None, ev: dict | None) -> None:
+    """Which file each figure comes from, what it was measured on, and whether the two files agree."""
+    parts = []
+    if final:
+        parts.append("final.json (the run's own final evaluation) measured on "
+                     + _measured_on(final.get("heldout_setup")))
+    if ev:
+        parts.append(f"eval.json (`kdforge eval`) measured on {_measured_on(ev.get('heldout_setup'))}")
+    rep.text("Sources: " + "; ".join(parts) + ".")
+    s_final = (final or {}).get("student") or {}
+    s_eval = ((ev or {}).get("heldout") or {}).get("student") or {}
+    differ = [k for k in ("perplexity", "kl_teacher_student", "top1_agreement")
+              if k in s_final and k in s_eval and abs(s_final[k] - s_eval[k]) > 1e-6 * max(1.0, abs(s_final[k]))]
+    if differ:
+        rep.text("final.json and eval.json disagree on the student's " + ", ".join(
+            f"{k} ({s_final[k]:.6g} vs {s_eval[k]:.6g})" for k in differ) + "; the table shows final.json's. "
+            "They were measured differently (see above) or on another student; rerun `kdforge eval` to refresh.")
+
+
+def _run_overview(rep: Report, manifest: dict | None, final: dict | None, ev: dict | None,
+                  rows: list[dict]) -> None:
+    """Data, wall time, throughput and the baseline, in one table above the results."""
+    recipe = (manifest or {}).get("recipe") or {}
+    data, train_cfg = recipe.get("data") or {}, recipe.get("train") or {}
+    logged = [r for r in rows if "tokens" in r]
+    tokens = (final or {}).get("tokens_seen") or (logged[-1]["tokens"] if logged else None)
+    tps = (final or {}).get("tokens_per_s") or (logged[-1].get("tokens_per_s") if logged else None)
+    validation = data.get("validation")
+    items = [("corpus", data.get("corpus")),
+             ("held-out", ", ".join(map(str, validation)) if isinstance(validation, list) else validation),
+             ("seq_len", data.get("seq_len")), ("steps", (final or {}).get("step") or train_cfg.get("steps")),
+             ("batch", f"{train_cfg['batch_size']} x grad_accum {train_cfg.get('grad_accum', 1)}"
+              if "batch_size" in train_cfg else None),
+             ("tokens trained", tokens), ("training time", _duration((final or {}).get("train_seconds"))),
+             ("wall time (final launch)", _duration((final or {}).get("wall_seconds"))),
+             ("training tokens/s", tps)]
+    baseline = ((ev or {}).get("heldout") or {}).get("baseline")
+    if baseline:
+        items.append(("baseline", (ev or {}).get("baseline_path") or "given to `kdforge eval --baseline`"))
+    rep.heading("Run")
+    rep.table(["field", "value"], [[k, "—" if v is None else v] for k, v in items])
+    student = ((ev or {}).get("heldout") or {}).get("student")
+    if baseline and student:
+        ratio = baseline["perplexity"] / student["perplexity"]
+        rep.text(f"Against the baseline (eval.json): held-out perplexity {student['perplexity']:.4g} vs "
+                 f"{baseline['perplexity']:.4g}, {ratio:.2f}x " + ("lower." if ratio >= 1 else "HIGHER (worse)."))
+
+
+def _duration(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d} ({seconds:,.1f} s)"
 
 
 def _cka_png(folder: Path, target: Path, title: str) -> Path | None:
@@ -412,7 +481,9 @@ def build_report(path: str | Path, out: str | Path | None = None) -> tuple[Path,
         rep = Report(f"kdforge bench report: {path.resolve().name}", out_dir)
         bench_report(path, rep)
     elif _looks_like_run(path):
-        rep = Report(f"kdforge run report: {path.resolve().name}", out_dir)
+        name = (((_read_json(path / "manifest.json") or {}).get("recipe") or {}).get("name")
+                or path.resolve().name)  # the recipe's name; the folder's only without a manifest
+        rep = Report(f"kdforge run report: {name}", out_dir)
         run_report(path, rep)
     else:  # refuse before writing anything into a folder that is not ours
         runs = sorted(p.name for p in path.iterdir() if p.is_dir() and _looks_like_run(p))

@@ -427,7 +427,11 @@ def build_cache(teacher: torch.nn.Module, tokenizer, blocks_ids: torch.Tensor, o
     taps = Taps(teacher, {spec: spec for spec in options.features}) if options.features else None
     feat_dtype = getattr(torch, options.feature_dtype)
     seq = blocks_ids.shape[1]
-    say = progress or (lambda msg: log.info("%s", msg))
+    say = progress or (lambda msg: log.debug("%s", msg))
+    from ..progress import Progress
+
+    bar = Progress("caching teacher outputs", n_blocks, unit="block",
+                   start=sum(e["stop"] - e["start"] for e in done.values()))
     for shard_no, (start, stop) in enumerate(ranges):
         if shard_no in done:
             continue
@@ -440,6 +444,7 @@ def build_cache(teacher: torch.nn.Module, tokenizer, blocks_ids: torch.Tensor, o
             feats = {spec: _feature_tensor(result.features.get(spec), spec, ids.shape[0], seq, feat_dtype)
                      for spec in options.features}
             parts.append(encode_block_outputs(result.logits.detach().cpu(), feats, ids, options))
+            bar.update(bar.done + ids.shape[0])
         arrays = {}
         for key in parts[0]:
             vals = [p[key] for p in parts]
@@ -459,6 +464,7 @@ def build_cache(teacher: torch.nn.Module, tokenizer, blocks_ids: torch.Tensor, o
         atomic_write_json(out / INDEX, index)
         say(f"cached shard {shard_no + 1}/{len(ranges)} (blocks {start}..{stop - 1})")
 
+    bar.close()
     total_bytes = sum(e["bytes"] for e in index["shards"])
     tokens = n_blocks * seq
     index["complete"] = True
