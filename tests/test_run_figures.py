@@ -33,12 +33,14 @@ def test_final_json_and_eval_json_agree_and_say_what_they_measured(bf16_run):
         "blocks": 32, "seq_len": 32, "eval_tokens": 32 * 31, "batch_size": 8, "teacher_precision": "bfloat16"}
     for key in ("perplexity", "kl_teacher_student", "kl_student_teacher", "top1_agreement", "eval_tokens"):
         assert final["student"][key] == ev["heldout"]["student"][key], key
-    # what they disagreed by before: the training batch (4) under a bf16 teacher moves the KL
+    # they disagreed when final.json used the training batch (4): one fp32 sum over a whole batch's [B, T, V] moved
+    # the KL with the batch shape; summed a block at a time, the batch no longer matters beyond rounding
     setup = prepare(recipe)
     student = load_causal_lm(ModelSpec(model=str(run / "student")))
     at_train_batch = evaluate_models({"student": student, "teacher": load_teacher(recipe.teacher)}, setup.val_blocks,
                                      reference="teacher", batch_size=4, bf16={"teacher": True})["student"]
-    assert at_train_batch["kl_teacher_student"] != final["student"]["kl_teacher_student"]
+    for key in ("kl_teacher_student", "kl_student_teacher", "top1_agreement"):
+        assert at_train_batch[key] == pytest.approx(final["student"][key], rel=1e-6), key
 
 
 def test_run_report_names_recipe_data_time_throughput_baseline_and_sources(bf16_run):
