@@ -258,7 +258,8 @@ def test_leftover_temporaries_are_removed_when_the_next_run_starts(tiny_recipe, 
             (p / "student" / "model.safetensors").write_bytes(b"partial")
         else:
             p.write_text("partial")
-    kept = [out / "notes.txt", out / ".gitignore", out / ".hidden.cfg"]
+    kept = [out / "notes.txt", out / ".gitignore", out / ".hidden.cfg", out / ".env.template", out / ".foo.metadata",
+            out / ".notes.old"]  # a user's hidden files, even of the shapes of older kdforge temporaries
     for p in kept:
         p.write_text("mine")
     with caplog.at_level(logging.INFO, logger="kdforge"):
@@ -418,16 +419,15 @@ def test_a_cache_build_removes_the_temporaries_of_a_killed_one(tiny_assets, tmp_
     assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard_00000.safetensors", "shard_00001.safetensors"]
 
 
-def test_atomic_writes_get_the_usual_permissions_not_owner_only(tmp_path):
+def test_atomic_writes_get_the_usual_permissions_not_owner_only(tmp_path, monkeypatch):
     """Issue 16: final.json, the report and the student folder were mode 0600/0700, so a teammate could not open
     them. Atomic writes now give what a plain open()/mkdir would under the user's umask."""
     from kdforge.io import atomic_write_dir, atomic_write_text
 
-    old = os.umask(0o022)
-    try:
-        atomic_write_text(tmp_path / "final.json", "{}")
-        atomic_write_dir(tmp_path / "student", lambda d: (d / "config.json").write_text("{}"))
-    finally:
-        os.umask(old)
+    import kdforge.io
+
+    monkeypatch.setattr(kdforge.io, "_UMASK", 0o022)
+    atomic_write_text(tmp_path / "final.json", "{}")
+    atomic_write_dir(tmp_path / "student", lambda d: (d / "config.json").write_text("{}"))
     assert (tmp_path / "final.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "student").stat().st_mode & 0o777 == 0o755

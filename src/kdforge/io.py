@@ -23,8 +23,11 @@ from .errors import KDForgeError
 log = logging.getLogger("kdforge")
 
 TMP_TAG = ".tmp-"
-# .<name>.tmp-XXXXXXXX (this kdforge), .<name>.XXXXXXXX (older: mkstemp/mkdtemp's 8 random [a-z0-9_]), .<name>.old
-_TEMPORARY = re.compile(r"^\..+\.(tmp-[a-z0-9_]{8}|[a-z0-9_]{8}|old)$")
+# .<name>.tmp-XXXXXXXX (this kdforge); the older mkstemp/mkdtemp form .<name>.XXXXXXXX (8 random [a-z0-9_]) and an
+# interrupted swap's .<name>.old only for names kdforge itself writes, so a user's `.env.template` is never touched
+_OWN_NAMES = (r"(manifest\.json|final\.json|eval\.json|metrics\.jsonl|metrics\.json|student|report\.html|report\.md|"
+              r"step_\d{8}|index\.json|shard_\d{5}\.safetensors)")
+_TEMPORARY = re.compile(rf"^\.(?:.+\.(tmp-[a-z0-9_]{{8}})|{_OWN_NAMES}\.([a-z0-9_]{{8}}|old))$")
 
 
 class DiskFullError(KDForgeError):
@@ -65,10 +68,13 @@ def disk_full_as_error(path: str | Path, hint: str = "") -> Iterator[None]:
                             f"{' or ' + hint if hint else ''}, then rerun the same command") from None
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # read once, at import: setting it (the only way to read it) races with other threads
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -76,7 +82,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_TAG}")
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # what open() would give, not mkstemp's owner-only 0600
+        os.chmod(tmp, 0o666 & ~_UMASK)  # what open() would give, not mkstemp's owner-only 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -101,7 +107,7 @@ def atomic_write_dir(path: str | Path, fill: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{TMP_TAG}"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # what mkdir would give, not mkdtemp's owner-only 0700
+        os.chmod(tmp, 0o777 & ~_UMASK)  # what mkdir would give, not mkdtemp's owner-only 0700
         fill(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -127,7 +133,7 @@ def remove_temporaries(folder: str | Path) -> list[Path]:
         match = _TEMPORARY.match(entry.name)
         if not match:
             continue
-        if match.group(1) == "old":  # a kill between the two renames of atomic_write_dir: put the old one back
+        if match.group(3) == "old":  # a kill between the two renames of atomic_write_dir: put the old one back
             target = entry.with_name(entry.name[1:-len(".old")])
             if not target.exists():
                 os.replace(entry, target)
