@@ -75,7 +75,7 @@ def test_a_glob_or_folder_that_matches_nothing_says_so(tiny_recipe, tmp_path):
         _prepare(tiny_recipe)
     (tmp_path / "empty").mkdir()
     tiny_recipe["data"]["corpus"] = str(tmp_path / "empty")
-    with pytest.raises(KDForgeError, match="holds no .txt, .jsonl, .json or .md file"):
+    with pytest.raises(KDForgeError, match="holds no .txt, .jsonl or .md file"):
         _prepare(tiny_recipe)
 
 

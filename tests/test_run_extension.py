@@ -82,3 +82,23 @@ def test_a_resume_on_changed_data_is_refused(tiny_recipe, tmp_path, monkeypatch)
     corpus.write_text(corpus.read_text().replace("king", "queen"))
     with pytest.raises(KDForgeError, match="changed since the run started .* resuming would train on other data"):
         train(recipe, progress=False)
+
+
+def test_precision_and_an_older_manifest_schema_do_not_refuse_a_resume(tiny_recipe, caplog):
+    """Precision auto resolves by the machine, so it is not part of the recipe hash (a resume under another one is
+    logged); a manifest written under an older schema (another hash of the same recipe) is re-read, not refused."""
+    import logging
+
+    out = Path(tiny_recipe["output_dir"])
+    train(parse_recipe(_recipe(tiny_recipe, steps=4, save_every=2)), progress=False)
+    assert parse_recipe({**tiny_recipe, "teacher": {**tiny_recipe["teacher"], "dtype": "bfloat16"}}).hash() == \
+        parse_recipe(tiny_recipe).hash()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["recipe_hash"] = "0123456789abcdef"  # what an older kdforge computed for the same recipe
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "final.json").unlink()
+    bf16 = {**tiny_recipe, "teacher": {**tiny_recipe["teacher"], "dtype": "bfloat16"}}
+    with caplog.at_level(logging.INFO, logger="kdforge"):
+        train(parse_recipe(_recipe(bf16, steps=4, save_every=2)), progress=False)
+    assert "resumes with teacher bfloat16" in caplog.text
+    assert (out / "final.json").is_file()

@@ -55,7 +55,7 @@ class DistillationTrainer(transformers.Trainer):
     loss_is_scaled_for_ga = True  # compute_loss normalises by the whole step's token count itself
 
     def __init__(self, model: nn.Module, *, teacher_model: Any = None, objective: list[dict[str, Any]] | None = None,
-                 teacher_dtype: str = "float32", truncate_to_shared_vocab: bool = False,
+                 teacher_dtype: str = "auto", truncate_to_shared_vocab: bool = False,
                  logit_chunk_size: int | None = None, seq_len: int = 128, **trainer_kwargs: Any):
         if not objective:
             raise KDForgeError("DistillationTrainer needs an objective; pass e.g. objective=[{'loss': 'forward_kl'}]")
@@ -72,6 +72,11 @@ class DistillationTrainer(transformers.Trainer):
                               teacher_dtype=teacher_dtype, seq_len=seq_len, example_batch=example,
                               logit_chunk_size=logit_chunk_size)
         super().__init__(model=model, **trainer_kwargs)
+        if logit_chunk_size is not None and self.accelerator.num_processes > 1:
+            # the chunked path runs the student's base model outside the DDP wrapper, so its gradients would not be
+            # all-reduced
+            raise KDForgeError("DistillationTrainer: logit_chunk_size works in a single process only; set it to None "
+                               "under several processes")
         self.distiller = distiller.to(self.args.device)
         if isinstance(teacher_model, nn.Module) and not hasattr(teacher_model, "hf_device_map"):
             teacher_model.to(self.args.device)

@@ -25,13 +25,16 @@ class StopRequested(KeyboardInterrupt):
 class StopSignals:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, install: bool = True) -> None:
+        """install=False: leave the signals' behaviour alone (a multi-process run, where ranks would stop at
+        different points and wait forever for each other at the next collective); critical() then does nothing."""
+        self._install = install
         self._deferring = False
         self._pending: int | None = None
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
+        if self._install and threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self

@@ -297,9 +297,12 @@ class Recipe(_Strict):
     def hash(self) -> str:
         """Hash of what a run computes, step by step: bookkeeping (where and how often it logs, saves, evaluates) is
         left out, and so is `train.steps`, so a run can be continued under new bookkeeping or extended to more steps
-        (kdforge.train decides what a change of steps means). The training data's contents are fingerprinted
-        separately, in the run's manifest."""
-        data = self.model_dump(mode="json", exclude={"output_dir": True, "train": BOOKKEEPING_KEYS | {"steps"}})
+        (kdforge.train decides what a change of steps means). Precision (`teacher.dtype`, `train.bf16`) is left out
+        too: `auto` resolves by the machine, and a run resumed on another kind of machine is the same run (the
+        manifest records the precision, and a resume under another one says so). The training data's contents are
+        fingerprinted separately, in the run's manifest."""
+        data = self.model_dump(mode="json", exclude={"output_dir": True, "train": BOOKKEEPING_KEYS | {"steps", "bf16"},
+                                                     "teacher": {"dtype"}})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -83,6 +83,16 @@ def make_output_dir(out: Path) -> None:
         raise KDForgeError(f"cannot write to output dir '{out}' ({err.strerror}); choose another with --out") from None
 
 
+def _same_recipe_today(manifest: dict, recipe_hash: str) -> bool:
+    """A manifest from an older kdforge hashed its recipe under another schema: read its recipe under today's."""
+    from .recipe import parse_recipe
+
+    try:
+        return parse_recipe(manifest["recipe"]).hash() == recipe_hash
+    except (KDForgeError, KeyError, TypeError):
+        return False
+
+
 def check_manifest(out: Path, recipe_hash: str, has_checkpoint: bool) -> bool:
     """Check that the folder may hold a run of this recipe. Returns True when the manifest.json there must be
     (re)written by this run (none yet, unreadable, or of a run that never reached a checkpoint)."""
@@ -101,7 +111,7 @@ def check_manifest(out: Path, recipe_hash: str, has_checkpoint: bool) -> bool:
     if manifest is None:
         return True
     old = manifest.get("recipe_hash")
-    if old == recipe_hash:
+    if old == recipe_hash or _same_recipe_today(manifest, recipe_hash):
         return False
     if has_checkpoint or finished:
         raise KDForgeError(f"output dir '{out}' holds a run of a different recipe (hash {old}, this one "

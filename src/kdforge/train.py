@@ -274,7 +274,8 @@ def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, 
     try:
         if error:
             raise KDForgeError(error)
-        with StopSignals() as signals:
+        # single process only: ranks of a multi-process run keep the default (the launcher stops them together)
+        with StopSignals(install=accelerator.num_processes == 1) as signals:
             return _train(recipe, accelerator, out, setup, progress, new_manifest, signals)
     finally:
         if lock is not None:
@@ -333,9 +334,20 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
                       if trainer_state is not None else 0)
     seconds_before = float(trainer_state.get("train_seconds", 0.0)) if trainer_state is not None else 0.0
     metrics_path = out / "metrics.jsonl"
+    if is_main and trainer_state is not None and trainer_state.get("steps", t.steps) != t.steps:
+        log.warning("this run was checkpointed with train.steps=%d and continues with %d: its learning-rate schedule "
+                    "(and any curriculum stages) now span %d steps", trainer_state["steps"], t.steps, t.steps)
+    if is_main and ckpt is not None and not new_manifest:
+        was = (read_manifest(out) or {}).get("precision") or {}
+        now = precision_entry(recipe)
+        if {k: was.get(k, now[k]) for k in ("teacher_dtype", "student_bf16")} != \
+                {k: now[k] for k in ("teacher_dtype", "student_bf16")}:
+            log.warning("this run started with teacher %s / student bf16 %s and resumes with teacher %s / student bf16 "
+                        "%s (precision auto resolves by the machine)", was.get("teacher_dtype"),
+                        was.get("student_bf16"), now["teacher_dtype"], now["student_bf16"])
     fingerprint = data_fingerprint(blocks, setup.val_blocks)
     changed = None
-    if is_main and not new_manifest and ckpt is not None:
+    if is_main and ckpt is not None:  # also when an extension is about to rewrite the manifest
         recorded = (read_manifest(out) or {}).get("data_fingerprint")
         if recorded is not None and recorded != fingerprint:
             changed = (f"the data of {out} changed since the run started (its token fingerprint was {recorded}, now "
@@ -369,7 +381,7 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
     t_start = time.perf_counter()
 
     def save(step: int, state, optimizer_state, rng=None) -> Path:
-        counters = {"layout": asdict(layout), "tokens_seen": tokens_seen,
+        counters = {"layout": asdict(layout), "tokens_seen": tokens_seen, "steps": t.steps,
                     "train_seconds": seconds_before + time.perf_counter() - t_start}
         return save_checkpoint(out, step, accelerator.unwrap_model(model), optimizer, scheduler, t.keep_checkpoints,
                                state=state, optimizer_state=optimizer_state, progress=counters, rng=rng)

@@ -27,9 +27,9 @@ class Corpus:
 def _expand(pattern: str) -> list[Path]:
     path = Path(pattern).expanduser()
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl", ".json", ".md"} and p.is_file())
+        found = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl", ".md"} and p.is_file())
         if not found:
-            raise KDForgeError(f"data folder '{pattern}' holds no .txt, .jsonl, .json or .md file; put the text there or "
+            raise KDForgeError(f"data folder '{pattern}' holds no .txt, .jsonl or .md file; put the text there or "
                                "name the files (a glob such as 'data/*.text')")
         return found
     if any(c in pattern for c in "*?["):

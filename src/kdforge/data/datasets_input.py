@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import KDForgeError
 
-_TEXT_SUFFIXES = {".txt", ".jsonl", ".json", ".md"}
+_TEXT_SUFFIXES = {".txt", ".jsonl", ".md"}  # what a corpus folder is read for (kdforge.data.corpus)
 
 
 @dataclass
