@@ -145,6 +145,95 @@ def test_cache_contents_equal_a_direct_computation(values, ids_format):
     assert bytes(got["block_hash"][1]) == cache_mod.block_hash(ids[1])
 
 
+def _softcapped_gemma2():
+    """A tiny Gemma 2 whose final_logit_softcapping bites: raw logits up to ~0.4, capped at 0.05."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.05)
+    return Gemma2ForCausalLM(config).eval()
+
+
+def _shards(path):
+    from safetensors.torch import load_file
+
+    files = [load_file(path / e["file"]) for e in json.loads((path / "index.json").read_text())["shards"]]
+    return {key: torch.cat([f[key] for f in files]) for key in files[0]}
+
+
+@pytest.mark.parametrize("model,fuse", [("llama", True), ("llama", False), ("gemma2-softcap", True)])
+def test_built_cache_equals_a_direct_computation(tiny, tmp_path, model, fuse):
+    """build_cache (fused: logits a few rows at a time from the last hidden states; or the full logits) against the
+    float64 direct computation on the model's own float64 logits, soft-cap included."""
+    import copy
+
+    teacher = tiny["teacher"] if model == "llama" else _softcapped_gemma2()
+    vocab, k, temperature = teacher.config.vocab_size, 16, 0.5
+    ids = tiny["ids"][:10] % vocab
+    options = CacheOptions(k=k, values="fp16", ids="plain", lse_dtype="float32", temperature=temperature,
+                           shard_blocks=4, batch_size=3, features=["hidden_states.1"])
+    build_cache(teacher, tiny["tokenizer"], ids, tmp_path, teacher_spec=tiny["spec"], options=options, fuse=fuse)
+    got = _shards(tmp_path)
+    with torch.no_grad():
+        out = copy.deepcopy(teacher).double()(input_ids=ids, output_hidden_states=True)
+    assert model == "llama" or out.logits.abs().max() <= 0.05  # the cap is on
+    logits = out.logits.reshape(-1, vocab)
+    _, ref_ids, ref_lse, ref_rest = _direct(logits, k, temperature)
+    got_ids = got["ids"].reshape(-1, k).long()
+    assert torch.equal(got_ids.sort(-1).values, ref_ids.sort(-1).values)
+    ref_lp = logits.gather(-1, got_ids) / temperature - ref_lse.unsqueeze(-1)  # in the cache's (id) order
+    torch.testing.assert_close(got["values"].reshape(-1, k).double(), ref_lp, rtol=2 ** -10, atol=0)
+    torch.testing.assert_close(got["logsumexp"].reshape(-1).double(), ref_lse, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got["log_rest"].reshape(-1).double(), ref_rest, rtol=2 ** -10, atol=0)
+    torch.testing.assert_close(got["feature.0"].double(), out.hidden_states[1], rtol=2e-3, atol=2e-3)  # float16
+
+
+def test_fused_build_never_calls_the_head_on_the_whole_batch(tiny, tmp_path, monkeypatch):
+    """With taps inside the base model, the head only ever sees one chunk's rows; the cache equals the unfused one."""
+    teacher = tiny["teacher"]
+    chunk_rows = 16
+    monkeypatch.setattr(cache_mod, "_CHUNK_BYTES", chunk_rows * 4 * teacher.config.vocab_size)
+    seen = []
+
+    def one_chunk_at_a_time(module, args, output):
+        rows = args[0].reshape(-1, args[0].shape[-1]).shape[0]
+        if rows > chunk_rows:
+            raise AssertionError(f"the lm head was called on {rows} rows, more than a chunk's {chunk_rows}")
+        seen.append(rows)
+
+    features = ["hidden_states.2", "model.layers.0.mlp"]
+    handle = teacher.get_output_embeddings().register_forward_hook(one_chunk_at_a_time)
+    try:
+        _build(tiny, tmp_path / "fused", features=features)
+    finally:
+        handle.remove()
+    assert seen.count(chunk_rows) == tiny["ids"].numel() // chunk_rows  # ...and the fused path did run
+    unfused = tmp_path / "unfused"
+    build_cache(teacher, tiny["tokenizer"], tiny["ids"], unfused, teacher_spec=tiny["spec"],
+                options=CacheOptions(k=16, shard_blocks=8, batch_size=4, features=features), fuse=False)
+    a, b = _shards(tmp_path / "fused"), _shards(unfused)
+    assert a.keys() == b.keys()
+    for key in a:
+        if key == "values":  # int6 codes: equal up to float32 rounding at a code boundary
+            q, ref_q = (cache_mod.unpack_bits(x[key].reshape(-1, x[key].shape[-1]).numpy(), 16, 6) for x in (a, b))
+            assert np.abs(q - ref_q).max() <= 1 and (q == ref_q).mean() > 0.999
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=2 ** -10, atol=1e-6)
+
+
+def test_fused_build_falls_back_for_taps_outside_the_base_model_and_other_models(tiny):
+    from kdforge.taps import Taps
+
+    teacher = tiny["teacher"]
+    base, head, transform = cache_mod._fused_head(teacher, Taps(teacher, {"h": "hidden_states.1",
+                                                                          "m": "model.layers.*.mlp"}))
+    assert head is teacher.get_output_embeddings() and transform.is_identity
+    assert cache_mod._fused_head(teacher, Taps(teacher, {"head": "lm_head"})) is None
+    assert cache_mod._fused_head(teacher, Taps(teacher, {"z": "logits"})) is None
+    assert cache_mod._fused_head(torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.Linear(4, 8)), None) is None
+
+
 @pytest.mark.parametrize("values,ids_format,expected", [("int6", "packed", 148.125), ("int8", "packed", 164.125),
                                                         ("int8", "plain", 200.125), ("fp16", "plain", 260.125)])
 def test_bytes_per_token_at_k64(values, ids_format, expected):

@@ -313,19 +313,31 @@ def top_k_log_probs(logits: torch.Tensor, k: int, temperature: float = 1.0
     at ``temperature``: ``log p = logits/T - logsumexp(logits/T)``; ``log_rest`` is the log of the probability mass
     outside the top k, summed over the other ids (no 1 - x cancellation, so the tail mass stays exact).
 
-    Works through a few rows at a time in one reused buffer that stays in the CPU's cache (no full-size
-    temporaries), finds the top k with :func:`_top_k`, and exponentiates each logit once for both sums, as
-    ``2 ** ((x - max)·log2 e)`` (torch's exp2 is several times faster than its exp on CPU; the sums agree with
-    ``torch.logsumexp`` to float32 rounding).
+    Works through a few rows at a time (see :func:`chunked_top_k_log_probs`).
     """
     m, vocab = logits.shape
+    return chunked_top_k_log_probs(lambda r0, r1: logits[r0:r1], m, vocab, k, temperature)
+
+
+def chunked_top_k_log_probs(logits_of: Callable[[int, int], torch.Tensor], m: int, vocab: int, k: int,
+                            temperature: float = 1.0, chunk_bytes: int | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`top_k_log_probs` of M rows of logits that ``logits_of(r0, r1)`` gives a few rows [r1 - r0, V] at a time
+    (a slice of a logits tensor, or logits computed just now from hidden states: the fused cache build never holds
+    more than one chunk of a batch's logits).
+
+    Each chunk of ``chunk_bytes`` (as float32; default ``_CHUNK_BYTES``) is worked on in one reused buffer that stays
+    in the CPU's cache (no full-size temporaries): the top k by :func:`_top_k`, and each logit exponentiated once for
+    both sums, as ``2 ** ((x - max)·log2 e)`` (torch's exp2 is several times faster than its exp on CPU; the sums
+    agree with ``torch.logsumexp`` to float32 rounding).
+    """
     k = min(k, vocab)
-    rows = max(1, min(m, _CHUNK_BYTES // (4 * vocab)))
+    rows = max(1, min(m, (chunk_bytes or _CHUNK_BYTES) // (4 * vocab)))
     buf = torch.empty(rows, vocab)
     log_p, ids = torch.empty(m, k), torch.empty(m, k, dtype=torch.int64)
     lse, log_rest = torch.empty(m), torch.empty(m)
     for r0 in range(0, m, rows):
-        x = logits[r0:r0 + rows]
+        x = logits_of(r0, min(r0 + rows, m))
         r = x.shape[0]
         scaled = buf[:r].copy_(x)  # as float32
         if temperature != 1.0:
@@ -349,8 +361,17 @@ def encode_block_outputs(logits: torch.Tensor, features: Mapping[str, torch.Tens
                          options: CacheOptions) -> dict[str, np.ndarray]:
     """Teacher logits [n, T, V] (+ features) of n blocks -> the arrays of a shard (numpy, safetensors-ready)."""
     n, seq, vocab = logits.shape
-    k = min(options.k, vocab)
-    log_p, top_ids, lse, log_rest = top_k_log_probs(logits.reshape(n * seq, vocab), k, options.temperature)
+    stats = top_k_log_probs(logits.reshape(n * seq, vocab), min(options.k, vocab), options.temperature)
+    return encode_top_k(stats, vocab, features, ids, options)
+
+
+def encode_top_k(stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], vocab: int,
+                 features: Mapping[str, torch.Tensor], ids: torch.Tensor, options: CacheOptions
+                 ) -> dict[str, np.ndarray]:
+    """:func:`top_k_log_probs` of n blocks' n·T tokens (+ features) -> the arrays of a shard."""
+    log_p, top_ids, lse, log_rest = stats
+    n, seq = ids.shape
+    k = top_ids.shape[-1]
     lse, log_rest = lse.reshape(n, seq), log_rest.reshape(n, seq)
     arrays: dict[str, np.ndarray] = {}
     if options.ids == "packed":
@@ -368,6 +389,63 @@ def encode_block_outputs(logits: torch.Tensor, features: Mapping[str, torch.Tens
     for i, spec in enumerate(options.features):
         arrays[f"feature.{i}"] = features[spec]
     return arrays
+
+
+# Taps the base model's forward fills: hooks on its own modules, and these fields of its output.
+_BASE_OUTPUT_TAPS = ("hidden_states", "attentions")
+
+
+def _fused_head(teacher: torch.nn.Module, taps) -> tuple[torch.nn.Module, torch.nn.Module, Any] | None:
+    """(base model, lm head, logit transform) when the cache can be built from the teacher's last hidden states
+    (a causal LM on the CPU whose logits are ``transform(head(h))``, every tap filled by the base model's forward),
+    else None: the teacher's full logits are post-processed instead."""
+    from ..losses.chunked import causal_lm_head, check_head_of_hidden
+
+    try:
+        if next(teacher.parameters()).device.type != "cpu":
+            return None  # the chunks' work is sized for a CPU's cache; a GPU teacher's logits go through as they are
+        base, head = causal_lm_head(teacher)
+        transform = check_head_of_hidden(teacher)
+    except (KDForgeError, StopIteration) as err:
+        log.debug("teacher cache: post-processing the teacher's full logits (%s)", err)
+        return None
+    if taps is not None:
+        inside = {id(m) for m in base.modules()}
+        if any(s.source == "hf" and s.path not in _BASE_OUTPUT_TAPS for s in taps.specs.values()) or any(
+                id(m) not in inside for target in taps._targets for _, m in target.modules):
+            return None
+    return base, head, transform
+
+
+@torch.no_grad()
+def fused_teacher_top_k(live: LiveTeacher, fused: tuple[torch.nn.Module, torch.nn.Module, Any],
+                        batch: Mapping[str, torch.Tensor], taps, k: int, temperature: float
+                        ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]]:
+    """The teacher's :func:`top_k_log_probs` for every token of ``batch`` (and its tapped features), from the base
+    model's last hidden states: each chunk of rows' logits ``transform(head(h))`` is made and reduced while it is in
+    the CPU's cache, so the batch's [B, T, V] logits are never written to memory and read back."""
+    from ..batches import model_inputs
+
+    base, head, transform = fused
+    live.model.eval()
+    args, kwargs = model_inputs(batch)
+    features: dict[str, Any] = {}
+    with live.autocast():
+        if taps is None:
+            out = base(*args, **kwargs)
+        else:
+            with taps.capture() as features:
+                out = base(*args, **kwargs, **taps.needs_hf_outputs())
+            taps.collect_outputs(features, out)
+    hidden = out.last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+
+    def logits_of(r0: int, r1: int) -> torch.Tensor:
+        with live.autocast():
+            return transform(head(hidden[r0:r1]))
+
+    vocab = head.weight.shape[0]
+    return chunked_top_k_log_probs(logits_of, hidden.shape[0], vocab, k, temperature), features
 
 
 def _feature_tensor(value: Any, spec: str, n: int, seq: int, dtype: torch.dtype) -> torch.Tensor:
@@ -388,8 +466,13 @@ def _save_shard(arrays: Mapping[str, Any], meta: Mapping[str, str]) -> bytes:
 
 def build_cache(teacher: torch.nn.Module, tokenizer, blocks_ids: torch.Tensor, out: str | Path, *,
                 teacher_spec: Mapping[str, Any], options: CacheOptions | None = None,
-                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run ``teacher`` over ``blocks_ids`` [N, T] and write (or finish) the cache in ``out``. Returns the index."""
+                progress: Callable[[str], None] | None = None, fuse: bool = True) -> dict[str, Any]:
+    """Run ``teacher`` over ``blocks_ids`` [N, T] and write (or finish) the cache in ``out``. Returns the index.
+
+    ``fuse`` (default): where the teacher allows it (see :func:`fused_teacher_top_k`), run its base model and reduce
+    its logits a few rows at a time as they are made; else (or ``fuse=False``) post-process each batch's full logits.
+    The cache's contents are the same either way, up to float32 rounding.
+    """
     from ..taps import Taps
 
     options = options or CacheOptions()
@@ -425,6 +508,7 @@ def build_cache(teacher: torch.nn.Module, tokenizer, blocks_ids: torch.Tensor, o
 
     live = LiveTeacher(teacher, str(teacher_spec.get("dtype") or "float32"))
     taps = Taps(teacher, {spec: spec for spec in options.features}) if options.features else None
+    fused = _fused_head(teacher, taps) if fuse else None
     feat_dtype = getattr(torch, options.feature_dtype)
     seq = blocks_ids.shape[1]
     say = progress or (lambda msg: log.debug("%s", msg))
@@ -440,10 +524,17 @@ def build_cache(teacher: torch.nn.Module, tokenizer, blocks_ids: torch.Tensor, o
             ids = blocks_ids[b0:min(b0 + options.batch_size, stop)]
             batch = {"input_ids": ids.to(next(teacher.parameters()).device), "attention_mask": torch.ones_like(ids)}
             batch["attention_mask"] = batch["attention_mask"].to(batch["input_ids"].device)
-            result: TeacherOutput = live(batch, taps)
-            feats = {spec: _feature_tensor(result.features.get(spec), spec, ids.shape[0], seq, feat_dtype)
+            if fused is None:
+                result: TeacherOutput = live(batch, taps)
+                raw_feats = result.features
+            else:
+                stats, raw_feats = fused_teacher_top_k(live, fused, batch, taps, options.k, options.temperature)
+            feats = {spec: _feature_tensor(raw_feats.get(spec), spec, ids.shape[0], seq, feat_dtype)
                      for spec in options.features}
-            parts.append(encode_block_outputs(result.logits.detach().cpu(), feats, ids, options))
+            if fused is None:
+                parts.append(encode_block_outputs(result.logits.detach().cpu(), feats, ids, options))
+            else:
+                parts.append(encode_top_k(stats, vocab, feats, ids, options))
             bar.update(bar.done + ids.shape[0])
         arrays = {}
         for key in parts[0]:
