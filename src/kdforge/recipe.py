@@ -15,6 +15,10 @@ from .precision import auto_precision
 
 _BOOL = TypeAdapter(bool)
 
+# train.log_with names -> the package each needs (csv: kdforge itself); the others are accelerate's trackers.
+TRACKERS = {"csv": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet-ml",
+            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -88,6 +92,20 @@ class TeacherSpec(ModelSpec):
         return self
 
 
+class LoraSpec(_Strict):
+    """A LoRA adapter on the student (kdforge.models.wrap_lora, with the `peft` package): only the adapter trains."""
+
+    r: int = Field(8, ge=1)
+    """The adapter's rank."""
+    alpha: float = Field(16.0, gt=0, allow_inf_nan=False)
+    """LoRA's scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter's input during training."""
+    target_modules: list[str] | None = None
+    """The modules that get an adapter, by name or path suffix (e.g. [q_proj, v_proj]); null: peft's default for
+    the architecture."""
+
+
 class StudentSpec(_Strict):
     init: Literal["config", "from_teacher", "pretrained"] = "config"
     """config: fresh weights from `config` overrides on the teacher's config; from_teacher: keep the teacher layers in
@@ -101,6 +119,11 @@ class StudentSpec(_Strict):
     """init: from_teacher: the teacher layers to keep, e.g. [0, 10, 20, 29] (negative indices count from the end)."""
     gradient_checkpointing: bool = False
     """Recompute the student's activations in the backward pass: less memory, more time."""
+    lora: LoraSpec | None = None
+    """Distil into a LoRA adapter (needs `pip install peft`): the student is built as `init` says, then frozen and
+    wrapped with an adapter, and only the adapter trains. Feature-term tap paths stay those of the plain model. The
+    run exports `student/` (adapter merged in: a plain transformers model) and `student_adapter/` (the adapter alone,
+    for `peft.PeftModel.from_pretrained` on the same base); checkpoints hold the adapter only."""
 
 
 class DataSpec(_Strict):
@@ -229,6 +252,10 @@ class TrainSpec(_Strict):
     """Compute the logit and label terms from the student's last hidden states and lm-head weight, this many tokens
     at a time, so the whole batch's [tokens x vocabulary] logits never exist (kdforge.losses.chunked); null: off.
     Same values and gradients; needs a causal LM whose logits are exactly lm_head(last hidden state)."""
+    log_with: list[str] = Field(default_factory=list)
+    """Where metric rows go besides metrics.jsonl: `csv` (metrics.csv in the run folder, the same rows) and any
+    accelerate tracker: `tensorboard` (event files under the run's logs/), `wandb`, `mlflow`, `comet_ml`, `aim`,
+    `clearml`, `dvclive`, `swanlab`, `trackio`; each needs its package installed (e.g. `pip install tensorboard`)."""
 
     @field_validator("bf16", mode="before")
     @classmethod
@@ -240,9 +267,17 @@ class TrainSpec(_Strict):
         except ValidationError:
             raise ValueError(f"must be true, false or auto, not {v!r}") from None
 
+    @field_validator("log_with")
+    @classmethod
+    def _known_trackers(cls, v: list[str]) -> list[str]:
+        unknown = [name for name in v if name not in TRACKERS]
+        if unknown:
+            raise ValueError(f"unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)}")
+        return list(dict.fromkeys(v))
+
 
 # train.* keys that change when and where a run writes, not what it computes.
-BOOKKEEPING_KEYS = {"log_every", "save_every", "keep_checkpoints", "eval_every"}
+BOOKKEEPING_KEYS = {"log_every", "save_every", "keep_checkpoints", "eval_every", "log_with"}
 
 
 class Recipe(_Strict):
@@ -303,6 +338,8 @@ class Recipe(_Strict):
         fingerprinted separately, in the run's manifest."""
         data = self.model_dump(mode="json", exclude={"output_dir": True, "train": BOOKKEEPING_KEYS | {"steps", "bf16"},
                                                      "teacher": {"dtype"}})
+        if data["student"].get("lora") is None:  # recipes from before student.lora keep their hash
+            data["student"].pop("lora", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -42,11 +42,13 @@ from .checkpoints import (DamagedCheckpoint, apply_checkpoint, checkpoint_dirs, 
 from .checkpoints import latest_checkpoint, rewind  # noqa: F401 - latest_checkpoint: kept importable from here
 from .interrupts import StopRequested, StopSignals
 from .io import atomic_write_dir, atomic_write_json, atomic_write_text, disk_full_as_error, remove_temporaries
-from .models import build_student, count_parameters, load_teacher, load_tokenizer
+from .models import (build_student, count_parameters, is_peft, load_teacher, load_tokenizer, merged_state_dict,
+                     plain_model)
 from .precision import manifest_entry as precision_entry
 from .progress import Progress, phase
 from .recipe import ModelSpec, Recipe
 from .rundir import RunLock, check_manifest, make_output_dir, read_manifest, set_aside
+from .tracking import MetricsLog
 
 log = logging.getLogger("kdforge")
 
@@ -256,7 +258,7 @@ def train(recipe: Recipe, *, setup: Setup | None = None, progress: bool = True, 
     spans the new step count). `resume_from` (a checkpoint folder name such as `step_00000040`, or its path) rewinds
     the run to that checkpoint: what came after it is moved into `superseded/`, never deleted."""
     out = Path(out or recipe.output_dir)
-    accelerator = make_accelerator(recipe)  # DDP / FSDP / DeepSpeed come from the launcher; see kdforge.distributed
+    accelerator = make_accelerator(recipe, out)  # DDP / FSDP / DeepSpeed come from the launcher; kdforge.distributed
     lock = RunLock(out) if accelerator.is_main_process else None  # all ranks share the folder: one lock, on rank 0
     error, new_manifest = None, False
     if lock is not None:
@@ -355,8 +357,10 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
     changed = broadcast_object(accelerator, changed)
     if changed:
         raise KDForgeError(changed)
+    metrics = MetricsLog(out, t.log_with, accelerator)  # metrics.jsonl, metrics.csv, trackers (kdforge.tracking)
     if is_main:
         _rewrite_metrics(metrics_path, start)
+        metrics.start(recipe, start)
         if new_manifest:
             atomic_write_json(out / "manifest.json", manifest(recipe, world, fingerprint))
     model, optimizer = accelerator.prepare(distiller, optimizer)
@@ -433,11 +437,10 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
                            "tokens_per_s": tokens_seen / train_seconds}  # the only wall-clock field
                     if grad_norm is not None:
                         row["grad_norm"] = float(grad_norm)
-                    with disk_full_as_error(metrics_path, _DISK_HINT), open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    metrics.write(row)
                 if t.eval_every and done % t.eval_every == 0 and done != t.steps:
                     eval_student = plain_student(accelerator, model, setup.student)  # gathers under FSDP
-                    _periodic_eval(replace(setup, student=eval_student), out, done, is_main)
+                    _periodic_eval(replace(setup, student=eval_student), metrics, done, is_main)
                 if t.save_every and (done % t.save_every == 0 or done == t.steps):
                     state = full_model_state(accelerator, model)  # collective under FSDP; None off the main rank
                     optimizer_state = full_optimizer_state(accelerator, model, optimizer)
@@ -478,6 +481,7 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
         raise
     finally:
         bar.close()
+        metrics.close()
     final_student = plain_student(accelerator, model, setup.student)
     if is_main:
         train_seconds = seconds_before + time.perf_counter() - t_start
@@ -488,7 +492,7 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
     return out
 
 
-def _periodic_eval(setup: Setup, out: Path, step: int, is_main: bool) -> None:
+def _periodic_eval(setup: Setup, metrics: MetricsLog, step: int, is_main: bool) -> None:
     if not is_main:
         return
     from .recipe import EvalSpec
@@ -497,8 +501,7 @@ def _periodic_eval(setup: Setup, out: Path, step: int, is_main: bool) -> None:
     setup.student.train()
     row = {"step": step, "eval/perplexity": res["student"]["perplexity"],
            "eval/bits_per_char": res["student"]["bits_per_char"]}
-    with disk_full_as_error(out / "metrics.jsonl", _DISK_HINT), open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    metrics.write(row)
 
 
 def model_card(recipe: Recipe, final: dict[str, Any]) -> str:
@@ -564,17 +567,36 @@ def finish(setup: Setup, out: Path, *, timing: dict[str, Any] | None = None, pro
                           batch_size=measured["batch_size"],
                           bf16={"teacher": measured["teacher_precision"] == "bfloat16"},
                           progress="final evaluation" if progress else None)
+    peft = is_peft(student)
     final = {"step": setup.recipe.train.steps, "student": res["student"], "teacher": res.get("teacher"),
-             "student_parameters": count_parameters(student), "heldout_setup": measured, **(timing or {})}
+             "student_parameters": count_parameters(plain_model(student)), "heldout_setup": measured,
+             **(timing or {})}
+    if peft:  # the exported student/ is the merged model: it has the plain model's parameters, not the adapter's
+        final["student_parameters"] -= sum(p.numel() for n, p in student.named_parameters() if ".lora_" in n)
+        final["adapter_parameters"] = sum(p.numel() for p in student.parameters() if p.requires_grad)
     if wall_start is not None:
         final["wall_seconds"] = time.time() - wall_start  # this launch: loading, training and the final evaluation
 
     def fill(tmp: Path) -> None:
-        student.config._name_or_path = setup.recipe.name  # not the teacher's (GGUF) name it was derived from
-        student.save_pretrained(tmp)
+        plain = plain_model(student)
+        if peft:  # the adapter's base keeps its name (a user applies the adapter to it)
+            plain.save_pretrained(tmp, state_dict=merged_state_dict(student))
+            config = json.loads((tmp / "config.json").read_text())
+            config["_name_or_path"] = setup.recipe.name
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        else:
+            student.config._name_or_path = setup.recipe.name  # not the teacher's (GGUF) name it was derived from
+            student.save_pretrained(tmp)
         setup.tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(setup.recipe, final))
 
+    def fill_adapter(tmp: Path) -> None:
+        student.save_pretrained(tmp)
+        setup.tokenizer.save_pretrained(tmp)
+
+    if peft:  # the adapter alone, for peft on the same base: PeftModel.from_pretrained(base, RUN/student_adapter)
+        with disk_full_as_error(out / "student_adapter", _DISK_HINT):
+            atomic_write_dir(out / "student_adapter", fill_adapter)
     with disk_full_as_error(out / "student", _DISK_HINT):
         atomic_write_dir(out / "student", fill)
     with disk_full_as_error(out / "final.json", _DISK_HINT):
