@@ -79,6 +79,14 @@ def test_only_the_adapter_trains_and_the_export_is_merged_and_adapter(tiny_recip
     assert (out / "checkpoints" / "step_00000006" / "student" / "adapter_model.safetensors").is_file()
 
 
+def test_taps_resolve_with_or_without_the_peft_prefix(tiny_recipe, base_student, tmp_path):
+    for path in ("model.layers.-1", "base_model.model.model.layers.-1", "hidden_states.-1"):
+        recipe = _recipe(tiny_recipe, base_student, tmp_path / "run")
+        recipe["objective"][-1]["student"] = path
+        taps = prepare(parse_recipe(recipe)).distiller.student_taps
+        assert taps is not None
+
+
 def test_lora_run_resumes_exactly(tiny_recipe, base_student, tmp_path, monkeypatch):
     ref = train(parse_recipe(_recipe(tiny_recipe, base_student, tmp_path / "ref")), progress=False)
     recipe = parse_recipe(_recipe(tiny_recipe, base_student, tmp_path / "killed"))

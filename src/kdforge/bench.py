@@ -276,6 +276,8 @@ def run_cell(cell: Cell, eval_spec: EvalSpec, keep_checkpoints: bool = False) ->
                 train(recipe, setup=setup, progress=False, out=cell_dir)
                 atomic_write_json(cell_dir / "bench_time.json", {"seconds": time.perf_counter() - t0})
                 student = setup.student
+                if recipe.student.lora is not None:  # evaluate what was exported: the adapter merged in
+                    student = load_causal_lm(ModelSpec(model=str(cell_dir / "student")))
             else:
                 student = load_causal_lm(ModelSpec(model=str(cell_dir / "student")))
             evaluator = _evaluator(recipe, teacher, tokenizer, eval_spec)

@@ -104,7 +104,10 @@ class Distiller(nn.Module):
         teacher_model = getattr(self.teacher_source, "model", None)
         if stones and teacher_model is None:
             raise KDForgeError("block_kd runs the teacher's blocks, so it needs a live teacher model")
-        # module paths are those of the plain model, also under a LoRA adapter (PeftModel adds `base_model.model.`)
+        # module paths are those of the plain model, also under a LoRA adapter; the PeftModel's own paths (with its
+        # `base_model.model.` prefix, as print(model) shows them) are accepted too
+        if plain_model(self.student) is not self.student:
+            s_specs = {k: v.removeprefix("base_model.model.") for k, v in s_specs.items()}
         self.student_taps = Taps(plain_model(self.student), s_specs)
         # a teacher without a model (an offline cache) is asked for its stored features by spec
         self.teacher_taps = Taps(teacher_model, t_specs) if teacher_model is not None else t_specs
