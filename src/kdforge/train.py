@@ -2,8 +2,10 @@
 
 A run directory holds: manifest.json (resolved recipe, hash, seed, versions, commit, hardware), metrics.jsonl (one
 row per logged step / eval), checkpoints/step_XXXXXXXX/ (student, trainable extras, optimizer, scheduler, RNG), and
-student/ (the final student, loadable with plain transformers) plus final.json (held-out metrics), .kdforge.lock
-(the run lock) and, while a run is on, .kdforge.holder.json (kdforge.rundir). Checkpoint I/O: kdforge.checkpoints.
+student/ (the final student, loadable with plain transformers; with student.lora the adapter merged in, and the
+adapter alone in student_adapter/) plus final.json (held-out metrics), .kdforge.lock (the run lock) and, while a run
+is on, .kdforge.holder.json (kdforge.rundir). With train.log_with: metrics.csv and the trackers' files under logs/
+(kdforge.tracking). Checkpoint I/O: kdforge.checkpoints.
 """
 from __future__ import annotations
 
