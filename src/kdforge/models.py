@@ -199,7 +199,9 @@ def student_from_teacher_layers(teacher: nn.Module, layers: list[int]) -> nn.Mod
     return student
 
 
-def build_student(spec: StudentSpec, teacher: nn.Module | None, seed: int) -> nn.Module:
+def build_student(spec: StudentSpec, teacher: nn.Module | None, seed: int,
+                  calibration: torch.Tensor | None = None) -> nn.Module:
+    """The student as `spec.init` says; `calibration` [N, T]: training token blocks (init pruned ranks on them)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -211,6 +213,13 @@ def build_student(spec: StudentSpec, teacher: nn.Module | None, seed: int) -> nn
         if teacher is None or not spec.layers:
             raise KDForgeError("student.init 'from_teacher' needs a teacher and student.layers, e.g. [0, 10, 20, 29]")
         student = student_from_teacher_layers(teacher, spec.layers)
+    elif spec.init == "pruned":
+        if teacher is None or spec.prune is None or calibration is None:
+            raise KDForgeError("student.init 'pruned' needs a teacher, calibration blocks and student.prune, e.g. "
+                               "{layers: 16, intermediate_size: 768}")
+        from .pruning import prune
+
+        student = prune(teacher, spec.prune, calibration)
     else:
         if teacher is not None:
             base: dict[str, Any] = teacher.config.to_dict()

@@ -106,10 +106,32 @@ class LoraSpec(_Strict):
     the architecture."""
 
 
+class PruneSpec(_Strict):
+    """student.init pruned: the sizes of a student cut out of the teacher (a Llama-style model) by structured pruning,
+    Minitron-style: channels, heads and blocks are ranked by their activations on a calibration slice of the training
+    blocks and the least important are removed (kdforge.pruning). null keeps the teacher's size."""
+
+    layers: int | None = Field(None, ge=1)
+    """Decoder blocks kept; the blocks whose output is most like their input (1 - cosine) are removed."""
+    intermediate_size: int | None = Field(None, ge=1)
+    """MLP channels kept per block, ranked by their mean squared activation (the input of down_proj)."""
+    num_attention_heads: int | None = Field(None, ge=1)
+    """Query heads kept per block: a multiple of num_key_value_heads, and at most the teacher's query heads per KV
+    group times that; each kept KV group keeps its most active query heads. head_dim stays the teacher's."""
+    num_key_value_heads: int | None = Field(None, ge=1)
+    """KV heads kept per block: whole KV groups (a KV head and its query heads) are ranked and the least active go."""
+    hidden_size: int | None = Field(None, ge=1)
+    """Embedding channels kept (in every block, the embeddings and the norms), ranked by the mean squared output of
+    the blocks' RMSNorms."""
+    calibration_tokens: int = Field(4096, ge=1)
+    """Training tokens the teacher reads to rank what is kept (whole training blocks, from the first)."""
+
+
 class StudentSpec(_Strict):
-    init: Literal["config", "from_teacher", "pretrained"] = "config"
+    init: Literal["config", "from_teacher", "pretrained", "pruned"] = "config"
     """config: fresh weights from `config` overrides on the teacher's config; from_teacher: keep the teacher layers in
-    `layers` (DistilBERT-style); pretrained: load `model`."""
+    `layers` (DistilBERT-style); pretrained: load `model`; pruned: the teacher structurally pruned to the sizes in
+    `prune` (Minitron-style, Llama-style teachers)."""
     model: str | None = None
     """The student for init: pretrained (an embedded name, local folder or hub id); it must use the teacher's tokenizer."""
     config: dict[str, Any] = Field(default_factory=dict)
@@ -117,6 +139,9 @@ class StudentSpec(_Strict):
     it needs `model_type`."""
     layers: list[int] | None = None
     """init: from_teacher: the teacher layers to keep, e.g. [0, 10, 20, 29] (negative indices count from the end)."""
+    prune: PruneSpec | None = None
+    """init: pruned: the student's sizes, e.g. {layers: 16, intermediate_size: 768, num_attention_heads: 6,
+    num_key_value_heads: 2}; unset sizes stay the teacher's."""
     gradient_checkpointing: bool = False
     """Recompute the student's activations in the backward pass: less memory, more time."""
     lora: LoraSpec | None = None
@@ -124,6 +149,12 @@ class StudentSpec(_Strict):
     wrapped with an adapter, and only the adapter trains. Feature-term tap paths stay those of the plain model. The
     run exports `student/` (adapter merged in: a plain transformers model) and `student_adapter/` (the adapter alone,
     for `peft.PeftModel.from_pretrained` on the same base); checkpoints hold the adapter only."""
+
+    @model_validator(mode="after")
+    def _prune_needs_sizes(self) -> "StudentSpec":
+        if self.init == "pruned" and self.prune is None:
+            raise ValueError("student.init pruned needs student.prune, e.g. {layers: 16, intermediate_size: 768}")
+        return self
 
 
 class DataSpec(_Strict):

@@ -72,7 +72,7 @@ def prepare(recipe: Recipe, teacher: nn.Module | None = None, tokenizer=None,
     (train, held-out) blocks `tokenize_corpus` made with that tokenizer may be passed in."""
     spec = recipe.teacher
     cached = spec is not None and spec.kind == "cache"  # an offline cache stands in for the teacher in training
-    if spec is not None and teacher is None and not (cached and recipe.student.init != "from_teacher"):
+    if spec is not None and teacher is None and not (cached and recipe.student.init not in ("from_teacher", "pruned")):
         with phase(f"loading teacher {spec.model}"):
             teacher = load_teacher(spec)
     if tokenizer is None:
@@ -80,9 +80,13 @@ def prepare(recipe: Recipe, teacher: nn.Module | None = None, tokenizer=None,
         if tok_spec is None:
             raise KDForgeError("no tokenizer: set teacher.model, or student.model for a CE-only run")
         tokenizer = load_tokenizer(tok_spec)
+    if blocks is None and recipe.student.init == "pruned":  # pruning ranks the teacher's units on training blocks
+        with phase(f"tokenizing {recipe.data.corpus}"):
+            blocks = tokenize_corpus(recipe, tokenizer)
     torch.manual_seed(recipe.seed)
     student = build_student(recipe.student, teacher if teacher is not None or not cached
-                            else teacher_architecture(spec), recipe.seed)
+                            else teacher_architecture(spec), recipe.seed,
+                            calibration=blocks[0].ids if blocks is not None else None)
     check_seq_len(recipe.data.seq_len, {"teacher": teacher, "student": student})
     if recipe.student.init == "pretrained":
         check_student_tokenizer(recipe.student.model, tokenizer)
