@@ -2,18 +2,20 @@
 
 Prints tokens/s of a plain no-grad teacher forward over the blocks (batch by batch, logits discarded) and of
 `build_cache` over the same blocks and batches (forward + top-k + coding + checksums + shard writes), and their ratio
-cache build / forward (target >= 0.8: building a cache should cost little beyond running the teacher).
+cache build / forward (target >= 0.8: building a cache should cost little beyond running the teacher). The build is
+timed both as by default (each batch's full logits post-processed) and fused (`fuse=True`: the base model's last
+hidden states, each chunk of rows' logits made and reduced while in cache).
 
     .venv/bin/python benchmarks/cache_build.py [--blocks 64] [--seq 256] [--batch 8] [--vocab 49152]
                                                [--hidden 64] [--layers 4] [--k 64] [--repeats 3] [--threads 1]
-                                               [--profile]
+                                               [--profile [--fused]]
 
 The teacher is a random Llama (`kdforge.models.tiny_llama`) of --layers layers, width --hidden and a vocabulary of
 --vocab (SmolLM2's 49,152 by default), on random token ids; the cache uses the default options (top-64, packed ids,
-int6 values) with --k and --batch. The two measurements alternate for --repeats rounds (so load from other processes
-hits both alike) after one warm-up of each; the figures are medians. Like the `kdforge` command, the process keeps
-freed memory in its heap (`kdforge.runtime.keep_freed_memory_in_heap`). --profile instead runs one cache build under
-cProfile and prints the top functions by cumulative and by own time.
+int6 values) with --k and --batch. The three measurements alternate for --repeats rounds (so load from other processes
+hits all alike) after one warm-up of each; the figures are medians. Like the `kdforge` command, the process keeps
+freed memory in its heap (`kdforge.runtime.keep_freed_memory_in_heap`). --profile instead runs one cache build (fused
+with --fused) under cProfile and prints the top functions by cumulative and by own time.
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="profile one cache build instead of timing")
+    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=False, help="the build --profile runs")
     args = ap.parse_args()
     keep_freed_memory_in_heap()  # as the kdforge command does at start-up
     torch.set_num_threads(args.threads)
@@ -72,37 +75,40 @@ def main() -> None:
             batch = ids[b0:b0 + args.batch]
             live({"input_ids": batch, "attention_mask": torch.ones_like(batch)})
 
-    def build() -> None:
+    def build(fuse: bool = True) -> None:
         with tempfile.TemporaryDirectory(prefix="kdforge-cache-bench-") as tmp:
-            build_cache(teacher, tokenizer, ids, tmp, teacher_spec={"model": "synthetic"}, options=options)
+            build_cache(teacher, tokenizer, ids, tmp, teacher_spec={"model": "synthetic"}, options=options, fuse=fuse)
 
     if args.profile:
-        build()  # warm-up
+        build(args.fused)  # warm-up
         prof = cProfile.Profile()
-        prof.runcall(build)
+        prof.runcall(build, args.fused)
         stats = pstats.Stats(prof)
         stats.sort_stats("cumulative").print_stats(25)
         stats.sort_stats("tottime").print_stats(20)
         return
 
-    def timed(fn) -> float:
+    def timed(fn, *fn_args) -> float:
         t0 = time.perf_counter()
-        fn()
+        fn(*fn_args)
         return time.perf_counter() - t0
 
-    forward(), build()  # warm-up
-    fwd, cache = [], []
+    forward(), build(True), build(False)  # warm-up
+    fwd, cache, unfused = [], [], []
     for _ in range(args.repeats):
         fwd.append(timed(forward))
-        cache.append(timed(build))
+        cache.append(timed(build, True))
+        unfused.append(timed(build, False))
     tokens = ids.numel()
-    tf, tc = statistics.median(fwd), statistics.median(cache)
+    tf, tc, tu = statistics.median(fwd), statistics.median(cache), statistics.median(unfused)
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s); teacher "
           f"{args.layers} layers, d={args.hidden}, V={args.vocab}; {args.blocks} blocks x {args.seq} tokens, batch "
           f"{args.batch}, k={args.k}; medians of {args.repeats}")
     print(f"teacher forward   {tf:7.2f} s  {tokens / tf:10,.0f} tok/s")
-    print(f"cache build       {tc:7.2f} s  {tokens / tc:10,.0f} tok/s")
-    print(f"ratio             {tf / tc:.3f}  (cache build tok/s / forward tok/s; target >= 0.8)")
+    print(f"cache build       {tu:7.2f} s  {tokens / tu:10,.0f} tok/s  (default: full logits post-processed)")
+    print(f"fused build       {tc:7.2f} s  {tokens / tc:10,.0f} tok/s  (fuse=True)")
+    print(f"ratio             {tf / tu:.3f}  (cache build tok/s / forward tok/s; target >= 0.8)")
+    print(f"ratio fused       {tf / tc:.3f}")
 
 
 if __name__ == "__main__":

@@ -28,10 +28,10 @@ def tiny(tiny_assets):
     return {"teacher": load_teacher(spec), "tokenizer": tok, "ids": blocks.ids[:20], "spec": spec.model_dump()}
 
 
-def _build(tiny, out, **opts):
+def _build(tiny, out, fuse=False, **opts):
     opts = {"k": 16, "shard_blocks": 8, "batch_size": 4, **opts}
     return build_cache(tiny["teacher"], tiny["tokenizer"], tiny["ids"], out, teacher_spec=tiny["spec"],
-                       options=CacheOptions(**opts))
+                       options=CacheOptions(**opts), fuse=fuse)
 
 
 def _batch(ids, index):
@@ -192,8 +192,9 @@ def test_built_cache_equals_a_direct_computation(tiny, tmp_path, model, fuse):
 def test_fused_build_never_calls_the_head_on_the_whole_batch(tiny, tmp_path, monkeypatch):
     """With taps inside the base model, the head only ever sees one chunk's rows; the cache equals the unfused one."""
     teacher = tiny["teacher"]
-    chunk_rows = 16
-    monkeypatch.setattr(cache_mod, "_CHUNK_BYTES", chunk_rows * 4 * teacher.config.vocab_size)
+    monkeypatch.setattr(cache_mod, "_CHUNK_BYTES", 8 * 4 * teacher.config.vocab_size)  # 8-row chunks, made
+    monkeypatch.setattr(cache_mod, "_FUSED_CHUNKS", 1)  # ...as many per head call as make >= D = 48 rows
+    chunk_rows = teacher.config.hidden_size
     seen = []
 
     def one_chunk_at_a_time(module, args, output):
@@ -205,10 +206,10 @@ def test_fused_build_never_calls_the_head_on_the_whole_batch(tiny, tmp_path, mon
     features = ["hidden_states.2", "model.layers.0.mlp"]
     handle = teacher.get_output_embeddings().register_forward_hook(one_chunk_at_a_time)
     try:
-        _build(tiny, tmp_path / "fused", features=features)
+        _build(tiny, tmp_path / "fused", features=features, fuse=True)
     finally:
         handle.remove()
-    assert seen.count(chunk_rows) == tiny["ids"].numel() // chunk_rows  # ...and the fused path did run
+    assert chunk_rows == 48 and seen.count(48) == 5 * (4 * 32 // 48)  # 5 batches of 128 rows: the fused path ran
     unfused = tmp_path / "unfused"
     build_cache(teacher, tiny["tokenizer"], tiny["ids"], unfused, teacher_spec=tiny["spec"],
                 options=CacheOptions(k=16, shard_blocks=8, batch_size=4, features=features), fuse=False)

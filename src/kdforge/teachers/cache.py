@@ -391,6 +391,10 @@ def encode_top_k(stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
     return arrays
 
 
+# Chunks of rows the fused build makes per lm-head call (then reduced one chunk at a time). Each call reads the whole
+# head weight [V, D]: on the benchmark's d=64 teacher (AVX512), a call per 10-row chunk lost more to re-reading it
+# than it gained from the logits staying in L2.
+_FUSED_CHUNKS = 6
 # Taps the base model's forward fills: hooks on its own modules, and these fields of its output.
 _BASE_OUTPUT_TAPS = ("hidden_states", "attentions")
 
@@ -422,8 +426,9 @@ def fused_teacher_top_k(live: LiveTeacher, fused: tuple[torch.nn.Module, torch.n
                         batch: Mapping[str, torch.Tensor], taps, k: int, temperature: float
                         ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]]:
     """The teacher's :func:`top_k_log_probs` for every token of ``batch`` (and its tapped features), from the base
-    model's last hidden states: each chunk of rows' logits ``transform(head(h))`` is made and reduced while it is in
-    the CPU's cache, so the batch's [B, T, V] logits are never written to memory and read back."""
+    model's last hidden states: each chunk of rows' logits ``transform(head(h))`` is made (``_FUSED_CHUNKS`` chunks,
+    and >= D rows, per head call) and reduced a chunk at a time while in the CPU's cache, so the batch's [B, T, V]
+    logits are never written to memory and read back."""
     from ..batches import model_inputs
 
     base, head, transform = fused
@@ -440,12 +445,18 @@ def fused_teacher_top_k(live: LiveTeacher, fused: tuple[torch.nn.Module, torch.n
     hidden = out.last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])
 
-    def logits_of(r0: int, r1: int) -> torch.Tensor:
-        with live.autocast():
-            return transform(head(hidden[r0:r1]))
-
     vocab = head.weight.shape[0]
-    return chunked_top_k_log_probs(logits_of, hidden.shape[0], vocab, k, temperature), features
+    rows = max(1, _CHUNK_BYTES // (4 * vocab))  # the rows reduced at a time, in L2
+    chunks = max(_FUSED_CHUNKS, -(-hidden.shape[-1] // rows))  # >= D rows per call: the weight read is amortised
+    block = {"start": 0, "logits": hidden[:0]}  # the rows made by the last head call: a whole number of chunks
+
+    def logits_of(r0: int, r1: int) -> torch.Tensor:
+        if r1 > block["start"] + block["logits"].shape[0]:
+            with live.autocast():
+                block["start"], block["logits"] = r0, transform(head(hidden[r0:r0 + rows * chunks]))
+        return block["logits"][r0 - block["start"]:r1 - block["start"]]
+
+    return chunked_top_k_log_probs(logits_of, hidden.shape[0], vocab, k, temperature, rows * 4 * vocab), features
 
 
 def _feature_tensor(value: Any, spec: str, n: int, seq: int, dtype: torch.dtype) -> torch.Tensor:
@@ -466,12 +477,15 @@ def _save_shard(arrays: Mapping[str, Any], meta: Mapping[str, str]) -> bytes:
 
 def build_cache(teacher: torch.nn.Module, tokenizer, blocks_ids: torch.Tensor, out: str | Path, *,
                 teacher_spec: Mapping[str, Any], options: CacheOptions | None = None,
-                progress: Callable[[str], None] | None = None, fuse: bool = True) -> dict[str, Any]:
+                progress: Callable[[str], None] | None = None, fuse: bool = False) -> dict[str, Any]:
     """Run ``teacher`` over ``blocks_ids`` [N, T] and write (or finish) the cache in ``out``. Returns the index.
 
-    ``fuse`` (default): where the teacher allows it (see :func:`fused_teacher_top_k`), run its base model and reduce
-    its logits a few rows at a time as they are made; else (or ``fuse=False``) post-process each batch's full logits.
-    The cache's contents are the same either way, up to float32 rounding.
+    ``fuse``: where the teacher allows it (see :func:`fused_teacher_top_k`), run its base model and reduce its logits
+    a few rows at a time as they are made, never holding a batch's [B, T, V] logits; else (the default)
+    post-process each batch's full logits. The cache's contents are the same either way, up to float32 rounding.
+    Not the default because it measured slower: ~10% on benchmarks/cache_build.py (d=64, V=49,152, AVX512), where
+    the teacher's forward and the top-k/exp2 work are compute-bound, so keeping the logits in cache saves little
+    and the lm head runs as many smaller matrix products.
     """
     from ..taps import Taps
 
