@@ -16,7 +16,7 @@ def demo_recipe(quick: bool = False, out: Path = Path("runs/demo")) -> Recipe:
     data = yaml.safe_load(resources.files("kdforge").joinpath("recipes/demo.yaml").read_text())
     data["output_dir"] = str(out / "distilled")
     if quick:
-        data["train"].update(steps=60, save_every=30, warmup_steps=10)
+        data["train"].update(steps=60, save_every=30, eval_every=30, warmup_steps=10)
         data["data"]["max_eval_tokens"] = 8192
     return parse_recipe(data)
 

@@ -194,11 +194,17 @@ def demo_report(demo: Path, rep: Report) -> None:
         rep.text(f"Distilled student perplexity is {gain:.2f}x lower than the baseline's at equal steps and data."
                  if gain > 1 else f"The distilled student did NOT beat the baseline (ratio {gain:.2f}).")
     runs = {name: demo / name for name in DEMO_RUNS}
-    keys = ("loss/cross_entropy",) + (("eval/perplexity",) if any("eval/perplexity" in r for run in runs.values()
-                                                                  for r in read_metrics(run)) else ())
+    # like for like: the cross-entropy term of both runs (the distilled run's total also holds its KD term), and
+    # held-out perplexity from the periodic evaluations plus the final one
+    finals = {}
+    for name, run in runs.items():
+        final = _read_json(run / "final.json") or {}
+        if "step" in final and "perplexity" in (final.get("student") or {}):
+            finals[name] = {"eval/perplexity": (final["step"], final["student"]["perplexity"])}
     rep.heading("Training curves")
-    rep.image(plot_loss_curves(runs, rep.out_dir / ASSETS / "demo_cross_entropy.png", keys=keys),
-              "training cross-entropy: baseline vs distilled")
+    rep.image(plot_loss_curves(runs, rep.out_dir / ASSETS / "demo_cross_entropy.png",
+                               keys=("loss/cross_entropy", "eval/perplexity"), finals=finals),
+              "training cross-entropy and held-out perplexity: baseline vs distilled")
     for name, run in runs.items():
         _manifest_section(rep, _read_json(run / "manifest.json"), f"{name} run")
 

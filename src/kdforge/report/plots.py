@@ -17,14 +17,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss_curves(runs: dict[str, Path], path: Path, keys: tuple[str, ...] = ("loss/cross_entropy",)) -> Path:
-    """One panel per metric key, one line per run (e.g. baseline vs distilled cross-entropy)."""
+def plot_loss_curves(runs: dict[str, Path], path: Path, keys: tuple[str, ...] = ("loss/cross_entropy",),
+                     finals: dict[str, dict[str, tuple[int, float]]] | None = None) -> Path:
+    """One panel per metric key, one line per run (e.g. baseline vs distilled cross-entropy). finals: per run, points
+    `{key: (step, value)}` that end its line (the final held-out perplexity after the periodic evaluations)."""
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for name, run in runs.items():
-            rows = [r for r in read_metrics(run) if key in r]
-            if rows:
-                ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name)
+            points = [(r["step"], r[key]) for r in read_metrics(run) if key in r]
+            if key in ((finals or {}).get(name) or {}):
+                points.append(finals[name][key])
+            if points:
+                ax.plot(*zip(*points), label=name, marker="o" if key.startswith("eval/") else None)
         ax.set_xlabel("step")
         ax.set_title(key)
         ax.grid(alpha=0.3)
