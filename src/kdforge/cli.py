@@ -251,10 +251,10 @@ def _print_eval(res: dict, written: list[Path]) -> None:
         console.print(more)
     for task, figures in (res.get("lm_eval") or {}).items():
         console.print(f"lm-eval {task}: {figures}")
-    for note in res.get("notes") or []:
-        console.print(f"note: {note}")
+    for note in res.get("notes") or []:  # plain lines: a path is never wrapped at the terminal's width
+        typer.echo(f"note: {note}")
     for path in written:
-        console.print(f"all results: {path / 'eval.json' if path.is_dir() else path}")
+        typer.echo(f"all results: {path / 'eval.json' if path.is_dir() else path}")
 
 
 @app.command()
