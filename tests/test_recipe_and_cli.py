@@ -144,3 +144,21 @@ def test_a_hub_id_offline_says_how_to_go_online():
 
     with pytest.raises(KDForgeError, match="set HF_HUB_OFFLINE=0 to download it"):
         load_causal_lm("kdforge-test/no-such-model")
+
+
+def test_the_demo_table_fits_80_columns():
+    from rich.console import Console
+    from rich.table import Table
+
+    from kdforge.cli import _demo_cell
+
+    assert _demo_cell("parameters", 134_515_008) == "134.5M" and _demo_cell("model", "student, distilled") == "distilled"
+    assert _demo_cell("model", "teacher (SmolLM2-135M-Instruct)") == "teacher" and _demo_cell("kl", None) == "—"
+    table = Table()
+    for label in ("model", "parameters", "held-out ppl", "bits/char", "top-1 agr.", "KL(T‖S)"):
+        table.add_column(label, min_width=len(label))
+    table.add_row("distilled", "15.7M", "309.2", "2.516", "0.2909", "2.273")
+    console = Console(width=80, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert "parameters" in text and "bits/char" in text and "…" not in text
