@@ -83,8 +83,8 @@ def test_eval_of_an_unfinished_run_says_it_has_not_finished(tmp_path):
     from kdforge.evaluate.suite import run_eval
 
     run = tmp_path / "run"
-    (run / "checkpoints" / "step_3").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000003").mkdir(parents=True)
     (run / "manifest.json").write_text("{}")
     with pytest.raises(KDForgeError, match=r"has not finished, so it has no exported student yet \(last checkpoint: "
-                                           r"step_3\); rerun `kdforge distill`"):
+                                           r"step_00000003\); rerun `kdforge distill`"):
         run_eval(run)

@@ -41,7 +41,7 @@ from .errors import KDForgeError
 from .evaluate.metrics import evaluate_models
 from .checkpoints import (DamagedCheckpoint, apply_checkpoint, checkpoint_dirs, newest_intact, nonfinite,
                           read_checkpoint, save_checkpoint, step_of)
-from .checkpoints import latest_checkpoint, rewind  # noqa: F401 - latest_checkpoint: kept importable from here
+from .checkpoints import rewind
 from .interrupts import StopRequested, StopSignals
 from .io import atomic_write_dir, atomic_write_json, atomic_write_text, disk_full_as_error, remove_temporaries
 from .models import (build_student, count_parameters, is_peft, load_teacher, load_tokenizer, merged_state_dict,

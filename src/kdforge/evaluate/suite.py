@@ -246,9 +246,10 @@ def _student_folder(path: Path) -> Path:
     if (path / "student" / "config.json").is_file():
         return path / "student"
     if (path / "manifest.json").is_file() and not (path / "config.json").is_file():
-        steps = sorted((p.name for p in (path / "checkpoints").glob("step_*")), key=lambda n: int(n[5:]) if
-                       n[5:].isdigit() else -1) if (path / "checkpoints").is_dir() else []
-        last = f" (last checkpoint: {steps[-1]})" if steps else ""
+        from ..checkpoints import latest_checkpoint
+
+        newest = latest_checkpoint(path)
+        last = f" (last checkpoint: {newest.name})" if newest is not None else ""
         raise KDForgeError(f"run '{path}' has not finished, so it has no exported student yet{last}; rerun "
                            "`kdforge distill` with the same recipe and --out to finish it, then evaluate")
     return path
