@@ -52,7 +52,7 @@ from torch.autograd.function import once_differentiable
 
 from ..lm_head import LogitTransform, check_logit_transform
 from .logits import (LABEL_LOSSES, LOGIT_LOSSES, correlation_aware_kd, cross_entropy, decoupled_kd, forward_kl,
-                     generalized_jsd, reverse_kl, skew_forward_kl, skew_reverse_kl, total_variation)
+                     generalized_jsd, needs_labels, reverse_kl, skew_forward_kl, skew_reverse_kl, total_variation)
 from .sparse import SparseLogits, check_policy, check_temperature, compute_dtype, log1mexp, safe_logsumexp
 
 Teacher = torch.Tensor | SparseLogits
@@ -80,9 +80,9 @@ class ChunkedTerm:
         # label losses are fn(student_logits, labels, *, mask, ...); logit losses fn(student_logits, teacher, *, ...)
         self.is_label_loss = len(params) > 1 and params[1].name == "labels"
         # labels=None by default (forward_kl, logit_mse): needed only with a semiparametric `correction`
-        labels_param = next((p for p in params[1:] if p.name == "labels"), None)
-        self.takes_labels = self.is_label_loss or labels_param is not None and (
-            labels_param.default is inspect.Parameter.empty or self.kwargs.get("correction") is not None)
+        takes_labels_keyword = any(p.name == "labels" for p in params[1:])
+        self.takes_labels = self.is_label_loss or needs_labels(self.fn) or (
+            takes_labels_keyword and self.kwargs.get("correction") is not None)
         for bad in ("reduction", "mask", "labels", "return_parts"):
             if bad in self.kwargs:
                 raise ValueError(f"{bad!r} is set by chunked_logit_terms, not in a term's kwargs")

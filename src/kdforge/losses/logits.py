@@ -31,6 +31,7 @@ a different signature, so it lives in ``LABEL_LOSSES``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -56,6 +57,13 @@ _NEG_INF = float("-inf")
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def needs_labels(fn: Callable) -> bool:
+    """Whether a logit loss cannot run without labels: a `labels` keyword with no default (decoupled_kd). A default
+    of None (forward_kl, logit_mse) means labels are used only with a `correction`."""
+    param = inspect.signature(fn).parameters.get("labels")
+    return param is not None and param.default is inspect.Parameter.empty
 
 
 def _check_reduction(reduction: str) -> None:

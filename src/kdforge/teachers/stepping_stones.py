@@ -43,7 +43,6 @@ teacher's precision (`teacher.dtype: bfloat16` = bf16 autocast, as in its own fo
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Sequence
@@ -56,7 +55,7 @@ from ..align.layer_maps import build_layer_map, format_layer_map
 from ..align.projectors import build_projector
 from ..errors import KDForgeError
 from ..lm_head import head_logits
-from ..losses.logits import LOGIT_LOSSES
+from ..losses.logits import LOGIT_LOSSES, needs_labels
 
 log = logging.getLogger("kdforge")
 
@@ -204,8 +203,7 @@ class SteppingStones(nn.Module):
         kd = kwargs.get("kd_loss", "forward_kl")
         if kd not in LOGIT_LOSSES:
             raise KDForgeError(f"term '{self.label}': unknown kd_loss '{kd}'; valid: {', '.join(sorted(LOGIT_LOSSES))}")
-        labels_param = inspect.signature(LOGIT_LOSSES[kd]).parameters.get("labels")
-        if labels_param is not None and labels_param.default is inspect.Parameter.empty:  # optional: forward_kl
+        if needs_labels(LOGIT_LOSSES[kd]):
             raise KDForgeError(f"term '{self.label}': kd_loss '{kd}' needs labels; use a teacher-vs-student loss")
         self.teacher = blocks_of(teacher, "teacher")  # a plain object: the teacher is never registered here
         student_kind = blocks_of(student, "student").kind
