@@ -3,7 +3,7 @@
 ``from kdforge.losses import forward_kl, tinybert_attention, block_kd`` gives the
 function that a recipe's ``loss: <name>`` uses (``kdforge.losses.registry``);
 the implementations live in the submodules ``logits``, ``features``,
-``attention``, ``relations``, ``chunked`` and ``sparse``.
+``attention``, ``relations``, ``cam``, ``chunked`` and ``sparse``.
 
 The names are resolved lazily (PEP 562): the registry imports
 ``kdforge.teachers.stepping_stones``, which itself imports
@@ -19,8 +19,11 @@ from typing import Any
 #: Every registered loss name (``registry.all_loss_names()``); a test keeps the two in step.
 __all__ = [
     "attention_transfer",
+    "binary_kd",
     "block_kd",
+    "cat_kd",
     "cka",
+    "classwise_cam_kd",
     "contrastive",
     "correlation_aware_kd",
     "cross_entropy",

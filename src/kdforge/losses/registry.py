@@ -6,12 +6,12 @@ from typing import Callable
 
 from ..errors import KDForgeError
 from ..teachers.stepping_stones import block_kd
-from . import attention, features, logits, relations
+from . import attention, cam, features, logits, relations
 
 # cross_entropy(student_logits, labels, *, mask): the ground-truth term.
 LABEL_LOSSES: dict[str, Callable] = {"cross_entropy": logits.cross_entropy}
 # fn(student_logits, teacher_logits, *, mask, temperature, ...): logit distillation.
-LOGIT_LOSSES: dict[str, Callable] = dict(logits.LOGIT_LOSSES)
+LOGIT_LOSSES: dict[str, Callable] = {**logits.LOGIT_LOSSES, "binary_kd": cam.binary_kd}
 # fn(student_tensor, teacher_tensor, *, mask, ...): tensors captured by taps.
 FEATURE_LOSSES: dict[str, Callable] = {
     "hidden_mse": features.hidden_mse,
@@ -29,6 +29,8 @@ FEATURE_LOSSES: dict[str, Callable] = {
     "rkd_angle": relations.rkd_angle,
     "similarity_preserving": relations.similarity_preserving,
     "contrastive": relations.contrastive_representation,
+    "cat_kd": cam.cat_kd,
+    "classwise_cam_kd": cam.classwise_cam_kd,
 }
 
 # fn(stone_logits, teacher_logits, stone_weights, *, mask, ...): stepping-stone models built from student blocks, a
