@@ -55,6 +55,7 @@ import torch
 from ..errors import KDForgeError
 from ..io import atomic_write_bytes, atomic_write_json, remove_temporaries
 from ..losses.sparse import SparseLogits, log1mexp
+from . import native
 from .live import LiveTeacher, TeacherOutput
 
 log = logging.getLogger("kdforge")
@@ -316,7 +317,8 @@ def top_k_log_probs(logits: torch.Tensor, k: int, temperature: float = 1.0
     Works through a few rows at a time (see :func:`chunked_top_k_log_probs`).
     """
     m, vocab = logits.shape
-    return chunked_top_k_log_probs(lambda r0, r1: logits[r0:r1], m, vocab, k, temperature)
+    whole = 4 * logits.numel() if native.available() else None  # the kernel streams rows itself: one call
+    return chunked_top_k_log_probs(lambda r0, r1: logits[r0:r1], m, vocab, k, temperature, whole)
 
 
 def chunked_top_k_log_probs(logits_of: Callable[[int, int], torch.Tensor], m: int, vocab: int, k: int,
@@ -326,12 +328,39 @@ def chunked_top_k_log_probs(logits_of: Callable[[int, int], torch.Tensor], m: in
     (a slice of a logits tensor, or logits computed just now from hidden states: the fused cache build never holds
     more than one chunk of a batch's logits).
 
-    Each chunk of ``chunk_bytes`` (as float32; default ``_CHUNK_BYTES``) is worked on in one reused buffer that stays
-    in the CPU's cache (no full-size temporaries): the top k by :func:`_top_k`, and each logit exponentiated once for
-    both sums, as ``2 ** ((x - max)·log2 e)`` (torch's exp2 is several times faster than its exp on CPU; the sums
-    agree with ``torch.logsumexp`` to float32 rounding).
+    Each chunk of ``chunk_bytes`` (as float32; default ``_CHUNK_BYTES``) goes to the native kernel
+    (:mod:`kdforge.teachers.native`: two passes over each row) where it is built; else, in torch, it is worked on in
+    one reused buffer that stays in the CPU's cache (no full-size temporaries): the top k by :func:`_top_k`, and each
+    logit exponentiated once for both sums, as ``2 ** ((x - max)·log2 e)`` (torch's exp2 is several times faster
+    than its exp on CPU). Both agree with ``torch.logsumexp`` and ``torch.topk`` to float32 rounding (up to the
+    order of equal logits).
     """
     k = min(k, vocab)
+    log_p, ids = torch.empty(m, k), torch.empty(m, k, dtype=torch.int64)
+    lse, log_rest = torch.empty(m), torch.empty(m)
+    if native.available():
+        r0 = 0
+        while r0 < m:
+            x = logits_of(r0, min(r0 + max(1, (chunk_bytes or _CHUNK_BYTES) // (4 * vocab)), m))
+            r1 = r0 + x.shape[0]
+            if x.dtype != torch.float32 or x.stride(-1) != 1:
+                x = x.float().contiguous()
+            native.top_k_logsumexp(x, k, temperature, log_p[r0:r1], ids[r0:r1], lse[r0:r1], log_rest[r0:r1])
+            bad = (~torch.isfinite(lse[r0:r1])).nonzero().squeeze(-1)
+            if bad.numel():  # non-finite logits: the kernel does not handle them; torch does, as below
+                redo = _torch_top_k_log_probs(lambda a, b: x[bad[a:b]], bad.numel(), vocab, k, temperature,
+                                              chunk_bytes)
+                for dst, src in zip((log_p, ids, lse, log_rest), redo):
+                    dst[r0 + bad] = src
+            r0 = r1
+        return log_p, ids, lse, log_rest
+    return _torch_top_k_log_probs(logits_of, m, vocab, k, temperature, chunk_bytes)
+
+
+def _torch_top_k_log_probs(logits_of: Callable[[int, int], torch.Tensor], m: int, vocab: int, k: int,
+                           temperature: float, chunk_bytes: int | None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`chunked_top_k_log_probs` in torch operations (without the native kernel, and for non-finite rows)."""
     rows = max(1, min(m, (chunk_bytes or _CHUNK_BYTES) // (4 * vocab)))
     buf = torch.empty(rows, vocab)
     log_p, ids = torch.empty(m, k), torch.empty(m, k, dtype=torch.int64)
@@ -812,7 +841,7 @@ def cache_recipe_teacher(recipe, *, out: str | Path | None = None, options: Cach
     objective's (see :func:`recipe_temperature`) unless ``options`` sets another.
     """
     from ..models import load_teacher, load_tokenizer
-    from ..train import tokenize_corpus
+    from ..data.corpus_blocks import tokenize_corpus
 
     spec = recipe.teacher
     if spec is None:
