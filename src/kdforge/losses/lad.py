@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -273,29 +274,34 @@ def teacher_candidate_costs(
     return cost
 
 
-def _gmm_two_components(x: Tensor, *, tol: float = 1e-3, max_iter: int = 100, reg_covar: float = 1e-6
-                        ) -> tuple[Tensor, Tensor]:
+def _gmm_two_components(x: np.ndarray, *, tol: float = 1e-3, max_iter: int = 100, reg_covar: float = 1e-6
+                        ) -> tuple[np.ndarray, np.ndarray]:
     """A 1-D two-component Gaussian mixture fitted by EM, started as PAA starts scikit-learn's
     ``GaussianMixture`` (means at the smallest and largest value, variances 1, weights 1/2; ``diag`` covariance,
-    tol 1e-3, at most 100 iterations, reg_covar 1e-6). Returns (component of each value, log-likelihood of each
-    value under the mixture), both ``[n]``, from the final parameters."""
-    x = x.double()
-    mean = torch.stack([x.min(), x.max()])
-    var = torch.ones(2, dtype=torch.float64)
-    weight = torch.full((2,), 0.5, dtype=torch.float64)
-    tiny = 10 * torch.finfo(torch.float64).eps
+    tol 1e-3, at most 100 iterations, reg_covar 1e-6). ``x``: ``[n]`` float64. Returns (component of each value,
+    log-likelihood of each value under the mixture), both ``[n]``, from the final parameters. NumPy, not torch:
+    on a handful of values the per-call overhead is what costs."""
+    x = np.asarray(x, dtype=np.float64)[:, None]
+    mean = np.array([x.min(), x.max()])
+    var = np.ones(2)
+    weight = np.full(2, 0.5)
+    tiny = 10 * np.finfo(np.float64).eps
 
-    def weighted_log_prob() -> Tensor:  # [n, 2]
-        return (-0.5 * (math.log(2 * math.pi) + var.log() + (x[:, None] - mean) ** 2 / var) + weight.log())
+    def weighted_log_prob() -> np.ndarray:  # [n, 2]
+        return -0.5 * (math.log(2 * math.pi) + np.log(var) + (x - mean) ** 2 / var) + np.log(weight)
+
+    def logsumexp(a: np.ndarray) -> np.ndarray:
+        top = a.max(axis=1, keepdims=True)
+        return (top + np.log(np.exp(a - top).sum(axis=1, keepdims=True)))[:, 0]
 
     lower = -math.inf
     for _ in range(max_iter):
         wlp = weighted_log_prob()
-        norm = torch.logsumexp(wlp, dim=1)
-        resp = (wlp - norm[:, None]).exp()
-        nk = resp.sum(dim=0) + tiny
-        mean = (resp * x[:, None]).sum(dim=0) / nk
-        var = (resp * (x[:, None] - mean) ** 2).sum(dim=0) / nk + reg_covar
+        norm = logsumexp(wlp)
+        resp = np.exp(wlp - norm[:, None])
+        nk = resp.sum(axis=0) + tiny
+        mean = (resp * x).sum(axis=0) / nk
+        var = (resp * (x - mean) ** 2).sum(axis=0) / nk + reg_covar
         weight = nk / nk.sum()
         new_lower = float(norm.mean())
         converged = abs(new_lower - lower) < tol
@@ -303,7 +309,7 @@ def _gmm_two_components(x: Tensor, *, tol: float = 1e-3, max_iter: int = 100, re
         if converged:
             break
     wlp = weighted_log_prob()
-    return wlp.argmax(dim=1), torch.logsumexp(wlp, dim=1)
+    return wlp.argmax(axis=1), logsumexp(wlp)
 
 
 def paa_split(costs: Tensor) -> Tensor:
@@ -325,12 +331,13 @@ def paa_split(costs: Tensor) -> Tensor:
         positive[0] = True
         return positive
     order = torch.argsort(costs, stable=True)
-    component, log_density = _gmm_two_components(costs[order].cpu())
-    foreground = torch.nonzero(component == 0).flatten()
+    component, log_density = _gmm_two_components(costs[order].detach().double().cpu().numpy())
+    foreground = np.flatnonzero(component == 0)
     if len(foreground) == 0:
         return positive
-    peak = int(torch.argmax(log_density[foreground]))
-    positive[order[foreground[: peak + 1]].to(costs.device)] = True
+    peak = int(np.argmax(log_density[foreground]))
+    keep = torch.from_numpy(foreground[: peak + 1]).to(costs.device)
+    positive[order[keep]] = True
     return positive
 
 
