@@ -199,7 +199,7 @@ def _teacher_and_tokenizer(recipe: Recipe):
 
 def _corpus_blocks(recipe: Recipe, tokenizer):
     """The (train, held-out) token blocks of the recipe's corpus, tokenized once per process (seconds per cell)."""
-    from .train import tokenize_corpus
+    from .data.corpus_blocks import tokenize_corpus
 
     key = json.dumps(["corpus", recipe.teacher.model_dump() if recipe.teacher else None, recipe.student.model,
                       recipe.data.model_dump(), recipe.train.batch_size], sort_keys=True)

@@ -226,7 +226,11 @@ def _print_eval(res: dict, written: list[Path]) -> None:
                ("kl_teacher_student", "KL(T‖S)"), ("kl_student_teacher", "KL(S‖T)"), ("ece", "ECE")]
     setup = res.get("heldout_setup") or {}
     caption = (f"{setup['eval_tokens']:,} held-out tokens, batch {setup['batch_size']}, teacher "
-               f"{setup['teacher_precision'] or 'none'}" if setup else None)
+               f"{setup['teacher_precision'] or 'none'}" if setup.get("eval_tokens") else None)
+    if res.get("task") == "image_classification":
+        columns = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("ece", "ECE"), ("top1_agreement",
+                   "top-1 agr."), ("kl_teacher_student", "KL(T‖S)"), ("examples_per_s", "examples/s")]
+        caption = f"{setup['examples']:,} held-out images" if setup else None
     table = Table(title="held-out", caption=caption)
     table.add_column("model")
     for _, label in columns:

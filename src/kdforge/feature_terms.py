@@ -20,6 +20,7 @@ import logging
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .align.layer_maps import LAYER_MAP_STRATEGIES, LearnedLayerMap, build_layer_map, format_layer_map
@@ -85,6 +86,7 @@ class FeatureTerm(nn.Module):
         super().__init__()
         self.term, self.fn, self.kwargs = term, fn, kwargs
         self.takes_mask = "mask" in inspect.signature(fn).parameters
+        self.resize_logged = False
         self.pairs: list[tuple[int, int]] | None = None
         self.learned: LearnedLayerMap | None = None
         self.projectors = nn.ModuleList()
@@ -167,11 +169,41 @@ class FeatureTerm(nn.Module):
             total = total + self._loss(s, teacher_side[j], mask)
         return total / len(self.pairs)
 
+    def _fit_spatial(self, s, t):
+        """An element-wise loss (ELEMENTWISE) on feature maps [B, C, H, W] of different spatial sizes: the student's
+        map is resized to the teacher's H x W -- adaptive average pooling when it is an integer multiple of it in both
+        sides, bilinear interpolation otherwise -- and the mode is logged once per term. Other losses decide for
+        themselves (attention_transfer refuses, naming both sizes, unless resize=True)."""
+        if not (self.fn in ELEMENTWISE and isinstance(s, Tensor) and isinstance(t, Tensor) and s.dim() == 4
+                and t.dim() == 4 and s.shape[-2:] != t.shape[-2:]):
+            return s
+        (hs, ws), (ht, wt) = s.shape[-2:], t.shape[-2:]
+        pool = hs % ht == 0 and ws % wt == 0
+        if not self.resize_logged:
+            log.info("term %s: the student's %dx%d feature map is resized to the teacher's %dx%d by %s before the "
+                     "loss", self.term.label, hs, ws, ht, wt,
+                     "adaptive average pooling" if pool else "bilinear interpolation")
+            self.resize_logged = True
+        if pool:
+            return F.adaptive_avg_pool2d(s, (ht, wt))
+        return F.interpolate(s, size=(ht, wt), mode="bilinear", align_corners=False)
+
     def _loss(self, s, t, mask: Tensor | None) -> Tensor:
+        s = self._fit_spatial(s, t)
         kwargs = dict(self.kwargs)
         if self.takes_mask and mask is not None and _token_shaped(s, mask):
             kwargs["mask"] = mask
         return self.fn(s, t, **kwargs)
+
+
+def _elementwise() -> set[Callable]:
+    from .losses import features
+
+    return {features.hidden_mse, features.hidden_cosine, features.fitnets_hint, features.pkd_patient}
+
+
+#: Feature losses that compare the two tensors element by element (so feature maps must share H x W).
+ELEMENTWISE = _elementwise()
 
 
 def _token_shaped(x, mask: Tensor) -> bool:

@@ -24,6 +24,58 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# What a recipe's `task:` may name (kdforge.tasks has one module each); causal_lm is the default.
+TASKS = ("causal_lm", "image_classification")
+# Named by the design (docs/ARCHITECTURE.md) but not built yet: refused with the list above.
+PLANNED_TASKS = ("sequence_classification", "sentence_embedding", "multi_label_classification", "object_detection")
+
+
+class CNNSpec(_Strict):
+    """task image_classification: a small CNN (kdforge.tasks.image_classification.CNN), `student.config` (and, with
+    `teacher.model: cnn`, `teacher.config`). Block i is conv3x3 -> BatchNorm -> ReLU (then a 2x2 max-pool when i is
+    in `pool_after`); the blocks' module paths are `features.0`, `features.1`, ... (what feature terms tap), the
+    head is `classifier`."""
+
+    channels: list[int] = Field(default_factory=lambda: [8, 16], min_length=1)
+    """Output channels of each conv block."""
+    pool_after: list[int] = Field(default_factory=lambda: [1])
+    """Indices of the blocks followed by a 2x2 max-pool."""
+    head: Literal["flatten", "avgpool"] = "flatten"
+    """flatten: a linear layer on the flattened last feature map; avgpool: global average pooling, then linear."""
+    num_classes: int = Field(10, ge=2)
+    """Classes of the head; every label must be below it."""
+    in_channels: int = Field(1, ge=1)
+    """Image channels the first conv expects (digits: 1)."""
+
+    @model_validator(mode="after")
+    def _pools_are_blocks(self) -> "CNNSpec":
+        bad = [i for i in self.pool_after if not 0 <= i < len(self.channels)]
+        if bad:
+            raise ValueError(f"pool_after names block {bad[0]} but there are {len(self.channels)} blocks "
+                             f"(0..{len(self.channels) - 1})")
+        return self
+
+
+class CNNTeacherSpec(CNNSpec):
+    """task image_classification, `teacher.model: cnn`: the teacher CNN's architecture and how it is trained once on
+    the training split (plain cross-entropy, Adam), then cached by a hash of this and the data."""
+
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 64], min_length=1)
+    """Output channels of each conv block."""
+    pool_after: list[int] = Field(default_factory=lambda: [2])
+    """Indices of the blocks followed by a 2x2 max-pool."""
+    head: Literal["flatten", "avgpool"] = "avgpool"
+    """flatten: a linear layer on the flattened last feature map; avgpool: global average pooling, then linear."""
+    epochs: int = Field(5, ge=1)
+    """Passes over the training split."""
+    lr: float = Field(3e-3, gt=0, allow_inf_nan=False)
+    """Adam learning rate."""
+    batch_size: int = Field(64, ge=1)
+    """Images per step."""
+    seed: int = 0
+    """Seeds the teacher's initialisation and batch order (not the recipe's seed: every run shares one teacher)."""
+
+
 class ModelSpec(_Strict):
     """Where a model comes from: an embedded name (`smollm2-135m`), a local HF folder, a GGUF file, or a hub id."""
 
@@ -81,6 +133,10 @@ class TeacherSpec(ModelSpec):
     final evaluation."""
     path: str | None = None
     """The teacher cache folder (kind: cache)."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """task image_classification with `model: cnn`: the teacher CNN's architecture and training (kdforge.recipe
+    CNNTeacherSpec: channels, pool_after, head, num_classes, in_channels, epochs, lr, batch_size, seed); the defaults
+    are filled in when the recipe loads. Unused by causal_lm."""
 
     @model_validator(mode="after")
     def _cache_needs_path(self) -> "TeacherSpec":
@@ -136,7 +192,8 @@ class StudentSpec(_Strict):
     """The student for init: pretrained (an embedded name, local folder or hub id); it must use the teacher's tokenizer."""
     config: dict[str, Any] = Field(default_factory=dict)
     """init: config: keys that replace the teacher's config (e.g. `num_hidden_layers`, `hidden_size`); without a teacher
-    it needs `model_type`."""
+    it needs `model_type`. task image_classification: the student CNN (kdforge.recipe CNNSpec: channels, pool_after,
+    head, num_classes, in_channels; defaults filled in when the recipe loads)."""
     layers: list[int] | None = None
     """init: from_teacher: the teacher layers to keep, e.g. [0, 10, 20, 29] (negative indices count from the end)."""
     prune: PruneSpec | None = None
@@ -160,7 +217,8 @@ class StudentSpec(_Strict):
 class DataSpec(_Strict):
     corpus: str = "shakespeare"
     """`shakespeare` (embedded), a text file / glob / directory, a .jsonl or .json file, a `Dataset.save_to_disk`
-    folder, or parquet file(s) (a file, a folder of them, or a glob); datasets are read with the `datasets` library."""
+    folder, or parquet file(s) (a file, a folder of them, or a glob); datasets are read with the `datasets` library.
+    task image_classification: `digits` or an .npz file of `images` and `labels`."""
     text_field: str = "text"
     """The field holding each record's text in a .jsonl/.json corpus or each row's in a dataset (a string, or a list
     of chat messages rendered with the tokenizer's chat template)."""
@@ -311,11 +369,29 @@ class TrainSpec(_Strict):
 BOOKKEEPING_KEYS = {"log_every", "save_every", "keep_checkpoints", "eval_every", "log_with"}
 
 
+def _cnn_config(where: str, spec: type[CNNSpec], config: dict[str, Any]) -> dict[str, Any]:
+    """`config` checked against `spec`, with its defaults filled in; a bad key or value raises one ValueError."""
+    try:
+        return spec.model_validate(config).model_dump()
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            raise ValueError(f"{where} has an unknown key '{key}' (valid: {', '.join(spec.model_fields)})") from None
+        raise ValueError(f"{where}{'.' + key if key else ''}: {e['msg'].removeprefix('Value error, ')}") from None
+
+
 class Recipe(_Strict):
     name: str = "run"
     """The run's name (in reports and the manifest)."""
     seed: int = 0
     """Seeds the student's initialisation, the data order and every random choice of the run."""
+    task: Literal["causal_lm", "image_classification"] = "causal_lm"
+    """What is distilled (kdforge.tasks): `causal_lm` (next-token prediction on text) or `image_classification`
+    (class logits; data.corpus `digits` (scikit-learn's 8x8 digits, the default for this task) or an .npz file of
+    `images` and `labels`; a held-out split of data.validation_split (default 0.25) drawn once with data.split_seed
+    (default 0), stratified by class; the CNN student from student.config, the teacher `cnn` trained once from
+    teacher.config and cached, or a folder a kdforge image-classification run exported)."""
     output_dir: str = "runs/run"
     """The run directory (`kdforge distill --out` overrides it)."""
     teacher: TeacherSpec | None = None
@@ -337,6 +413,45 @@ class Recipe(_Strict):
         if not v:
             raise ValueError("objective is empty; add at least one term, e.g. {loss: cross_entropy}")
         return v
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _implemented_task(cls, v: Any) -> Any:
+        if v not in TASKS:
+            planned = " (planned, not built yet)" if v in PLANNED_TASKS else ""
+            raise ValueError(f"task {v!r}{planned} is not available; the implemented tasks are {', '.join(TASKS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> "Recipe":
+        """What each task reads from the shared sections; image_classification's defaults are filled in here."""
+        if self.task == "causal_lm":
+            if self.teacher is not None and self.teacher.config:
+                raise ValueError("teacher.config describes an image-classification teacher CNN; remove it, or set "
+                                 "task: image_classification")
+            return self
+        s, t = self.student, self.teacher
+        if s.init != "config" or s.lora is not None or s.model is not None:
+            raise ValueError("task image_classification builds the student CNN from student.config; remove "
+                             "student.init / model / lora")
+        if t is not None and (t.kind != "live" or t.curriculum is not None):
+            raise ValueError("task image_classification needs a live teacher (teacher.kind: live, no curriculum)")
+        if t is not None and t.config and t.model != "cnn":
+            raise ValueError(f"teacher.config describes the CNN trained for teacher.model: cnn, not "
+                             f"'{t.model}'; remove teacher.config or set teacher.model: cnn")
+        if self.train.logit_chunk_size is not None:
+            raise ValueError("train.logit_chunk_size chunks a language model's vocabulary; remove it for task "
+                             "image_classification")
+        s.config = _cnn_config("student.config", CNNSpec, s.config)
+        if t is not None and t.model == "cnn":
+            t.config = _cnn_config("teacher.config", CNNTeacherSpec, t.config)
+        if self.data.corpus == "shakespeare":
+            self.data.corpus = "digits"
+        if self.data.validation_split is None:
+            self.data.validation_split = 0.25
+        if self.data.split_seed is None:
+            self.data.split_seed = 0  # the same held-out images for every seed of a bench
+        return self
 
     @model_validator(mode="after")
     def _curriculum_fits(self) -> "Recipe":
@@ -371,6 +486,10 @@ class Recipe(_Strict):
                                                      "teacher": {"dtype"}})
         if data["student"].get("lora") is None:  # recipes from before student.lora keep their hash
             data["student"].pop("lora", None)
+        if data["task"] == "causal_lm":  # and recipes from before `task:` and teacher.config
+            data.pop("task")
+        if data["teacher"] is not None and not data["teacher"].get("config"):
+            data["teacher"].pop("config", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

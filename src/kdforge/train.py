@@ -9,7 +9,6 @@ is on, .kdforge.holder.json (kdforge.rundir). With train.log_with: metrics.csv a
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -21,112 +20,43 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch import nn
 
-from .data.corpus import load_corpus
-from .data.packing import TokenBlocks, make_batch, pack, tokenize_documents
+from .data.corpus_blocks import tokenize_corpus  # noqa: F401 - kdforge.train.tokenize_corpus, as before
 from .batches import shifted_targets
 from .distiller import Distiller
-from .teachers.cache import cached_teacher_for, teacher_architecture
-from .teachers.curriculum import CurriculumTeacher
 from .distributed import (BatchLayout, batch_layout, broadcast_object, full_model_state, full_optimizer_state,
                           is_deepspeed, load_optimizer_state, make_accelerator, plain_model_init, plain_student)
-from .checks import check_seq_len, check_student_tokenizer
 from .errors import KDForgeError
-from .evaluate.metrics import evaluate_models
 from .checkpoints import (DamagedCheckpoint, apply_checkpoint, checkpoint_dirs, newest_intact, nonfinite,
                           read_checkpoint, save_checkpoint, step_of)
 from .checkpoints import rewind
 from .interrupts import StopRequested, StopSignals
-from .io import atomic_write_dir, atomic_write_json, atomic_write_text, disk_full_as_error, remove_temporaries
-from .models import (build_student, count_parameters, is_peft, load_teacher, load_tokenizer, merged_state_dict,
-                     plain_model)
+from .io import atomic_write_json, atomic_write_text, disk_full_as_error, remove_temporaries
 from .precision import manifest_entry as precision_entry
-from .progress import Progress, phase
-from .recipe import ModelSpec, Recipe
+from .progress import Progress
+from .recipe import Recipe
 from .rundir import RunLock, check_manifest, make_output_dir, read_manifest, set_aside
 from .tracking import MetricsLog
+from .tasks import task_for
+from .tasks.base import Setup
+from .tasks.causal_lm import data_fingerprint, model_card  # noqa: F401 - their former home
+
+__all__ = ["Setup", "prepare", "train", "finish", "tokenize_corpus", "data_fingerprint", "model_card", "manifest",
+           "lr_lambda", "stage_boundaries", "param_groups", "load_checkpoint"]
 
 log = logging.getLogger("kdforge")
 
 
-@dataclass
-class Setup:
-    recipe: Recipe
-    tokenizer: Any
-    teacher: nn.Module | None
-    student: nn.Module
-    distiller: Distiller
-    train_blocks: TokenBlocks
-    val_blocks: TokenBlocks
-
-
-def prepare(recipe: Recipe, teacher: nn.Module | None = None, tokenizer=None,
-            blocks: tuple[TokenBlocks, TokenBlocks] | None = None) -> Setup:
-    """Load teacher, tokenizer, student and data as the recipe says. A preloaded teacher/tokenizer and the
-    (train, held-out) blocks `tokenize_corpus` made with that tokenizer may be passed in."""
-    spec = recipe.teacher
-    cached = spec is not None and spec.kind == "cache"  # an offline cache stands in for the teacher in training
-    if spec is not None and teacher is None and not (cached and recipe.student.init not in ("from_teacher", "pruned")):
-        with phase(f"loading teacher {spec.model}"):
-            teacher = load_teacher(spec)
-    if tokenizer is None:
-        tok_spec = spec or (ModelSpec(model=recipe.student.model) if recipe.student.model else None)
-        if tok_spec is None:
-            raise KDForgeError("no tokenizer: set teacher.model, or student.model for a CE-only run")
-        tokenizer = load_tokenizer(tok_spec)
-    if blocks is None and recipe.student.init == "pruned":  # pruning ranks the teacher's units on training blocks
-        with phase(f"tokenizing {recipe.data.corpus}"):
-            blocks = tokenize_corpus(recipe, tokenizer)
-    torch.manual_seed(recipe.seed)
-    student = build_student(recipe.student, teacher if teacher is not None or not cached
-                            else teacher_architecture(spec), recipe.seed,
-                            calibration=blocks[0].ids if blocks is not None else None)
-    check_seq_len(recipe.data.seq_len, {"teacher": teacher, "student": student})
-    if recipe.student.init == "pretrained":
-        check_student_tokenizer(recipe.student.model, tokenizer)
-    teacher_source = teacher
-    if spec is not None and spec.curriculum is not None:  # PWKD: a sequence of teachers, one per stage
-        teacher_source = CurriculumTeacher.from_spec(
-            teacher, spec.curriculum, recipe.train.steps, dtype=spec.dtype,
-            load=lambda name: load_teacher(ModelSpec(model=name, dtype=spec.dtype)))
-    if blocks is None:
-        with phase(f"tokenizing {recipe.data.corpus}"):
-            blocks = tokenize_corpus(recipe, tokenizer)
-    train_blocks, val_blocks = blocks
-    example_batch = None
-    if cached:
-        teacher_source = cached_teacher_for(recipe, tokenizer, train_blocks, student)
-        example_batch = make_batch(train_blocks, torch.arange(min(2, len(train_blocks.ids))))
-    distiller = Distiller(teacher_source, student, recipe.objective,
-                          truncate_to_shared_vocab=recipe.truncate_to_shared_vocab,
-                          teacher_dtype=spec.dtype if spec else "float32", seq_len=recipe.data.seq_len,
-                          example_batch=example_batch, logit_chunk_size=recipe.train.logit_chunk_size)
-    return Setup(recipe, tokenizer, teacher, student, distiller, train_blocks, val_blocks)
-
-
-def tokenize_corpus(recipe: Recipe, tokenizer) -> tuple[TokenBlocks, TokenBlocks]:
-    corpus = load_corpus(recipe.data, tokenizer)
-    seq = recipe.data.seq_len
-    ids, chars = tokenize_documents(tokenizer, corpus.train)
-    train = pack(ids, chars, seq, recipe.data.max_train_tokens, "training corpus", min_blocks=recipe.train.batch_size)
-    vids, vchars = tokenize_documents(tokenizer, corpus.validation)
-    val = pack(vids, vchars, seq, recipe.data.max_eval_tokens, "held-out corpus", min_blocks=1)
-    return train, val
-
-
-def data_fingerprint(train_blocks: TokenBlocks, val_blocks: TokenBlocks) -> str:
-    """sha256 of the token ids a run trains and evaluates on: a resume on edited data files is refused by it."""
-    digest = hashlib.sha256()
-    for blocks in (train_blocks, val_blocks):
-        digest.update(str(tuple(blocks.ids.shape)).encode())
-        digest.update(blocks.ids.to(torch.int64).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+def prepare(recipe: Recipe, teacher=None, tokenizer=None, blocks: tuple | None = None) -> Setup:
+    """Load teacher, student and data as the recipe's task says (kdforge.tasks). A preloaded teacher/tokenizer and
+    the task's (train, held-out) data (for causal_lm: the blocks `tokenize_corpus` made with that tokenizer) may be
+    passed in."""
+    return task_for(recipe).prepare(recipe, teacher=teacher, tokenizer=tokenizer, blocks=blocks)
 
 
 def manifest(recipe: Recipe, world_size: int = 1, fingerprint: str | None = None) -> dict[str, Any]:
@@ -323,6 +253,9 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
         setup = setup or prepare(recipe)
     t = recipe.train
     distiller = setup.distiller
+    task = setup.task or task_for(recipe)
+    if setup.task is None:
+        setup = replace(setup, task=task)
     optimizer = torch.optim.AdamW(param_groups(distiller, recipe), lr=t.lr, betas=(0.9, 0.95))
     boundaries = stage_boundaries(recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -338,8 +271,8 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
     blocks = setup.train_blocks
     # The run log's cumulative counters continue from the checkpoint. Older checkpoints did not record them: every
     # training block is a full packed block, so the tokens seen follow from the step.
-    tokens_seen = int(trainer_state.get("tokens_seen", start * layout.global_batch * (blocks.ids.shape[1] - 1))
-                      if trainer_state is not None else 0)
+    tokens_seen = (0 if trainer_state is None else int(trainer_state["tokens_seen"]) if "tokens_seen" in trainer_state
+                   else start * layout.global_batch * (blocks.ids.shape[1] - 1))
     seconds_before = float(trainer_state.get("train_seconds", 0.0)) if trainer_state is not None else 0.0
     metrics_path = out / "metrics.jsonl"
     if is_main and trainer_state is not None and trainer_state.get("steps", t.steps) != t.steps:
@@ -353,7 +286,7 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
             log.warning("this run started with teacher %s / student bf16 %s and resumes with teacher %s / student bf16 "
                         "%s (precision auto resolves by the machine)", was.get("teacher_dtype"),
                         was.get("student_bf16"), now["teacher_dtype"], now["student_bf16"])
-    fingerprint = data_fingerprint(blocks, setup.val_blocks)
+    fingerprint = task.fingerprint(blocks, setup.val_blocks)
     changed = None
     if is_main and ckpt is not None:  # also when an extension is about to rewrite the manifest
         recorded = (read_manifest(out) or {}).get("data_fingerprint")
@@ -399,8 +332,8 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
     model.train()
     try:
         for step in range(start, t.steps):
-            micro = [make_batch(blocks, index)
-                     for index in layout.step_indices(len(blocks.ids), step, recipe.seed, accelerator.process_index)]
+            micro = [task.make_batch(blocks, index)
+                     for index in layout.step_indices(len(blocks), step, recipe.seed, accelerator.process_index)]
             micro = [{k: v.to(device) for k, v in mb.items()} for mb in micro]
             local_count = sum(shifted_targets(mb)[1].sum() for mb in micro).float()
             global_count = accelerator.reduce(local_count.clone(), reduction="sum")
@@ -501,110 +434,22 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
 def _periodic_eval(setup: Setup, metrics: MetricsLog, step: int, is_main: bool) -> None:
     if not is_main:
         return
-    from .recipe import EvalSpec
-
-    res = evaluate_models({"student": setup.student}, setup.val_blocks, batch_size=EvalSpec().batch_size)
+    row = {"step": step, **setup.task.periodic_metrics(setup)}
     setup.student.train()
-    row = {"step": step, "eval/perplexity": res["student"]["perplexity"],
-           "eval/bits_per_char": res["student"]["bits_per_char"]}
     metrics.write(row)
-
-
-def model_card(recipe: Recipe, final: dict[str, Any]) -> str:
-    """The exported student's README.md: what it was distilled from, how, on what, and how well it does."""
-    from . import __version__
-
-    teacher = recipe.teacher.model if recipe.teacher is not None else "none (cross-entropy only)"
-    terms = "\n".join(f"- `{t.loss}` weight {t.weight:g}" + "".join(f", {k} {v}" for k, v in t.params.items())
-                      + (f", student `{t.student}` ← teacher `{t.teacher}`" if t.student else "")
-                      for t in recipe.objective)
-    rows = [("perplexity", "held-out perplexity"), ("bits_per_char", "bits per character"),
-            ("top1_agreement", "top-1 agreement with the teacher"), ("kl_teacher_student", "KL(teacher ‖ student)")]
-    student, teacher_res = final["student"], final.get("teacher") or {}
-    table = "\n".join(f"| {label} | {student[k]:.4g} | {teacher_res[k]:.4g} |" if k in teacher_res else
-                      f"| {label} | {student[k]:.4g} | — |" for k, label in rows if k in student)
-    t = recipe.train
-    return f"""---
-library_name: transformers
-tags: [kdforge, knowledge-distillation]
----
-# {recipe.name}
-
-A {final["student_parameters"]:,}-parameter student distilled with kdforge {__version__} from `{teacher}`.
-
-## Objective
-{terms}
-
-## Training
-{t.steps} steps of {t.batch_size} × {recipe.data.seq_len} tokens (gradient accumulation {t.grad_accum}), lr {t.lr:g},
-seed {recipe.seed}, on `{recipe.data.corpus}`.
-
-## Held-out results
-| metric | student | teacher |
-|---|---|---|
-{table}
-
-The full recipe, versions and hardware are in the run's `manifest.json`; `kdforge reproduce RUN/manifest.json`
-retrains it.
-"""
 
 
 def finish(setup: Setup, out: Path, *, timing: dict[str, Any] | None = None, progress: bool = True,
            wall_start: float | None = None) -> dict[str, Any]:
-    """Write held-out metrics against the teacher, and export the student (a plain transformers folder with the
-    tokenizer and a model card). `timing`: the run's training seconds, tokens seen and tokens/s (from train).
-
-    The held-out figures are measured as `kdforge eval` measures them (kdforge.evaluate.suite.heldout_setup: the same
-    blocks, evaluation batch size and teacher precision), so final.json and eval.json agree on the same student."""
-    from .evaluate.suite import heldout_setup
-
-    student = setup.student
-    models = {"student": student}
-    teacher = setup.teacher
-    if teacher is None and setup.recipe.teacher is not None and setup.recipe.teacher.kind == "cache":
-        with phase(f"loading teacher {setup.recipe.teacher.model} for the final evaluation", enabled=progress):
-            teacher = load_teacher(setup.recipe.teacher)  # trained from an offline cache: loaded for evaluation only
-    if teacher is not None:
-        models["teacher"] = teacher
-    from .precision import resolve
-
-    measured = heldout_setup(setup.val_blocks, resolve(setup.recipe.teacher.dtype) if teacher is not None else None)
-    res = evaluate_models(models, setup.val_blocks, reference="teacher" if teacher is not None else None,
-                          batch_size=measured["batch_size"],
-                          bf16={"teacher": measured["teacher_precision"] == "bfloat16"},
-                          progress="final evaluation" if progress else None)
-    peft = is_peft(student)
-    final = {"step": setup.recipe.train.steps, "student": res["student"], "teacher": res.get("teacher"),
-             "student_parameters": count_parameters(plain_model(student)), "heldout_setup": measured,
-             **(timing or {})}
-    if peft:  # the exported student/ is the merged model: it has the plain model's parameters, not the adapter's
-        final["student_parameters"] -= sum(p.numel() for n, p in student.named_parameters() if ".lora_" in n)
-        final["adapter_parameters"] = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    """Write held-out metrics (final.json) and export the student (out/student), both as the recipe's task says
+    (kdforge.tasks: for causal_lm, a plain transformers folder with the tokenizer and a model card, measured as
+    `kdforge eval` measures it). `timing`: the run's training seconds, tokens seen and tokens/s (from train)."""
+    task = setup.task or task_for(setup.recipe)
+    final = task.final_metrics(setup, progress=progress)
+    final.update(timing or {})
     if wall_start is not None:
         final["wall_seconds"] = time.time() - wall_start  # this launch: loading, training and the final evaluation
-
-    def fill(tmp: Path) -> None:
-        plain = plain_model(student)
-        if peft:  # the adapter's base keeps its name (a user applies the adapter to it)
-            plain.save_pretrained(tmp, state_dict=merged_state_dict(student))
-            config = json.loads((tmp / "config.json").read_text())
-            config["_name_or_path"] = setup.recipe.name
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        else:
-            student.config._name_or_path = setup.recipe.name  # not the teacher's (GGUF) name it was derived from
-            student.save_pretrained(tmp)
-        setup.tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(setup.recipe, final))
-
-    def fill_adapter(tmp: Path) -> None:
-        student.save_pretrained(tmp)
-        setup.tokenizer.save_pretrained(tmp)
-
-    if peft:  # the adapter alone, for peft on the same base: PeftModel.from_pretrained(base, RUN/student_adapter)
-        with disk_full_as_error(out / "student_adapter", _DISK_HINT):
-            atomic_write_dir(out / "student_adapter", fill_adapter)
-    with disk_full_as_error(out / "student", _DISK_HINT):
-        atomic_write_dir(out / "student", fill)
+    task.export(setup, out, final)
     with disk_full_as_error(out / "final.json", _DISK_HINT):
         atomic_write_json(out / "final.json", final)
     return final

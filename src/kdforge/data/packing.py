@@ -15,6 +15,10 @@ class TokenBlocks:
     ids: torch.Tensor
     chars: torch.Tensor  # [N] characters covered by tokens 1..seq_len-1 of each block (for bits per character)
 
+    def __len__(self) -> int:
+        """The number of blocks (what a batch order draws from)."""
+        return len(self.ids)
+
 
 def tokenize_documents(tokenizer, docs: list[str]) -> tuple[list[int], list[int]]:
     """Token ids of all docs joined by EOS, and the number of characters each token adds (from offsets)."""

@@ -275,9 +275,13 @@ def run_eval(target: str | Path, *, teacher: str | None = None, corpus: str | No
     target = Path(target)
     if not target.exists():
         raise KDForgeError(f"'{target}' not found; give a student folder or a run directory")
-    folder = _student_folder(target)
     is_run = (target / "manifest.json").is_file()
     recipe = parse_recipe(json.loads((target / "manifest.json").read_text())["recipe"]) if is_run else None
+    if recipe is not None and recipe.task != "causal_lm":  # the task's own held-out figures (kdforge.tasks)
+        from ..tasks import task_for
+
+        return task_for(recipe).run_eval(target, recipe, out_dir=Path(out_dir) if out_dir is not None else None)
+    folder = _student_folder(target)
     # the teacher: as given, else the run's, else the embedded default
     if teacher is None:
         teacher_spec = recipe.teacher if recipe else ModelSpec(model="smollm2-135m")

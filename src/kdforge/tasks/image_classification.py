@@ -1,0 +1,450 @@
+"""task image_classification: a CNN image classifier distilled into a smaller CNN.
+
+Data (`data.corpus`): `digits`, scikit-learn's bundled 1,797 real 8x8 handwritten digits (pixel values 0..16 scaled
+to 0..1), or an .npz file holding `images` [N, H, W] or [N, C, H, W] (uint8 scaled by 1/255, floats as they are) and
+integer `labels` [N]. The held-out split is stratified: every class gives round(data.validation_split x its count)
+images (at least one when it has two), drawn once with data.split_seed, so every seed of a bench sees the same
+held-out images. A batch is {inputs [B, C, H, W], labels [B]}: the Distiller compares class logits [B, K] (nothing
+is shifted) and feature terms tap the CNNs' blocks `features.0`, `features.1`, ... ([B, C_i, H_i, W_i]).
+
+Models: `CNN` built from `student.config` / `teacher.config` (kdforge.recipe.CNNSpec). The teacher `cnn` is trained
+once on the training split with plain cross-entropy (Adam) and cached as safetensors under
+KDFORGE_CACHE/image_teachers/<hash of its config and the training data>; a teacher folder written by an earlier run
+(`RUN/student`) loads as well. Metrics: accuracy, macro-F1, ECE (15 bins), NLL, top-1 agreement with the teacher and
+KL(teacher || student), and held-out examples/s (the only wall-clock figure).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..distiller import Distiller
+from ..errors import KDForgeError
+from ..evaluate.metrics import expected_calibration_error
+from ..io import atomic_write_dir, atomic_write_json, disk_full_as_error
+from ..models import cache_dir, count_parameters
+from ..progress import phase
+from ..recipe import CNNSpec, CNNTeacherSpec, Recipe
+from .base import Setup
+
+log = logging.getLogger("kdforge")
+
+CONFIG_MARK = "kdforge_cnn"  # config.json key that says a folder holds a kdforge CNN
+EVAL_BATCH = 256
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class ImageSet:
+    """Images [N, C, H, W] (float32), their class ids [N] (int64) and each image's record index in the source [N]
+    (what error messages name)."""
+
+    images: Tensor
+    labels: Tensor
+    rows: Tensor
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: Tensor) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index], self.rows[index], self.source)
+
+
+def load_images(corpus: str) -> ImageSet:
+    """All images of `corpus` (`digits` or an .npz file), unsplit. Raises KDForgeError (one line: the cause and the
+    fix) for a missing file or array, images that are not [N, H, W] / [N, C, H, W], labels that are not one integer
+    per image, or a non-finite pixel (naming its record)."""
+    if corpus == "digits":
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise KDForgeError("data.corpus digits needs scikit-learn; pip install scikit-learn") from None
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        labels = torch.tensor(digits.target, dtype=torch.long)
+        return ImageSet(images, labels, torch.arange(len(labels)), "digits")
+    return _load_npz(Path(corpus))
+
+
+def _load_npz(path: Path) -> ImageSet:
+    import numpy as np
+
+    if path.suffix != ".npz" or not path.is_file():
+        raise KDForgeError(f"data.corpus '{path}' is not `digits` or an existing .npz file; for task "
+                           "image_classification save one with np.savez(path, images=..., labels=...)")
+    with np.load(path, allow_pickle=False) as npz:
+        missing = [k for k in ("images", "labels") if k not in npz.files]
+        if missing:
+            raise KDForgeError(f"{path} has no '{missing[0]}' array (it holds {', '.join(npz.files) or 'none'}); "
+                               "save it with np.savez(path, images=[N, H, W] or [N, C, H, W], labels=[N])")
+        images, labels = npz["images"], npz["labels"]
+    if images.ndim not in (3, 4):
+        raise KDForgeError(f"{path}: images has shape {images.shape}; give [N, H, W] or [N, C, H, W] (channels first)")
+    if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+        raise KDForgeError(f"{path}: labels has shape {labels.shape} and dtype {labels.dtype} for {len(images)} "
+                           "images; give one integer class id per image")
+    x = torch.from_numpy(images.astype(np.float32) / (255.0 if images.dtype == np.uint8 else 1.0))
+    x = x.unsqueeze(1) if x.dim() == 3 else x
+    bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero()
+    if len(bad):
+        raise KDForgeError(f"{path}: record {int(bad[0])} has a non-finite pixel; fix or drop that image")
+    return ImageSet(x, torch.from_numpy(labels.astype(np.int64)), torch.arange(len(labels)), str(path))
+
+
+def check_images(data: ImageSet, heads: dict[str, dict[str, Any]]) -> None:
+    """Every image has the channels each model takes, and every class id is in each model's head. `heads`: model
+    name -> its CNN config (in_channels, num_classes). Raises KDForgeError naming the first bad record and the fix."""
+    channels = data.images.shape[1]
+    for name, config in heads.items():
+        if channels != config["in_channels"]:
+            raise KDForgeError(f"{data.source}: record {int(data.rows[0])} (like every image there) has {channels} "
+                               f"channel(s) but the {name} CNN takes {config['in_channels']}; set "
+                               f"{name}.config.in_channels: {channels}, or convert the images to "
+                               f"{config['in_channels']} channel(s)")
+        k = config["num_classes"]
+        bad = ((data.labels < 0) | (data.labels >= k)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise KDForgeError(f"{data.source}: record {int(data.rows[i])} has class id {int(data.labels[i])} but "
+                               f"the {name}'s head has {k} classes (0..{k - 1}); set {name}.config.num_classes: "
+                               f"{max(int(data.labels.max()) + 1, k)}, or fix that label")
+
+
+def stratified_split(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(training, held-out): each class gives round(fraction x its count) images to the held-out side (at least one
+    when it has two or more), drawn with a generator seeded by `seed`; both sides keep the source order."""
+    g = torch.Generator().manual_seed(seed)
+    held = []
+    for c in torch.unique(data.labels):
+        members = (data.labels == c).nonzero().flatten()
+        n = len(members)
+        k = min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0
+        held.append(members[torch.randperm(n, generator=g)[:k]])
+    mask = torch.zeros(len(data), dtype=torch.bool)
+    mask[torch.cat(held)] = True
+    if mask.all() or not mask.any():
+        raise KDForgeError(f"{data.source}: {len(data)} images leave nothing to train or hold out; add images or "
+                           "change data.validation_split")
+    return data.subset((~mask).nonzero().flatten()), data.subset(mask.nonzero().flatten())
+
+
+def load_split(recipe: Recipe) -> tuple[ImageSet, ImageSet]:
+    """The recipe's (training, held-out) images: data.corpus split by data.validation_split with data.split_seed."""
+    return stratified_split(load_images(recipe.data.corpus), recipe.data.validation_split, recipe.data.split_seed)
+
+
+def fingerprint(*sets: ImageSet) -> str:
+    """sha256 of the images and labels (first 16 hex digits)."""
+    digest = hashlib.sha256()
+    for s in sets:
+        digest.update(str(tuple(s.images.shape)).encode())
+        digest.update(s.images.contiguous().numpy().tobytes())
+        digest.update(s.labels.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- models
+
+
+class CNN(nn.Module):
+    """conv3x3 -> BatchNorm -> ReLU blocks (`features.i`, a 2x2 max-pool after the blocks in `pool_after`) and a
+    linear head (`classifier`) on the flattened or globally average-pooled last map.
+
+    Input [B, in_channels, H, W]; output class logits [B, num_classes]. Raises KDForgeError on an input of another
+    channel count. `save_pretrained` / `from_pretrained` read and write a folder (config.json, model.safetensors)."""
+
+    def __init__(self, config: dict[str, Any], image_size: tuple[int, int]):
+        super().__init__()
+        self.config = {**CNNSpec.model_validate({k: v for k, v in config.items() if k in CNNSpec.model_fields})
+                       .model_dump(), "image_size": list(image_size)}
+        c = self.config
+        blocks, channels = [], c["in_channels"]
+        h, w = image_size
+        for i, out in enumerate(c["channels"]):
+            layers = [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
+            if i in c["pool_after"]:
+                if min(h, w) < 2:
+                    raise KDForgeError(f"a CNN with pool_after {c['pool_after']} pools a {h}x{w} map at block {i}; "
+                                       "pool fewer times for these images")
+                layers.append(nn.MaxPool2d(2))
+                h, w = h // 2, w // 2
+            blocks.append(nn.Sequential(*layers))
+            channels = out
+        self.features = nn.Sequential(*blocks)
+        if c["head"] == "avgpool":
+            self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, c["num_classes"]))
+        else:
+            self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(channels * h * w, c["num_classes"]))
+
+    @property
+    def in_channels(self) -> int:
+        return self.config["in_channels"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.config["num_classes"]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise KDForgeError(f"this CNN takes images [B, {self.in_channels}, H, W], got {tuple(x.shape)}; convert "
+                               f"the images to {self.in_channels} channel(s) or set config.in_channels")
+        return self.classifier(self.features(x))
+
+    def save_pretrained(self, folder: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        """config.json and model.safetensors in `folder` (what kdforge's checkpoints and export write)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict() if state_dict is None else state_dict
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({CONFIG_MARK: True, **self.config}, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "CNN":
+        """The CNN saved in `folder`. Raises KDForgeError when it holds no kdforge CNN."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        config_file = folder / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        if not config.get(CONFIG_MARK) or not (folder / "model.safetensors").is_file():
+            raise KDForgeError(f"'{folder}' holds no kdforge CNN (config.json with {CONFIG_MARK} and "
+                               "model.safetensors); give teacher.model: cnn, or the student/ folder of an "
+                               "image_classification run")
+        model = cls(config, tuple(config["image_size"]))
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        return model.eval()
+
+
+def _batches(n: int, size: int, generator: torch.Generator) -> list[Tensor]:
+    order = torch.randperm(n, generator=generator)
+    return [order[i: i + size] for i in range(0, n, size)]
+
+
+def train_teacher(config: dict[str, Any], train: ImageSet) -> CNN:
+    """A teacher CNN trained from scratch on `train`: `epochs` passes of Adam (`lr`) on plain cross-entropy in
+    batches of `batch_size`, seeded by `seed` (the global RNG is left as it was)."""
+    spec = CNNTeacherSpec.model_validate(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = CNN(spec.model_dump(), tuple(train.images.shape[-2:]))
+        opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
+        g = torch.Generator().manual_seed(spec.seed)
+        model.train()
+        for _ in range(spec.epochs):
+            for idx in _batches(len(train), spec.batch_size, g):
+                loss = F.cross_entropy(model(train.images[idx]), train.labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    return model.eval().requires_grad_(False)
+
+
+def teacher_cache_folder(config: dict[str, Any], train: ImageSet) -> Path:
+    """KDFORGE_CACHE/image_teachers/<sha256 of the teacher config and the training images, 16 hex digits>."""
+    key = hashlib.sha256(json.dumps({"config": config, "data": fingerprint(train)}, sort_keys=True).encode())
+    return cache_dir() / "image_teachers" / key.hexdigest()[:16]
+
+
+def cached_teacher(config: dict[str, Any], train: ImageSet) -> CNN:
+    """The teacher CNN of `config` trained on `train`: read from its cache folder, else trained once and written
+    there atomically (config.json, model.safetensors)."""
+    config = CNNTeacherSpec.model_validate(config).model_dump()
+    folder = teacher_cache_folder(config, train)
+    if (folder / "model.safetensors").is_file():
+        return CNN.from_pretrained(folder).requires_grad_(False)
+    spec = CNNTeacherSpec.model_validate(config)
+    with phase(f"training the teacher CNN once ({len(train)} images, {spec.epochs} epochs)"):
+        model = train_teacher(config, train)
+    with disk_full_as_error(folder, "set KDFORGE_CACHE to a folder on a larger disk"):
+        atomic_write_dir(folder, model.save_pretrained)
+    log.info("teacher CNN cached in %s", folder)
+    return model
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def macro_f1(pred: Tensor, labels: Tensor) -> float:
+    """Unweighted mean over the classes present in `labels` or `pred` of F1 = 2 TP / (2 TP + FP + FN)."""
+    f1 = []
+    for c in torch.unique(torch.cat([labels, pred])):
+        tp = int(((pred == c) & (labels == c)).sum())
+        fp = int(((pred == c) & (labels != c)).sum())
+        fn = int(((pred != c) & (labels == c)).sum())
+        f1.append(2 * tp / (2 * tp + fp + fn))
+    return sum(f1) / len(f1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: ImageSet, batch_size: int = EVAL_BATCH) -> tuple[Tensor, float]:
+    """(class logits [N, K] in float32, examples per second of the forward passes over `data`). Eval mode; the
+    model's mode is restored. The speed: after one untimed pass, whole passes repeated until 0.2 s have passed (at
+    most 50), in `batch_size` chunks."""
+    was_training = model.training
+    model.eval()
+
+    def one_pass() -> Tensor:
+        return torch.cat([model(data.images[i: i + batch_size]).float() for i in range(0, len(data), batch_size)])
+
+    logits = one_pass()  # also the warm-up
+    passes, start = 0, time.perf_counter()
+    while passes < 50 and (passes == 0 or time.perf_counter() - start < 0.2):
+        one_pass()
+        passes += 1
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    return logits, passes * len(data) / seconds
+
+
+def classification_metrics(logits: Tensor, labels: Tensor, reference: Tensor | None = None) -> dict[str, float]:
+    """accuracy, macro_f1, ece (15 equal-width bins of the top-1 confidence), nll (mean cross-entropy) of logits
+    [N, K] against labels [N]; with the teacher's `reference` logits [N, K] also top1_agreement and
+    kl_teacher_student (mean KL(teacher || model), nats)."""
+    lp = logits.log_softmax(-1)
+    pred = lp.argmax(-1)
+    correct = pred == labels
+    res = {"accuracy": float(correct.float().mean()), "macro_f1": macro_f1(pred, labels),
+           "ece": expected_calibration_error(lp.exp().max(-1).values, correct),
+           "nll": float(F.nll_loss(lp, labels))}
+    if reference is not None:
+        ref = reference.log_softmax(-1)
+        res["top1_agreement"] = float((pred == ref.argmax(-1)).float().mean())
+        res["kl_teacher_student"] = float((ref.exp() * (ref - lp)).sum(-1).mean())
+    return res
+
+
+def evaluate_classifiers(student: nn.Module, teacher: nn.Module | None, data: ImageSet) -> dict[str, Any]:
+    """{"student": figures, "teacher": figures | None, "heldout_setup": ...} on the held-out images (the teacher in
+    float32)."""
+    s_logits, s_speed = predict(student, data)
+    res: dict[str, Any] = {"teacher": None}
+    t_logits = None
+    if teacher is not None:
+        t_logits, t_speed = predict(teacher, data)
+        res["teacher"] = {**classification_metrics(t_logits, data.labels), "examples_per_s": t_speed,
+                          "parameters": count_parameters(teacher)}
+    res["student"] = {**classification_metrics(s_logits, data.labels, t_logits), "examples_per_s": s_speed,
+                      "parameters": count_parameters(student)}
+    res["heldout_setup"] = {"examples": len(data), "batch_size": EVAL_BATCH,
+                            "teacher_precision": "float32" if teacher is not None else None}
+    return res
+
+
+# --------------------------------------------------------------------------- the task
+
+
+def build_teacher(recipe: Recipe, train: ImageSet) -> CNN | None:
+    spec = recipe.teacher
+    if spec is None:
+        return None
+    if spec.model == "cnn":
+        return cached_teacher(spec.config, train)
+    return CNN.from_pretrained(spec.model).requires_grad_(False)
+
+
+def _card(recipe: Recipe, final: dict[str, Any]) -> str:
+    s, t = final["student"], final.get("teacher") or {}
+    rows = "\n".join(f"| {k} | {s[k]:.4g} | {t[k]:.4g} |" if k in t else f"| {k} | {s[k]:.4g} | — |"
+                     for k in ("accuracy", "macro_f1", "ece", "top1_agreement") if k in s)
+    teacher = recipe.teacher.model if recipe.teacher is not None else "none (cross-entropy only)"
+    return (f"# {recipe.name}\n\nA {final['student_parameters']:,}-parameter CNN image classifier distilled with "
+            f"kdforge from `{teacher}` on `{recipe.data.corpus}`; load it with "
+            "`kdforge.tasks.image_classification.CNN.from_pretrained(folder)`.\n\n"
+            f"| held-out | student | teacher |\n|---|---|---|\n{rows}\n")
+
+
+class ImageClassification:
+    """The image-classification task (kdforge.tasks.base.Task)."""
+
+    name = "image_classification"
+    unit = "examples"
+
+    def data(self, recipe: Recipe) -> tuple[ImageSet, ImageSet]:
+        with phase(f"reading {recipe.data.corpus}"):
+            return load_split(recipe)
+
+    def prepare(self, recipe: Recipe, *, teacher: nn.Module | None = None, tokenizer=None,
+                blocks: tuple[ImageSet, ImageSet] | None = None) -> Setup:
+        train, val = blocks if blocks is not None else self.data(recipe)
+        heads = {"student": recipe.student.config}
+        if recipe.teacher is not None and recipe.teacher.model == "cnn":
+            heads["teacher"] = recipe.teacher.config
+        for part in (train, val):
+            check_images(part, heads)
+        if teacher is None:
+            teacher = build_teacher(recipe, train)
+        if teacher is not None:
+            check_images(train, {"teacher": teacher.config})
+            if teacher.config["num_classes"] != recipe.student.config["num_classes"]:
+                raise KDForgeError(f"the teacher has {teacher.config['num_classes']} classes but the student "
+                                   f"{recipe.student.config['num_classes']}; set student.config.num_classes: "
+                                   f"{teacher.config['num_classes']}")
+        if len(train) < recipe.train.batch_size:
+            raise KDForgeError(f"{train.source} has {len(train)} training images, fewer than one batch of "
+                               f"train.batch_size={recipe.train.batch_size}; lower train.batch_size")
+        torch.manual_seed(recipe.seed)
+        student = CNN(recipe.student.config, tuple(train.images.shape[-2:]))
+        example = self.make_batch(train, torch.arange(min(4, len(train))))
+        distiller = Distiller(teacher, student, recipe.objective,
+                              teacher_dtype=recipe.teacher.dtype if recipe.teacher else "float32",
+                              example_batch=example)
+        return Setup(recipe, None, teacher, student, distiller, train, val, self)
+
+    def make_batch(self, data: ImageSet, index: Tensor) -> dict[str, Tensor]:
+        return {"inputs": data.images[index], "labels": data.labels[index]}
+
+    def fingerprint(self, train: ImageSet, val: ImageSet) -> str:
+        return fingerprint(train, val)
+
+    def periodic_metrics(self, setup: Setup) -> dict[str, float]:
+        logits, _ = predict(setup.student, setup.val_blocks)
+        res = classification_metrics(logits, setup.val_blocks.labels)
+        return {"eval/accuracy": res["accuracy"], "eval/nll": res["nll"]}
+
+    def final_metrics(self, setup: Setup, *, progress: bool = True) -> dict[str, Any]:
+        res = evaluate_classifiers(setup.student, setup.teacher, setup.val_blocks)
+        return {"step": setup.recipe.train.steps, "student": res["student"], "teacher": res["teacher"],
+                "student_parameters": count_parameters(setup.student), "heldout_setup": res["heldout_setup"]}
+
+    def export(self, setup: Setup, out: Path, final: dict[str, Any]) -> None:
+        """out/student: config.json, model.safetensors (CNN.from_pretrained reads it) and a README.md."""
+        def fill(tmp: Path) -> None:
+            setup.student.save_pretrained(tmp)
+            (tmp / "README.md").write_text(_card(setup.recipe, final))
+
+        with disk_full_as_error(out / "student", "use an --out on a larger disk"):
+            atomic_write_dir(out / "student", fill)
+
+    def run_eval(self, run_dir: Path, recipe: Recipe, *, out_dir: Path | None = None) -> dict[str, Any]:
+        """`kdforge eval RUN`: the exported student (and the teacher) on the run's held-out images; eval.json is
+        written to out_dir (default: the run folder)."""
+        folder = Path(run_dir) / "student"
+        if not (folder / "config.json").is_file():
+            raise KDForgeError(f"run '{run_dir}' has not finished, so it has no exported student yet; rerun "
+                               "`kdforge distill` with the same recipe and --out to finish it, then evaluate")
+        train, val = self.data(recipe)
+        student = CNN.from_pretrained(folder)
+        teacher = build_teacher(recipe, train)
+        res = evaluate_classifiers(student, teacher, val)
+        heldout = {"student": res["student"], **({"teacher": res["teacher"]} if teacher is not None else {})}
+        out = {"task": self.name, "heldout": heldout, "heldout_setup": res["heldout_setup"],
+               "summary": {k: v for k, v in res["student"].items()}, "student_path": str(folder),
+               "teacher": recipe.teacher.model_dump() if recipe.teacher else None, "data": recipe.data.model_dump(),
+               "notes": []}
+        out_dir = Path(out_dir or run_dir)
+        atomic_write_json(out_dir / "eval.json", out)
+        return out
