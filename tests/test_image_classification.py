@@ -205,3 +205,34 @@ def test_feature_maps_of_different_sizes_are_resized_with_the_mode_logged_or_ref
     at = {"loss": "attention_transfer", "student": "features.0", "teacher": "features.3"}
     with pytest.raises(ValueError, match=r"spatial sizes differ, student \(8, 8\) vs teacher \(4, 4\)"):
         Distiller(setup.teacher, ic.CNN(recipe.student.config, (8, 8)), [at], example_batch=batch)
+
+
+def test_reproduce_of_a_digits_run_finds_no_difference(tmp_path):
+    from kdforge.reproduce import reproduce
+
+    run = train(parse_recipe(digits_recipe("digits_at", tmp_path / "run", steps=20, save_every=20)), progress=False)
+    out, rows, warnings = reproduce(run / "manifest.json", out=tmp_path / "again")
+    assert rows == [] and warnings == []
+    assert json.loads((out / "final.json").read_text())["student"]["accuracy"] > 0.3
+
+
+def test_a_digits_bench_matrix_tables_accuracy_per_method(tmp_path):
+    from kdforge.bench import run_bench
+
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text(yaml.safe_dump({
+        "name": "digits", "base": str(RECIPES / "digits_kd.yaml"), "seeds": [0, 1],
+        "overrides": {"train.steps": 8, "train.warmup_steps": 2, "train.save_every": 8, "train.log_every": 4},
+        "methods": {"kd": {"objective": [{"loss": "cross_entropy", "weight": 0.5},
+                                         {"loss": "forward_kl", "weight": 0.5, "temperature": 4.0}]}}}))
+    res = run_bench(matrix, out=tmp_path / "bench")
+    assert not res["failed"] and res["baseline"] == "ce_baseline"
+    for method in ("ce_baseline", "kd"):
+        acc = res["summary"]["default"][method]["metrics"]["accuracy"]
+        assert acc["n"] == 2 and 0.1 < acc["mean"] <= 1 and acc["std"] >= 0
+    assert res["teacher"]["teacher_accuracy"] > 0.95
+    table = (tmp_path / "bench" / "results.md").read_text()
+    assert "| method | seeds ok | accuracy | macro-F1 |" in table and "held-out ppl" not in table
+    cell = tmp_path / "bench" / "cells" / "default" / "kd" / "seed1"
+    assert json.loads((cell / "eval.json").read_text())["task"] == "image_classification"
+    assert not (cell / "checkpoints").exists()

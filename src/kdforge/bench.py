@@ -48,6 +48,15 @@ COST_COLUMNS = [
     ("parameters", "params", True), ("safetensors_bytes", "safetensors bytes", True),
     ("peak_rss_bytes", "peak RSS bytes", True), ("train_seconds", "wall s", True),
 ]
+# the same for a matrix of classifiers (task image_classification: cells report accuracy, not perplexity)
+CLASSIFIER_QUALITY_COLUMNS = [
+    ("accuracy", "accuracy", False), ("macro_f1", "macro-F1", False), ("ece", "ECE", True),
+    ("nll", "NLL", True), ("top1_agreement", "top-1 agr.", False), ("kl_teacher_student", "KL(T‖S)", True),
+    ("train_loss/cross_entropy", "train CE (last step)", True),
+]
+CLASSIFIER_COST_COLUMNS = [
+    ("examples_per_s", "eval examples/s", False), ("parameters", "params", True), ("train_seconds", "wall s", True),
+]
 
 
 @dataclass
@@ -232,7 +241,7 @@ def cell_metrics(cell_dir: Path) -> dict[str, float]:
         if isinstance(v, (int, float)) and k != "tokens_per_s":
             out[k] = v
     for k, v in (final.get("teacher") or {}).items():
-        if isinstance(v, (int, float)) and k in ("perplexity", "bits_per_char", "ece"):
+        if isinstance(v, (int, float)) and k in ("perplexity", "bits_per_char", "ece", "accuracy", "macro_f1"):
             out[f"teacher_{k}"] = v
     if (cell_dir / "eval.json").is_file():
         summary = json.loads((cell_dir / "eval.json").read_text()).get("summary", {})
@@ -269,6 +278,18 @@ def run_cell(cell: Cell, eval_spec: EvalSpec, keep_checkpoints: bool = False) ->
         else:
             (cell_dir / "failed.json").unlink(missing_ok=True)
             recipe = parse_recipe(cell.recipe)
+            if recipe.task != "causal_lm":  # the task trains, then evaluates as `kdforge eval` does (eval.json)
+                from .tasks import task_for
+
+                if not (cell_dir / "final.json").is_file():
+                    train(recipe, progress=False, out=cell_dir)
+                    atomic_write_json(cell_dir / "bench_time.json", {"seconds": time.perf_counter() - t0})
+                task_for(recipe).run_eval(cell_dir, recipe)
+                if not keep_checkpoints:
+                    shutil.rmtree(cell_dir / "checkpoints", ignore_errors=True)
+                result.metrics = cell_metrics(cell_dir)
+                result.seconds = time.perf_counter() - t0
+                return result
             teacher, tokenizer = _teacher_and_tokenizer(recipe)
             if not (cell_dir / "final.json").is_file():
                 setup = prepare(recipe, teacher=teacher, tokenizer=tokenizer,
@@ -333,7 +354,8 @@ def run_bench(matrix_path: str | Path, out: str | Path | None = None, workers: i
     def done(i: int, r: CellResult) -> None:
         results.append(r)
         what = r.error if r.status == "failed" else (
-            f"ppl {r.metrics['perplexity']:.4g}" if "perplexity" in r.metrics else "")
+            f"ppl {r.metrics['perplexity']:.4g}" if "perplexity" in r.metrics else
+            f"accuracy {r.metrics['accuracy']:.4g}" if "accuracy" in r.metrics else "")
         echo(f"[{len(results)}/{len(cells)}] {r.student}/{r.method}/seed{r.seed}: {r.status} {what} "
              f"({r.seconds:.0f} s)")
 
@@ -405,7 +427,11 @@ def results_tables(summary: dict, baseline: str,
     rank = {m: i for i, m in enumerate(order or [])}
     for student, methods in summary.items():
         names = sorted(methods, key=lambda m: (m != baseline, rank.get(m, len(rank)), m))
-        for title, columns in (("quality", QUALITY_COLUMNS), ("cost", COST_COLUMNS)):
+        classifier = any("accuracy" in row["metrics"] and "perplexity" not in row["metrics"]
+                         for row in methods.values())
+        kinds = ((("quality", CLASSIFIER_QUALITY_COLUMNS), ("cost", CLASSIFIER_COST_COLUMNS)) if classifier else
+                 (("quality", QUALITY_COLUMNS), ("cost", COST_COLUMNS)))
+        for title, columns in kinds:
             header = ["method", "seeds ok"] + [c[1] for c in columns]
             rows = []
             for method in names:
@@ -428,7 +454,8 @@ def write_results(out: Path, spec: MatrixSpec, baseline: str, cells: list[Cell],
     summary = summarize_cells(results)
     teacher = {}
     for r in results:
-        for k in ("teacher_perplexity", "teacher_bits_per_char", "teacher_ece", "teacher_ood_perplexity"):
+        for k in ("teacher_perplexity", "teacher_bits_per_char", "teacher_ece", "teacher_ood_perplexity",
+                  "teacher_accuracy", "teacher_macro_f1"):
             if k in r.metrics:
                 teacher.setdefault(k, r.metrics[k])
     failed = [{"cell": f"{r.student}/{r.method}/seed{r.seed}", "error": r.error} for r in results

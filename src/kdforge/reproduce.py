@@ -10,7 +10,7 @@ from typing import Any
 from .errors import KDForgeError
 from .recipe import parse_recipe
 
-IGNORED = ("tokens_per_s", "seconds", "peak_rss")
+IGNORED = ("tokens_per_s", "examples_per_s", "seconds", "peak_rss")
 
 
 def is_speed_key(key: str) -> bool:

@@ -374,8 +374,7 @@ class ImageClassification:
     unit = "examples"
 
     def data(self, recipe: Recipe) -> tuple[ImageSet, ImageSet]:
-        with phase(f"reading {recipe.data.corpus}"):
-            return load_split(recipe)
+        return load_split(recipe)
 
     def prepare(self, recipe: Recipe, *, teacher: nn.Module | None = None, tokenizer=None,
                 blocks: tuple[ImageSet, ImageSet] | None = None) -> Setup:
