@@ -28,7 +28,7 @@ def tiny(tiny_assets):
     return {"teacher": load_teacher(spec), "tokenizer": tok, "ids": blocks.ids[:20], "spec": spec.model_dump()}
 
 
-def _build(tiny, out, fuse=False, **opts):
+def _build(tiny, out, fuse=True, **opts):
     opts = {"k": 16, "shard_blocks": 8, "batch_size": 4, **opts}
     return build_cache(tiny["teacher"], tiny["tokenizer"], tiny["ids"], out, teacher_spec=tiny["spec"],
                        options=CacheOptions(**opts), fuse=fuse)
@@ -189,27 +189,50 @@ def test_built_cache_equals_a_direct_computation(tiny, tmp_path, model, fuse):
     torch.testing.assert_close(got["feature.0"].double(), out.hidden_states[1], rtol=2e-3, atol=2e-3)  # float16
 
 
-def test_fused_build_never_calls_the_head_on_the_whole_batch(tiny, tmp_path, monkeypatch):
-    """With taps inside the base model, the head only ever sees one chunk's rows; the cache equals the unfused one."""
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_fused_build_never_makes_the_whole_batch_of_logits(tiny, tmp_path, monkeypatch, kernel):
+    """With taps inside the base model, the fused build makes the logits a tile (native kernel) or a chunk of rows
+    (torch path) at a time, never the batch's whole [B*T, V]; the cache equals the unfused one."""
     teacher = tiny["teacher"]
-    monkeypatch.setattr(cache_mod, "_CHUNK_BYTES", 8 * 4 * teacher.config.vocab_size)  # 8-row chunks, made
-    monkeypatch.setattr(cache_mod, "_FUSED_CHUNKS", 1)  # ...as many per head call as make >= D = 48 rows
-    chunk_rows = teacher.config.hidden_size
+    vocab = teacher.config.vocab_size
     seen = []
+    if kernel == "native":
+        if not cache_mod.native.available():
+            pytest.skip("no C compiler: the native kernel is not built here")
+        monkeypatch.setattr(cache_mod, "_TILE_ROWS", 40)  # tiles of 40 rows x 100 of the vocabulary's columns
+        monkeypatch.setattr(cache_mod, "_TILE_COLS", 100)
+        update = cache_mod.native.TopKStream.update
 
-    def one_chunk_at_a_time(module, args, output):
-        rows = args[0].reshape(-1, args[0].shape[-1]).shape[0]
-        if rows > chunk_rows:
-            raise AssertionError(f"the lm head was called on {rows} rows, more than a chunk's {chunk_rows}")
-        seen.append(rows)
+        def one_tile_at_a_time(stream, tile, col0):
+            assert tile.shape[0] <= 40 * torch.get_num_threads() and tile.shape[1] <= 100, tuple(tile.shape)
+            seen.append(tuple(tile.shape))
+            update(stream, tile, col0)
 
+        monkeypatch.setattr(cache_mod.native.TopKStream, "update", one_tile_at_a_time)
+    else:
+        monkeypatch.setattr(cache_mod.native, "available", lambda: False)
+        monkeypatch.setattr(cache_mod, "_CHUNK_BYTES", 8 * 4 * vocab)  # 8-row chunks, made
+        monkeypatch.setattr(cache_mod, "_FUSED_CHUNKS", 1)  # ...as many per head call as make >= D = 48 rows
+        chunk_rows = teacher.config.hidden_size
+
+        def one_chunk_at_a_time(module, args, output):
+            rows = args[0].reshape(-1, args[0].shape[-1]).shape[0]
+            assert rows <= chunk_rows, f"the lm head was called on {rows} rows, more than a chunk's {chunk_rows}"
+            seen.append(rows)
+
+        handle = teacher.get_output_embeddings().register_forward_hook(one_chunk_at_a_time)
     features = ["hidden_states.2", "model.layers.0.mlp"]
-    handle = teacher.get_output_embeddings().register_forward_hook(one_chunk_at_a_time)
     try:
         _build(tiny, tmp_path / "fused", features=features, fuse=True)
     finally:
-        handle.remove()
-    assert chunk_rows == 48 and seen.count(48) == 5 * (4 * 32 // 48)  # 5 batches of 128 rows: the fused path ran
+        if kernel == "torch":
+            handle.remove()
+    if kernel == "native":  # 5 batches of 128 rows, each in tiles covering every column
+        rows = 40 * torch.get_num_threads()
+        assert sum(r * c for r, c in seen) == 5 * 4 * 32 * vocab and max(r for r, _ in seen) == min(rows, 128)
+    else:
+        assert chunk_rows == 48 and seen.count(48) == 5 * (4 * 32 // 48)  # 5 batches of 128 rows: fused path ran
+    monkeypatch.undo()
     unfused = tmp_path / "unfused"
     build_cache(teacher, tiny["tokenizer"], tiny["ids"], unfused, teacher_spec=tiny["spec"],
                 options=CacheOptions(k=16, shard_blocks=8, batch_size=4, features=features), fuse=False)

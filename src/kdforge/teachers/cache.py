@@ -346,8 +346,8 @@ def chunked_top_k_log_probs(logits_of: Callable[[int, int], torch.Tensor], m: in
             if x.dtype != torch.float32 or x.stride(-1) != 1:
                 x = x.float().contiguous()
             native.top_k_logsumexp(x, k, temperature, log_p[r0:r1], ids[r0:r1], lse[r0:r1], log_rest[r0:r1])
-            bad = (~torch.isfinite(lse[r0:r1])).nonzero().squeeze(-1)
-            if bad.numel():  # non-finite logits: the kernel does not handle them; torch does, as below
+            bad = (~torch.isfinite(lse[r0:r1]) | log_rest[r0:r1].isnan()).nonzero().squeeze(-1)
+            if bad.numel():  # non-finite logits, or a tail that may have underflowed: recomputed in torch
                 redo = _torch_top_k_log_probs(lambda a, b: x[bad[a:b]], bad.numel(), vocab, k, temperature,
                                               chunk_bytes)
                 for dst, src in zip((log_p, ids, lse, log_rest), redo):
@@ -420,9 +420,12 @@ def encode_top_k(stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
     return arrays
 
 
-# Chunks of rows the fused build makes per lm-head call (then reduced one chunk at a time). Each call reads the whole
-# head weight [V, D]: on the benchmark's d=64 teacher (AVX512), a call per 10-row chunk lost more to re-reading it
-# than it gained from the logits staying in L2.
+# The fused build's tiles of logits: rows x vocabulary columns made by one lm-head product and reduced at once.
+# 32 x 8192 float32 logits (1 MiB) stay in a core's L2 between the product and the reduction; measured on the
+# benchmark's d=64 teacher (AVX512), tiles of this size run the head 2-3x faster than one [B*T, V] product, whose
+# output goes to memory. Without the native kernel, rows are reduced a chunk at a time instead (_FUSED_CHUNKS
+# chunks per head call: a call per 10-row chunk lost more to re-reading the head weight than it gained).
+_TILE_ROWS, _TILE_COLS = 256, 4096
 _FUSED_CHUNKS = 6
 # Taps the base model's forward fills: hooks on its own modules, and these fields of its output.
 _BASE_OUTPUT_TAPS = ("hidden_states", "attentions")
@@ -455,9 +458,9 @@ def fused_teacher_top_k(live: LiveTeacher, fused: tuple[torch.nn.Module, torch.n
                         batch: Mapping[str, torch.Tensor], taps, k: int, temperature: float
                         ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]]:
     """The teacher's :func:`top_k_log_probs` for every token of ``batch`` (and its tapped features), from the base
-    model's last hidden states: each chunk of rows' logits ``transform(head(h))`` is made (``_FUSED_CHUNKS`` chunks,
-    and >= D rows, per head call) and reduced a chunk at a time while in the CPU's cache, so the batch's [B, T, V]
-    logits are never written to memory and read back."""
+    model's last hidden states, without making the batch's [B, T, V] logits: with the native kernel, tiles of
+    ``transform(head(h))`` (:func:`_tiled_top_k`); without it, chunks of rows (``_FUSED_CHUNKS`` chunks, and >= D
+    rows, per head call), each reduced while in the CPU's cache."""
     from ..batches import model_inputs
 
     base, head, transform = fused
@@ -473,8 +476,9 @@ def fused_teacher_top_k(live: LiveTeacher, fused: tuple[torch.nn.Module, torch.n
             taps.collect_outputs(features, out)
     hidden = out.last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])
-
     vocab = head.weight.shape[0]
+    if native.available():
+        return _tiled_top_k(live, head, transform, hidden, min(k, vocab), temperature), features
     rows = max(1, _CHUNK_BYTES // (4 * vocab))  # the rows reduced at a time, in L2
     chunks = max(_FUSED_CHUNKS, -(-hidden.shape[-1] // rows))  # >= D rows per call: the weight read is amortised
     block = {"start": 0, "logits": hidden[:0]}  # the rows made by the last head call: a whole number of chunks
@@ -486,6 +490,39 @@ def fused_teacher_top_k(live: LiveTeacher, fused: tuple[torch.nn.Module, torch.n
         return block["logits"][r0 - block["start"]:r1 - block["start"]]
 
     return chunked_top_k_log_probs(logits_of, hidden.shape[0], vocab, k, temperature, rows * 4 * vocab), features
+
+
+def _tiled_top_k(live: LiveTeacher, head: torch.nn.Module, transform, hidden: torch.Tensor, k: int,
+                 temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`top_k_log_probs` of the logits ``transform(head(hidden))`` [M, V] of hidden states [M, D], made a tile
+    of ``_TILE_ROWS`` x ``_TILE_COLS`` at a time and reduced by the native kernel (:class:`native.TopKStream`) while
+    in the CPU's cache. Rows the kernel cannot finish (non-finite logits, a tail that may have underflowed) are
+    recomputed whole in torch."""
+    m, vocab = hidden.shape[0], head.weight.shape[0]
+    rows = _TILE_ROWS * max(1, torch.get_num_threads())  # the kernel splits a tile's rows over the threads
+    weight, bias = head.weight, head.bias
+    log_p, ids = torch.empty(m, k), torch.empty(m, k, dtype=torch.int64)
+    lse, log_rest = torch.empty(m), torch.empty(m)
+    tile = torch.empty(rows, min(_TILE_COLS, vocab))
+    for r0 in range(0, m, rows):
+        h = hidden[r0:r0 + rows]
+        stream = native.TopKStream(h.shape[0], k, temperature)
+        for c0 in range(0, vocab, _TILE_COLS):
+            c1 = min(c0 + _TILE_COLS, vocab)
+            with live.autocast():
+                z = transform(torch.nn.functional.linear(h, weight[c0:c1], None if bias is None else bias[c0:c1]))
+            out = tile[:h.shape[0], :c1 - c0]
+            stream.update(out.copy_(z) if z.dtype != torch.float32 or z.stride(-1) != 1 else z, c0)
+        r1 = r0 + h.shape[0]
+        stream.finish(log_p[r0:r1], ids[r0:r1], lse[r0:r1], log_rest[r0:r1])
+    bad = (~torch.isfinite(lse) | log_rest.isnan()).nonzero().squeeze(-1)
+    if bad.numel():
+        with live.autocast():
+            z = transform(head(hidden[bad]))
+        redo = _torch_top_k_log_probs(lambda a, b: z[a:b], bad.numel(), vocab, k, temperature, None)
+        for dst, src in zip((log_p, ids, lse, log_rest), redo):
+            dst[bad] = src
+    return log_p, ids, lse, log_rest
 
 
 def _feature_tensor(value: Any, spec: str, n: int, seq: int, dtype: torch.dtype) -> torch.Tensor:
@@ -506,15 +543,13 @@ def _save_shard(arrays: Mapping[str, Any], meta: Mapping[str, str]) -> bytes:
 
 def build_cache(teacher: torch.nn.Module, tokenizer, blocks_ids: torch.Tensor, out: str | Path, *,
                 teacher_spec: Mapping[str, Any], options: CacheOptions | None = None,
-                progress: Callable[[str], None] | None = None, fuse: bool = False) -> dict[str, Any]:
+                progress: Callable[[str], None] | None = None, fuse: bool = True) -> dict[str, Any]:
     """Run ``teacher`` over ``blocks_ids`` [N, T] and write (or finish) the cache in ``out``. Returns the index.
 
-    ``fuse``: where the teacher allows it (see :func:`fused_teacher_top_k`), run its base model and reduce its logits
-    a few rows at a time as they are made, never holding a batch's [B, T, V] logits; else (the default)
-    post-process each batch's full logits. The cache's contents are the same either way, up to float32 rounding.
-    Not the default because it measured slower: ~10% on benchmarks/cache_build.py (d=64, V=49,152, AVX512), where
-    the teacher's forward and the top-k/exp2 work are compute-bound, so keeping the logits in cache saves little
-    and the lm head runs as many smaller matrix products.
+    ``fuse`` (the default): where the teacher allows it (see :func:`fused_teacher_top_k`), run its base model and
+    make its logits a tile at a time, each reduced while in the CPU's cache, never holding a batch's [B, T, V]
+    logits; else post-process each batch's full logits. The cache's contents are the same either way, up to float32
+    rounding. benchmarks/cache_build.py measures both against the teacher's own forward.
     """
     from ..taps import Taps
 

@@ -83,10 +83,10 @@ def _library() -> ctypes.CDLL | None:
         log.info("teacher cache: could not build the native top-k kernel (%s); using the torch path",
                  str(detail).strip().splitlines()[-1] if str(detail).strip() else type(err).__name__)
         return None
-    fn = lib.kdforge_topk_logsumexp
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, i64, i64, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr]
-    fn.restype = None
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    lib.kdforge_topk_update.argtypes = [ptr, i64, i64, i64, i64, i64, f32, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.kdforge_topk_finish.argtypes = [i64, i64, f32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.kdforge_topk_update.restype = lib.kdforge_topk_finish.restype = None
     return lib
 
 
@@ -98,44 +98,92 @@ def available() -> bool:
 _local = threading.local()
 
 
-def _scratch(k: int, vocab: int) -> torch.Tensor:
-    """This thread's scratch for the kernel: a buffer of 4k entries, then vocab / 16 floats."""
-    need = 4 * k * _ENTRY_BYTES + 4 * (vocab // 16)
-    buf = getattr(_local, "scratch", None)
-    if buf is None or buf.numel() < need:
-        buf = _local.scratch = torch.empty(need, dtype=torch.uint8)
+def _group_max(width: int) -> torch.Tensor:
+    """This thread's scratch for a tile's group maxima."""
+    buf = getattr(_local, "group_max", None)
+    if buf is None or buf.numel() < width // 16:
+        buf = _local.group_max = torch.empty(max(1, width // 16))
     return buf
 
 
-def top_k_logsumexp(x: torch.Tensor, k: int, temperature: float, log_p: torch.Tensor, ids: torch.Tensor,
-                    lse: torch.Tensor, log_rest: torch.Tensor) -> None:
-    """Fill ``log_p`` [r, k] float32 (rank order), ``ids`` [r, k] int64, ``lse`` [r] and ``log_rest`` [r] (float32,
-    contiguous) from float32 logits ``x`` [r, V] (unit stride along V) at ``temperature``: the values of
-    :func:`kdforge.teachers.cache.top_k_log_probs`. Rows are split over ``torch.get_num_threads()`` threads (the
-    kernel runs without the GIL). Raises RuntimeError if the kernel is not available; rows with non-finite logits
-    give non-finite outputs (the caller recomputes them)."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the native top-k kernel is not available")
-    rows, vocab = x.shape
-    assert x.dtype == torch.float32 and x.stride(1) == 1 and 1 <= k <= vocab
-    assert all(t.is_contiguous() for t in (log_p, ids, lse, log_rest))
-
-    def run(r0: int, r1: int) -> None:
-        scratch = _scratch(k, vocab)
-        lib.kdforge_topk_logsumexp(
-            x[r0].data_ptr(), r1 - r0, vocab, x.stride(0), k, float(temperature), log_p[r0].data_ptr(),
-            ids[r0].data_ptr(), lse[r0:].data_ptr(), log_rest[r0:].data_ptr(), scratch.data_ptr(),
-            scratch.data_ptr() + 4 * k * _ENTRY_BYTES)
-
+def _split(rows: int, fn) -> None:
+    """fn(r0, r1) over the rows, split over ``torch.get_num_threads()`` threads (the kernel runs without the GIL)."""
     threads = min(torch.get_num_threads(), rows)
     if threads <= 1:
-        run(0, rows)
+        fn(0, rows)
         return
     bounds = [rows * i // threads for i in range(threads + 1)]
-    list(_pool(threads).map(run, bounds[:-1], bounds[1:]))
+    list(_pool(threads).map(fn, bounds[:-1], bounds[1:]))
 
 
 @lru_cache(maxsize=4)
 def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="kdforge-topk")
+
+
+class TopKStream:
+    """The per-row state of the streaming top-k/logsumexp reduction of ``rows`` rows of logits over a vocabulary
+    given a tile of columns at a time (see ``topk_logsumexp.c``): :meth:`update` with each tile [rows, width]
+    (float32, unit column stride; the tiles cover every column once, in increasing column order, so that ties
+    keep the smaller id), then :meth:`finish`.
+
+    Raises RuntimeError if the kernel is not available (check :func:`available` first).
+    """
+
+    def __init__(self, rows: int, k: int, temperature: float):
+        self.lib = _library()
+        if self.lib is None:
+            raise RuntimeError("the native top-k kernel is not available")
+        self.rows, self.k, self.temperature = rows, k, float(temperature)
+        self.mx = torch.full((rows,), float("-inf"))
+        self.total = torch.zeros(rows, dtype=torch.float64)
+        self.tail = torch.zeros(rows, dtype=torch.float64)
+        self.bar = torch.full((rows,), float("-inf"))
+        self.count = torch.zeros(rows, dtype=torch.int64)
+        self.buf = torch.empty(rows * 4 * k * _ENTRY_BYTES, dtype=torch.uint8)
+
+    def _at(self, t: torch.Tensor, r0: int) -> int:
+        return t.data_ptr() + r0 * t.element_size()
+
+    def update(self, tile: torch.Tensor, col0: int) -> None:
+        """Reduce ``tile`` [rows, width] (columns ``col0 .. col0 + width`` of each row) into the state."""
+        rows, width = tile.shape
+        assert rows == self.rows and tile.dtype == torch.float32 and tile.stride(1) == 1
+
+        def run(r0: int, r1: int) -> None:
+            self.lib.kdforge_topk_update(
+                self._at(tile, r0 * tile.stride(0)), r1 - r0, width, tile.stride(0), col0, self.k, self.temperature,
+                self._at(self.mx, r0), self._at(self.total, r0), self._at(self.tail, r0), self._at(self.bar, r0),
+                self._at(self.count, r0), self.buf.data_ptr() + r0 * 4 * self.k * _ENTRY_BYTES,
+                _group_max(width).data_ptr())
+
+        _split(rows, run)
+
+    def finish(self, log_p: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, log_rest: torch.Tensor) -> None:
+        """Write ``log_p`` [rows, k] float32 (rank order), ``ids`` [rows, k] int64, ``lse`` [rows] and ``log_rest``
+        [rows] (contiguous): the values of :func:`kdforge.teachers.cache.top_k_log_probs`, except that a row whose
+        logits were not all finite, or whose tail mass may have underflowed, gets a non-finite ``lse`` or a NaN
+        ``log_rest``: the caller recomputes those rows."""
+        assert all(t.is_contiguous() for t in (log_p, ids, lse, log_rest))
+        short = self.count < self.k  # only with non-finite logits
+        if short.any():
+            self.count.clamp_(min=self.k)
+            self.total[short] = float("nan")
+
+        def run(r0: int, r1: int) -> None:
+            self.lib.kdforge_topk_finish(
+                r1 - r0, self.k, self.temperature, self._at(self.mx, r0), self._at(self.total, r0),
+                self._at(self.tail, r0), self._at(self.count, r0),
+                self.buf.data_ptr() + r0 * 4 * self.k * _ENTRY_BYTES, self._at(log_p, r0 * self.k),
+                self._at(ids, r0 * self.k), self._at(lse, r0), self._at(log_rest, r0))
+
+        _split(self.rows, run)
+
+
+def top_k_logsumexp(x: torch.Tensor, k: int, temperature: float, log_p: torch.Tensor, ids: torch.Tensor,
+                    lse: torch.Tensor, log_rest: torch.Tensor) -> None:
+    """:class:`TopKStream` of float32 logits ``x`` [r, V] (unit column stride) given whole: fills ``log_p``, ``ids``,
+    ``lse`` and ``log_rest`` as :meth:`TopKStream.finish` does."""
+    stream = TopKStream(x.shape[0], k, temperature)
+    stream.update(x, 0)
+    stream.finish(log_p, ids, lse, log_rest)

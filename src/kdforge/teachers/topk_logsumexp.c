@@ -1,31 +1,41 @@
-/* Top-k log-probabilities, logsumexp and the log of the tail mass of rows of logits, in two passes over each row.
+/* Streaming top-k log-probabilities, logsumexp and tail mass of rows of logits, a tile of columns at a time.
  *
  * kdforge's teacher cache needs, per token, the k largest logits with their ids, log(sum(exp(logits/T))) and the
- * log of the probability mass outside the top k. In eager torch that is a top-k search plus five or six full passes
- * over the [rows, V] logits; this kernel reads each row twice:
- *   pass 1: blocks of 16 logits; a block whose maximum beats the current k-th best is scanned into a min-buf of
- *           size k (for V >> k most blocks are skipped after the first few thousand logits). Gives the row maximum.
- *   pass 2: sum of 2^((x - max)·c), c = log2(e)/T, over all logits and over those below the k-th best (the tail,
- *           summed directly: no 1 - p cancellation), with a vectorisable exp2 (degree-6 polynomial on [-1/2, 1/2],
- *           relative error < 2e-7; inputs below 2^-126 give 0).
- * A row whose tail sum is below 2^-90 in pass 2 (its terms may have underflowed) gets a third pass shifted by the
- * tail's own maximum, so the stored log tail mass stays exact.
+ * log of the probability mass outside the top k. In eager torch that is a top-k search plus five or six passes over
+ * the [rows, V] logits, after the lm head has written all of them to memory. Here the caller makes the logits a tile
+ * of columns at a time (small enough to stay in the CPU's cache) and each tile is reduced into a per-row state:
+ *
+ *   - candidates: a tile's logits that may be in the top k. Its first 16·w logits (w = width / 16) form w strided
+ *     groups {i, i + w, ..., i + 15w}; dealt into k sets, the smallest set maximum is a bar that at least k of the
+ *     tile's logits reach, so a logit below it is not in the row's top k; nor is one below the k-th best kept so far.
+ *     The rest go to a buffer of 4k entries per row; when it is full the k best are kept (the others move to the
+ *     tail) and the row's bar rises to the k-th of them.
+ *   - sums of 2^((x - max)·c), c = log2(e)/T, over all logits and over the tail (logits that are not candidates,
+ *     and candidates dropped from the buffer), with a running maximum (sums rescaled when it rises). The tail is
+ *     summed directly: no 1 - p cancellation. exp2 is a degree-6 polynomial on [-1/2, 1/2] (relative error < 2e-7;
+ *     inputs below 2^-126 give 0) that the compiler vectorises.
+ *
+ * kdforge_topk_finish then keeps the k best candidates (rank order: larger logit first, then smaller id), moves the
+ * others to the tail, and writes the outputs. A row whose tail sum is below 2^-90 of its total (its terms may have
+ * underflowed) gets log_rest = NaN: the caller recomputes that row. Non-finite logits are not handled here either:
+ * the caller checks the outputs and recomputes such rows in torch.
  *
  * Built and loaded by kdforge/teachers/native.py (ctypes; compiled once per machine with -O3 -march=native).
- * Non-finite logits are not handled here: the caller checks the outputs and recomputes such rows in torch.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define BLOCK 16
+#define GROUP 16
+
+typedef struct { float v; int64_t i; } entry;
 
 static inline float exp2_poly(float y) {
-    /* 2^y for y <= 0; 0 below -126. */
+    /* 2^y for y <= 0 (Taylor coefficients (ln 2)^n / n! on y - rint(y)); 0 below -126 */
     float n = rintf(y);
     float f = y - n;
-    float p = 1.5403530393381606e-4f;   /* (ln 2)^6 / 6! ... Taylor coefficients of 2^f */
+    float p = 1.5403530393381606e-4f;
     p = p * f + 1.3333558146428443e-3f;
     p = p * f + 9.6181291076284772e-3f;
     p = p * f + 5.5504108664821580e-2f;
@@ -40,12 +50,10 @@ static inline float exp2_poly(float y) {
     return y < -126.0f ? 0.0f : p * scale;
 }
 
-typedef struct { float v; int64_t i; } entry;
-
 /* rank order: larger value first; among equal values the smaller id first */
 static inline int before(entry a, entry b) { return a.v > b.v || (a.v == b.v && a.i < b.i); }
 
-/* Reorder h[0..n) so that h[0..k) are its k first entries in rank order (in no particular order among themselves). */
+/* Reorder h[0..n) so that h[0..k) hold its k first entries in rank order (in no particular order). */
 static void select_top(entry *h, int64_t n, int64_t k) {
     int64_t lo = 0, hi = n - 1;
     while (lo < hi) {
@@ -67,116 +75,127 @@ static int by_rank(const void *pa, const void *pb) {
     return before(*a, *b) ? -1 : before(*b, *a);
 }
 
-/* Keep the k first of buf[0..n) in buf[0..k); returns the k-th value (the bar a later logit must beat). */
-static float compact(entry *buf, int64_t n, int64_t k) {
+/* Keep the k first of buf[0..n) in buf[0..k); the others' 2^((v - mx) c) go to *tail. Returns the k-th value. */
+static float compact(entry *buf, int64_t n, int64_t k, float mx, float c, double *tail) {
     select_top(buf, n, k);
+    for (int64_t t = k; t < n; ++t) *tail += exp2_poly((buf[t].v - mx) * c);
     float kth = buf[0].v;
     for (int64_t t = 1; t < k; ++t) kth = buf[t].v < kth ? buf[t].v : kth;
     return kth;
 }
 
-/* x: rows x vocab float32 (row stride `stride`); outputs: log_p [rows, k] (rank order), ids [rows, k], lse [rows],
- * log_rest [rows]; scratch: `buf` of 4k entries, `group_max` of vocab / 16 floats. temperature > 0, 1 <= k <= vocab. */
-void kdforge_topk_logsumexp(const float *x, int64_t rows, int64_t vocab, int64_t stride, int64_t k,
-                            float temperature, float *log_p, int64_t *ids, float *lse, float *log_rest,
-                            entry *buf, float *group_max) {
+/* Reduce a tile x [rows, width] (row stride `stride`; its columns are the row's columns col0 .. col0 + width) into
+ * the rows' state: mx, total, tail [rows]; bar [rows] (a logit must beat it; -inf at the start); count [rows]
+ * (entries in the row's buffer); buf [rows, 4k]. `group_max`: scratch of width / 16 floats. */
+void kdforge_topk_update(const float *x, int64_t rows, int64_t width, int64_t stride, int64_t col0, int64_t k,
+                         float temperature, float *mx, double *total, double *tail, float *bar, int64_t *count,
+                         entry *buf, float *group_max) {
     const float c = (float)(1.4426950408889634 / temperature);
+    const int64_t w = width / GROUP;
     for (int64_t row = 0; row < rows; ++row) {
         const float *xr = x + row * stride;
-        /* pass 1: top k. The row's first 16·w logits (w = vocab / 16) form w strided groups {i, i + w, ...,
-         * i + 15w}; their maxima come from vertical maxima over 16 rows of w (vectorised). Dealt into k sets
-         * {g, g + k, ...}, the smallest set maximum is a bar that at least k logits reach (one per set), so every
-         * top-k logit is >= bar. Only the groups whose maximum reaches the bar, and the last vocab - 16w logits,
-         * are then scanned; logits >= bar go to buf (4k entries; when it is full the k best are kept and the bar
-         * rises to the k-th of them, which later logits must beat). */
-        const int64_t w = vocab / BLOCK;
+        entry *rb = buf + row * 4 * k;
+        /* the tile's group maxima, its bar and its maximum */
+        float tile_max = -INFINITY;
         for (int64_t i = 0; i < w; ++i) group_max[i] = xr[i];
-        for (int64_t r = 1; r < BLOCK; ++r) {
+        for (int64_t r = 1; r < GROUP; ++r) {
             const float *xs = xr + r * w;
 #pragma omp simd
             for (int64_t i = 0; i < w; ++i) group_max[i] = xs[i] > group_max[i] ? xs[i] : group_max[i];
         }
-        float bar = -INFINITY;  /* fewer groups than k: every logit is a candidate */
+        float tile_bar = -INFINITY;  /* fewer groups than k: every logit of the tile may be in the top k */
         if (w >= k) {
             float set_max[k];
             for (int64_t g = 0; g < k; ++g) set_max[g] = group_max[g];
             for (int64_t g0 = k; g0 + k <= w; g0 += k) {
 #pragma omp simd
-                for (int64_t g = 0; g < k; ++g) set_max[g] = group_max[g0 + g] > set_max[g] ? group_max[g0 + g] : set_max[g];
+                for (int64_t g = 0; g < k; ++g)
+                    set_max[g] = group_max[g0 + g] > set_max[g] ? group_max[g0 + g] : set_max[g];
             }
-            bar = INFINITY;
-            for (int64_t g = 0; g < k; ++g) bar = set_max[g] < bar ? set_max[g] : bar;
+            tile_bar = INFINITY;
+            for (int64_t g = 0; g < k; ++g) tile_bar = set_max[g] < tile_bar ? set_max[g] : tile_bar;
         }
-        int64_t n = 0;
-        int strict = 0;  /* after a compaction a logit must beat the bar */
-#define CONSIDER(col)                                                          \
-        do {                                                                   \
-            const float v = xr[col];                                           \
-            if (strict ? v > bar : v >= bar) {                                 \
-                buf[n].v = v;                                                  \
-                buf[n].i = (col);                                              \
-                if (++n == 4 * k) { bar = compact(buf, n, k); n = k; strict = 1; } \
-            }                                                                  \
-        } while (0)
-        for (int64_t i = 0; i < w; ++i) {
-            if (strict ? !(group_max[i] > bar) : !(group_max[i] >= bar)) continue;
-            for (int64_t r = 0; r < BLOCK; ++r) CONSIDER(r * w + i);
-        }
-        for (int64_t j = BLOCK * w; j < vocab; ++j) CONSIDER(j);
-#undef CONSIDER
-        const float kth = compact(buf, n, k);
-        int64_t kth_in_top = 0;  /* logits equal to the k-th best that are in the top k */
-        for (int64_t t = 0; t < k; ++t) kth_in_top += buf[t].v == kth;
-        qsort(buf, (size_t)k, sizeof(entry), by_rank);
-        const float mx = buf[0].v;
+#pragma omp simd reduction(max : tile_max)
+        for (int64_t i = 0; i < w; ++i) tile_max = group_max[i] > tile_max ? group_max[i] : tile_max;
+        for (int64_t j = GROUP * w; j < width; ++j) tile_max = xr[j] > tile_max ? xr[j] : tile_max;
 
-        /* pass 2: sums of 2^((x - mx) c), all and below the k-th best; ties with the k-th */
-        double total = 0.0, tail = 0.0;
-        int64_t kth_count = 0;
-        for (int64_t b0 = 0; b0 < vocab; b0 += 1024) {
-            const int64_t b1 = b0 + 1024 < vocab ? b0 + 1024 : vocab;
-            float s_all = 0.0f, s_tail = 0.0f;
-            int32_t n_eq = 0;
-#pragma omp simd reduction(+ : s_all, s_tail, n_eq)
+        /* the running maximum; sums so far rescaled to it */
+        float m = mx[row];
+        if (tile_max > m) {
+            if (m > -INFINITY) {
+                const double r = exp2((double)(m - tile_max) * c);
+                total[row] *= r;
+                tail[row] *= r;
+            }
+            m = mx[row] = tile_max;
+        }
+        /* a candidate reaches the tile's bar and beats the row's (which applies once k are kept): one threshold,
+         * fixed for this tile */
+        float thr = tile_bar;
+        if (count[row] >= k) {
+            const float beat = nextafterf(bar[row], INFINITY);
+            thr = beat > thr ? beat : thr;
+        }
+
+        float s_all = 0.0f, s_tail = 0.0f;
+        double t_all = 0.0, t_tail = 0.0;
+        for (int64_t b0 = 0; b0 < width; b0 += 1024) {
+            const int64_t b1 = b0 + 1024 < width ? b0 + 1024 : width;
+            s_all = 0.0f, s_tail = 0.0f;
+#pragma omp simd reduction(+ : s_all, s_tail)
             for (int64_t t = b0; t < b1; ++t) {
                 const float v = xr[t];
-                const float e = exp2_poly((v - mx) * c);
+                const float e = exp2_poly((v - m) * c);
                 s_all += e;
-                s_tail += v < kth ? e : 0.0f;
-                n_eq += v == kth;
+                s_tail += v >= thr ? 0.0f : e;
             }
-            total += s_all;
-            tail += s_tail;
-            kth_count += n_eq;
+            t_all += s_all;
+            t_tail += s_tail;
         }
-        const int64_t kth_outside = kth_count - kth_in_top;
-        tail += (double)kth_outside * exp2_poly((kth - mx) * c);
-        double log_tail = tail > 0.0 ? log(tail) : -INFINITY;
-        if (tail < 0x1p-90) {
-            /* pass 3: the tail's terms may have underflowed against the maximum; sum them against their own */
-            float tail_max = -INFINITY;
-            for (int64_t t = 0; t < vocab; ++t) tail_max = xr[t] < kth && xr[t] > tail_max ? xr[t] : tail_max;
-            if (kth_outside > 0) tail_max = kth;
-            if (tail_max > -INFINITY) {
-                double s = (double)kth_outside * exp2_poly((kth - tail_max) * c);
-                for (int64_t b0 = 0; b0 < vocab; b0 += 1024) {
-                    const int64_t b1 = b0 + 1024 < vocab ? b0 + 1024 : vocab;
-                    float s_blk = 0.0f;
-#pragma omp simd reduction(+ : s_blk)
-                    for (int64_t t = b0; t < b1; ++t)
-                        s_blk += xr[t] < kth ? exp2_poly((xr[t] - tail_max) * c) : 0.0f;
-                    s += s_blk;
-                }
-                log_tail = log(s) + (double)(tail_max - mx) * (double)c * 0.6931471805599453;
-            }
+        /* the candidates: in the groups whose maximum passes, and the last width - 16w logits */
+        int64_t n = count[row];
+        float row_bar = bar[row];
+#define CONSIDER(col)                                                                    \
+        do {                                                                             \
+            const float v = xr[col];                                                     \
+            if (v >= thr) {                                                               \
+                rb[n].v = v;                                                             \
+                rb[n].i = col0 + (col);                                                  \
+                if (++n == 4 * k) { row_bar = compact(rb, n, k, m, c, &t_tail); n = k; } \
+            }                                                                            \
+        } while (0)
+        for (int64_t i = 0; i < w; ++i) {
+            if (!(group_max[i] >= thr)) continue;
+            for (int64_t r = 0; r < GROUP; ++r) CONSIDER(r * w + i);
         }
-        const double log_total = log(total);
-        const double row_lse = (double)mx / temperature + log_total;
+        for (int64_t j = GROUP * w; j < width; ++j) CONSIDER(j);
+#undef CONSIDER
+        if (n > k && row_bar == -INFINITY) { row_bar = compact(rb, n, k, m, c, &t_tail); n = k; }  /* raise the bar */
+        count[row] = n;
+        bar[row] = row_bar;
+        total[row] += t_all;
+        tail[row] += t_tail;
+    }
+}
+
+/* The outputs from the rows' state (see kdforge_topk_update): log_p [rows, k] (rank order), ids [rows, k], lse
+ * [rows], log_rest [rows] (NaN where the tail may have underflowed). Requires count >= k for every row. */
+void kdforge_topk_finish(int64_t rows, int64_t k, float temperature, const float *mx, const double *total,
+                         const double *tail, const int64_t *count, entry *buf, float *log_p, int64_t *ids,
+                         float *lse, float *log_rest) {
+    const float c = (float)(1.4426950408889634 / temperature);
+    for (int64_t row = 0; row < rows; ++row) {
+        entry *rb = buf + row * 4 * k;
+        double row_tail = tail[row];
+        compact(rb, count[row], k, mx[row], c, &row_tail);
+        qsort(rb, (size_t)k, sizeof(entry), by_rank);
+        const double log_total = log(total[row]);
+        const double row_lse = (double)mx[row] / temperature + log_total;
         lse[row] = (float)row_lse;
-        log_rest[row] = (float)(log_tail - log_total);
+        log_rest[row] = row_tail < 0x1p-90 * total[row] ? NAN : (float)(log(row_tail) - log_total);
         for (int64_t t = 0; t < k; ++t) {
-            log_p[row * k + t] = (float)((double)buf[t].v / temperature - row_lse);
-            ids[row * k + t] = buf[t].i;
+            log_p[row * k + t] = (float)((double)rb[t].v / temperature - row_lse);
+            ids[row * k + t] = rb[t].i;
         }
     }
 }
