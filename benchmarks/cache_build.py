@@ -3,19 +3,22 @@
 Prints tokens/s of a plain no-grad teacher forward over the blocks (batch by batch, logits discarded) and of
 `build_cache` over the same blocks and batches (forward + top-k + coding + checksums + shard writes), and their ratio
 cache build / forward (target >= 0.8: building a cache should cost little beyond running the teacher). The build is
-timed both as by default (each batch's full logits post-processed) and fused (`fuse=True`: the base model's last
-hidden states, each chunk of rows' logits made and reduced while in cache).
+timed both as by default (fused: the base model's last hidden states, the logits made a tile at a time and reduced
+while in the CPU's cache by the native kernel) and unfused (`fuse=False`: each batch's full logits post-processed).
+Each is timed by the wall clock and by the process's CPU time (with one thread, the CPU-time ratio is the one that
+other processes on a shared machine disturb least).
 
     .venv/bin/python benchmarks/cache_build.py [--blocks 64] [--seq 256] [--batch 8] [--vocab 49152]
                                                [--hidden 64] [--layers 4] [--k 64] [--repeats 3] [--threads 1]
-                                               [--profile [--fused]]
+                                               [--dtype float32|bfloat16]
+                                               [--profile [--no-fused]]
 
 The teacher is a random Llama (`kdforge.models.tiny_llama`) of --layers layers, width --hidden and a vocabulary of
 --vocab (SmolLM2's 49,152 by default), on random token ids; the cache uses the default options (top-64, packed ids,
 int6 values) with --k and --batch. The three measurements alternate for --repeats rounds (so load from other processes
 hits all alike) after one warm-up of each; the figures are medians. Like the `kdforge` command, the process keeps
-freed memory in its heap (`kdforge.runtime.keep_freed_memory_in_heap`). --profile instead runs one cache build (fused
-with --fused) under cProfile and prints the top functions by cumulative and by own time.
+freed memory in its heap (`kdforge.runtime.keep_freed_memory_in_heap`). --profile instead runs one cache build (unfused
+with --no-fused) under cProfile and prints the top functions by cumulative and by own time.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import torch
 
 from kdforge.models import tiny_llama
 from kdforge.runtime import keep_freed_memory_in_heap
+from kdforge.teachers import native
 from kdforge.teachers.cache import CacheOptions, build_cache
 from kdforge.teachers.live import LiveTeacher
 
@@ -59,8 +63,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the teacher's precision")
     ap.add_argument("--profile", action="store_true", help="profile one cache build instead of timing")
-    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=False, help="the build --profile runs")
+    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True, help="the build --profile runs")
     args = ap.parse_args()
     keep_freed_memory_in_heap()  # as the kdforge command does at start-up
     torch.set_num_threads(args.threads)
@@ -68,7 +73,7 @@ def main() -> None:
     tokenizer = _Tokenizer(args.vocab)
     ids = torch.randint(0, args.vocab, (args.blocks, args.seq), generator=torch.Generator().manual_seed(0))
     options = CacheOptions(k=args.k, batch_size=args.batch, shard_blocks=256)
-    live = LiveTeacher(teacher)
+    live = LiveTeacher(teacher, args.dtype)
 
     def forward() -> None:
         for b0 in range(0, args.blocks, args.batch):
@@ -77,7 +82,7 @@ def main() -> None:
 
     def build(fuse: bool = True) -> None:
         with tempfile.TemporaryDirectory(prefix="kdforge-cache-bench-") as tmp:
-            build_cache(teacher, tokenizer, ids, tmp, teacher_spec={"model": "synthetic"}, options=options, fuse=fuse)
+            build_cache(teacher, tokenizer, ids, tmp, teacher_spec={"model": "synthetic", "dtype": args.dtype}, options=options, fuse=fuse)
 
     if args.profile:
         build(args.fused)  # warm-up
@@ -88,27 +93,30 @@ def main() -> None:
         stats.sort_stats("tottime").print_stats(20)
         return
 
-    def timed(fn, *fn_args) -> float:
-        t0 = time.perf_counter()
+    def timed(fn, *fn_args) -> tuple[float, float]:
+        w0, c0 = time.perf_counter(), time.process_time()
         fn(*fn_args)
-        return time.perf_counter() - t0
+        return time.perf_counter() - w0, time.process_time() - c0
 
     forward(), build(True), build(False)  # warm-up
-    fwd, cache, unfused = [], [], []
+    runs: dict[str, list[tuple[float, float]]] = {"forward": [], "fused": [], "unfused": []}
     for _ in range(args.repeats):
-        fwd.append(timed(forward))
-        cache.append(timed(build, True))
-        unfused.append(timed(build, False))
+        runs["forward"].append(timed(forward))
+        runs["fused"].append(timed(build, True))
+        runs["unfused"].append(timed(build, False))
+    wall = {name: statistics.median(w for w, _ in times) for name, times in runs.items()}
+    cpu = {name: statistics.median(c for _, c in times) for name, times in runs.items()}
     tokens = ids.numel()
-    tf, tc, tu = statistics.median(fwd), statistics.median(cache), statistics.median(unfused)
-    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s); teacher "
-          f"{args.layers} layers, d={args.hidden}, V={args.vocab}; {args.blocks} blocks x {args.seq} tokens, batch "
-          f"{args.batch}, k={args.k}; medians of {args.repeats}")
-    print(f"teacher forward   {tf:7.2f} s  {tokens / tf:10,.0f} tok/s")
-    print(f"cache build       {tu:7.2f} s  {tokens / tu:10,.0f} tok/s  (default: full logits post-processed)")
-    print(f"fused build       {tc:7.2f} s  {tokens / tc:10,.0f} tok/s  (fuse=True)")
-    print(f"ratio             {tf / tu:.3f}  (cache build tok/s / forward tok/s; target >= 0.8)")
-    print(f"ratio fused       {tf / tc:.3f}")
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s), native "
+          f"kernel {'on' if native.available() else 'off (torch path)'}; teacher {args.layers} layers, d={args.hidden}, "
+          f"V={args.vocab}, {args.dtype}; {args.blocks} blocks x {args.seq} tokens, batch {args.batch}, k={args.k}; medians of "
+          f"{args.repeats}")
+    print(f"{'':34} {'wall':>8} {'tok/s':>9} {'ratio':>6}   {'CPU':>8} {'ratio':>6}")
+    for name, label in (("forward", "teacher forward"), ("fused", "cache build (default: fused)"),
+                        ("unfused", "cache build, fuse=False")):
+        print(f"{label:34} {wall[name]:7.2f}s {tokens / wall[name]:9,.0f} {wall['forward'] / wall[name]:6.3f}   "
+              f"{cpu[name]:7.2f}s {cpu['forward'] / cpu[name]:6.3f}")
+    print("ratio: forward time / build time = build tok/s / forward tok/s (target >= 0.8 for the default build)")
 
 
 if __name__ == "__main__":
