@@ -149,6 +149,11 @@ def test_distill_and_eval_from_the_command_line(tmp_path):
     assert evaluated["task"] == "image_classification"
     for key in ("accuracy", "macro_f1", "ece", "top1_agreement", "kl_teacher_student"):
         assert evaluated["heldout"]["student"][key] == pytest.approx(final["student"][key], abs=1e-6)
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| model | accuracy | macro-F1 | ECE |" in report and "450 held-out examples" in report
+    assert f"| student | {final['student']['accuracy']:.4g} |" in report
 
 
 def _npz(tmp_path: Path, name: str, images: np.ndarray, labels: np.ndarray) -> str:

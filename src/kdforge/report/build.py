@@ -29,6 +29,10 @@ RUN_COLUMNS = [("perplexity", "held-out ppl"), ("bits_per_char", "bits/char"), (
                ("gen_token_agreement", "gen. token agr."), ("gen_exact_match", "gen. exact"),
                ("prefill_tokens_per_s", "prefill tok/s"), ("generation_tokens_per_s", "gen. tok/s"),
                ("parameters", "params"), ("safetensors_bytes", "safetensors bytes")]
+# a classifier's run (task image_classification): final.json and eval.json hold accuracy, not perplexity
+CLASSIFIER_RUN_COLUMNS = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("ece", "ECE"), ("nll", "NLL"),
+                          ("top1_agreement", "top-1 agr."), ("kl_teacher_student", "KL(T‖S)"),
+                          ("examples_per_s", "eval examples/s"), ("parameters", "params")]
 
 
 @dataclass
@@ -241,6 +245,8 @@ def run_report(run: Path, rep: Report) -> None:
         if held.get(name) and not models.get(name):
             models[name] = held[name]
     sources = {}
+    classifier = any(m and "accuracy" in m and "perplexity" not in m for m in models.values())
+    columns = CLASSIFIER_RUN_COLUMNS if classifier else RUN_COLUMNS
     for name, m in models.items():
         if not m:
             continue
@@ -255,10 +261,10 @@ def run_report(run: Path, rep: Report) -> None:
             tspeed = (ev.get("speed") or {}).get("teacher") or {}
             vals.update({k: v for k, v in tspeed.items() if v is not None})
             vals.update({k: v for k, v in ((ev.get("size") or {}).get("teacher") or {}).items() if v is not None})
-        table_rows.append([name] + [vals.get(k) for k, _ in RUN_COLUMNS] + [sources[name]])
+        table_rows.append([name] + [vals.get(k) for k, _ in columns] + [sources[name]])
     if table_rows:
         step = (final or {}).get("step")
-        rep.table(["model"] + [t for _, t in RUN_COLUMNS] + ["source"], table_rows,
+        rep.table(["model"] + [t for _, t in columns] + ["source"], table_rows,
                   caption=f"held-out metrics at the last step ({step})" if step else None)
         _provenance(rep, final, ev)
         if ev and (ev.get("ood") or {}).get("skipped"):
@@ -294,6 +300,8 @@ def _measured_on(setup: dict | None) -> str:
     if not setup:
         return "an unrecorded setup (written before kdforge recorded it)"
     teacher = setup.get("teacher_precision")
+    if "examples" in setup:  # a classifier's held-out images
+        return f"{setup['examples']:,} held-out examples, batch {setup['batch_size']}, teacher {teacher or 'none'}"
     return (f"{setup['eval_tokens']:,} held-out tokens ({setup['blocks']} blocks of {setup['seq_len']}), batch "
             f"{setup['batch_size']}, teacher {teacher or 'none'}")
 
