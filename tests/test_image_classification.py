@@ -117,6 +117,24 @@ def test_each_digits_recipe_trains_a_student_well_above_chance(path, tmp_path):
     assert ic.classification_metrics(logits, ic.load_split(recipe)[1].labels)["accuracy"] == pytest.approx(s["accuracy"])
 
 
+def test_the_teachers_outputs_are_computed_once_and_equal_the_live_teachers(tmp_path):
+    setup = prepare(parse_recipe(digits_recipe("digits_fitnets", tmp_path / "r")))
+    source, taps = setup.distiller.teacher_source, setup.distiller.teacher_taps
+    assert isinstance(source, ic.PrecomputedTeacher) and source.logits.shape == (len(setup.train_blocks), 10)
+    batch = setup.task.make_batch(setup.train_blocks, torch.tensor([5, 700, 3]))
+    stored, live = source(batch, taps), source.live({"inputs": batch["inputs"]}, taps)
+    torch.testing.assert_close(stored.logits, live.logits)
+    assert stored.features.keys() == live.features.keys() == {"fitnets_hint.t"}
+    torch.testing.assert_close(stored.features["fitnets_hint.t"], live.features["fitnets_hint.t"])
+    calls = []
+    handle = setup.teacher.register_forward_hook(lambda *args: calls.append(1))
+    setup.distiller.train()
+    loss, _ = setup.distiller(batch)
+    loss.backward()
+    handle.remove()
+    assert not calls, "a training step ran the teacher again"
+
+
 def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path):
     whole = train(parse_recipe(digits_recipe("digits_fitnets", tmp_path / "whole")), progress=False)
     cut = train(parse_recipe(digits_recipe("digits_fitnets", tmp_path / "cut")), progress=False)

@@ -10,7 +10,9 @@ is shifted) and feature terms tap the CNNs' blocks `features.0`, `features.1`, .
 Models: `CNN` built from `student.config` / `teacher.config` (kdforge.recipe.CNNSpec). The teacher `cnn` is trained
 once on the training split with plain cross-entropy (Adam) and cached as safetensors under
 KDFORGE_CACHE/image_teachers/<hash of its config and the training data>; a teacher folder written by an earlier run
-(`RUN/student`) loads as well. Metrics: accuracy, macro-F1, ECE (15 bins), NLL, top-1 agreement with the teacher and
+(`RUN/student`) loads as well. In training the teacher's logits and tapped features on every training image are
+computed once (PrecomputedTeacher: the images never change between epochs), unless a Block-KD term needs the live
+teacher's blocks. Metrics: accuracy, macro-F1, ECE (15 bins), NLL, top-1 agreement with the teacher and
 KL(teacher || student), and held-out examples/s (the only wall-clock figure).
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ..io import atomic_write_dir, atomic_write_json, disk_full_as_error
 from ..models import cache_dir, count_parameters
 from ..progress import phase
 from ..recipe import CNNSpec, CNNTeacherSpec, Recipe
+from ..teachers.live import LiveTeacher, TeacherOutput
 from .base import Setup
 
 log = logging.getLogger("kdforge")
@@ -275,6 +278,46 @@ def cached_teacher(config: dict[str, Any], train: ImageSet) -> CNN:
     return model
 
 
+class PrecomputedTeacher:
+    """A live teacher's outputs on every training image, computed once: its logits [N, K] and each tapped tensor
+    [N, ...], looked up by the batch's `index` [B]. Exact because a training batch is stored images unchanged (no
+    augmentation) and the teacher runs in eval mode, so each image's outputs never change; a step then costs the
+    student's work and a lookup instead of a teacher forward. A batch without `index` (the Distiller's probe) runs
+    the live teacher. `model`, `dtype` and `autocast` are the live teacher's."""
+
+    def __init__(self, live: LiveTeacher, logits: Tensor, features: dict[str, Tensor]):
+        self.live, self.model, self.dtype, self.autocast = live, live.model, live.dtype, live.autocast
+        self.logits, self.features = logits, features
+
+    MAX_BYTES = 1 << 29
+    """Above this many bytes of stored outputs the teacher stays live (build returns None)."""
+
+    @classmethod
+    def build(cls, live: LiveTeacher, data: ImageSet, taps, batch_size: int = EVAL_BATCH) -> "PrecomputedTeacher | None":
+        """The outputs of `live` (with `taps`, the Distiller's teacher taps, or None) on all of `data`; None when a
+        tap holds something other than one tensor per batch, or the outputs would exceed MAX_BYTES."""
+        logits, features = [], {}
+        for i in range(0, len(data), batch_size):
+            out = live({"inputs": data.images[i: i + batch_size]}, taps)
+            if not all(isinstance(v, Tensor) for v in out.features.values()):
+                return None
+            logits.append(out.logits)
+            for k, v in out.features.items():
+                features.setdefault(k, []).append(v)
+            if i == 0:
+                per_image = sum(t.element_size() * t[0].numel() for t in (out.logits, *out.features.values()))
+                if per_image * len(data) > cls.MAX_BYTES:
+                    return None
+        return cls(live, torch.cat(logits), {k: torch.cat(v) for k, v in features.items()})
+
+    def __call__(self, batch: dict[str, Tensor], taps=None) -> TeacherOutput:
+        if "index" not in batch:
+            return self.live(batch, taps)
+        device = batch["inputs"].device
+        idx = batch["index"].to(self.logits.device)
+        return TeacherOutput(self.logits[idx].to(device), {k: v[idx].to(device) for k, v in self.features.items()})
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -401,10 +444,18 @@ class ImageClassification:
         distiller = Distiller(teacher, student, recipe.objective,
                               teacher_dtype=recipe.teacher.dtype if recipe.teacher else "float32",
                               example_batch=example)
+        source = distiller.teacher_source
+        if isinstance(source, LiveTeacher) and not len(distiller.stepping_stones):  # Block-KD runs teacher blocks
+            taps = distiller.teacher_taps if distiller.teacher_taps is not None and len(distiller.feature_terms) \
+                else None
+            distiller.teacher_source = PrecomputedTeacher.build(source, train, taps) or source
         return Setup(recipe, None, teacher, student, distiller, train, val, self)
 
     def make_batch(self, data: ImageSet, index: Tensor) -> dict[str, Tensor]:
-        return {"inputs": data.images[index], "labels": data.labels[index]}
+        """{inputs [B, C, H, W], labels [B], index [B]}; `index` (the images' positions in `data`) is for a
+        PrecomputedTeacher's lookup: models see only `inputs`."""
+        return {"inputs": data.images[index], "labels": data.labels[index],
+                "index": torch.as_tensor(index, dtype=torch.long)}
 
     def fingerprint(self, train: ImageSet, val: ImageSet) -> str:
         return fingerprint(train, val)
