@@ -160,6 +160,32 @@ def cache_teacher(
     _run(body)
 
 
+@app.command("generate")
+def generate(
+    recipe: Path = typer.Argument(..., help="Recipe YAML: its teacher answers its prompts (data.prompts)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSONL file to write (default: OUTPUT_DIR.teacher.jsonl). "
+                                       "Rerun to resume."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key, e.g. "
+                                             "--set generate.max_new_tokens=64."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Write the teacher's responses to the recipe's prompts as JSONL, for sequence-level KD (Kim & Rush 2016):
+    train on them with data.prompts=FILE. Settings are under `generate:` in the recipe."""
+    from .recipe import load_recipe
+
+    def body():
+        r = load_recipe(recipe, set_ or [])
+        from .generate import generate_responses
+
+        res = generate_responses(r, out, progress=not no_progress)
+        typer.echo(f"wrote {res['written']} responses to {res['path']} ({res['skipped_done']} already there, "
+                   f"{res['total']} prompts; ended at EOS {res['finish']['eos']}, at max_new_tokens "
+                   f"{res['finish']['length']})")
+        typer.echo(f"train on them with: --set data.prompts={res['path']}")
+
+    _run(body)
+
+
 @app.command("eval")
 def eval_(
     student: Path = typer.Argument(..., help="A student folder (save_pretrained) or a run directory."),

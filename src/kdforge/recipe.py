@@ -240,18 +240,56 @@ class DataSpec(_Strict):
     """Use at most this many training tokens; null: the whole corpus."""
     max_eval_tokens: int = Field(16384, ge=1)
     """Held-out tokens evaluated."""
+    prompts: str | None = None
+    """Train on prompt–response records instead of the packed corpus (kdforge.data.prompts): `shakespeare` (the
+    embedded "continue this passage" set, held out by work), a .jsonl of `{"messages": [...]}` chat records or
+    `{"prompt", "response"}` records (e.g. what `kdforge generate` writes), a `Dataset.save_to_disk` folder or parquet
+    file(s) with those columns. Every loss term counts only response tokens. Held out: data.validation (Shakespeare
+    work names or prompt files) or data.validation_split; max_train_tokens and max_eval_tokens then count response
+    tokens. null: the packed corpus."""
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    """With data.prompts: a longer prompt keeps its last this many tokens (left truncation, counted in the log);
+    null: half of seq_len. The response fills the rest of seq_len and is cut on the right."""
 
     @model_validator(mode="after")
     def _one_way_to_hold_out(self) -> "DataSpec":
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens >= self.seq_len:
+            raise ValueError(f"data.max_prompt_tokens ({self.max_prompt_tokens}) leaves no room for a response in "
+                             f"data.seq_len={self.seq_len}; lower it below seq_len")
         if self.validation_split is None:
             return self
-        if self.corpus == "shakespeare":
+        if (self.prompts or self.corpus) == "shakespeare":
             raise ValueError("data.validation_split splits a corpus of your own; for Shakespeare, name the held-out "
                              "works in data.validation")
         if self.validation != ["lear", "tempest"]:
             raise ValueError("set data.validation (held-out files) or data.validation_split (a fraction of the "
                              "corpus), not both")
         return self
+
+
+class GenerateSpec(_Strict):
+    """`kdforge generate RECIPE`: the teacher answers the recipe's prompts (data.prompts), for sequence-level KD (Kim &
+    Rush 2016). Batched, left-padded, with the KV cache (transformers `generate`); kdforge.generate."""
+
+    max_new_tokens: int | None = Field(128, ge=1)
+    """New tokens per response at most; null: until EOS (or the model's maximum positions)."""
+    stop_at_eos: bool = True
+    """A response ends at the tokenizer's EOS token. With max_new_tokens null it must be on (and an EOS exist), or
+    generation could not end and is refused."""
+    do_sample: bool = False
+    """false: greedy; true: sample with temperature and top_p."""
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    """Sampling temperature (do_sample only)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (do_sample only)."""
+    seed: int | None = None
+    """Seed of sampling; null: the recipe's seed."""
+    batch_size: int = Field(8, ge=1)
+    """Prompts per generate call."""
+    split: Literal["train", "validation"] = "train"
+    """Which prompts are answered: the training prompts (for sequence-level KD) or the held-out ones."""
+    max_prompts: int | None = Field(None, ge=1)
+    """Answer at most the first this many prompts of the split; null: all."""
 
 
 class Term(BaseModel):
@@ -406,6 +444,8 @@ class Recipe(_Strict):
     """Optimisation, checkpoints and logging."""
     truncate_to_shared_vocab: bool = False
     """Compare logits over the first min(V_teacher, V_student) ids, for vocabularies that differ only by padding."""
+    generate: GenerateSpec = Field(default_factory=GenerateSpec)
+    """Teacher generation settings for `kdforge generate` (sequence-level KD); not used by training."""
 
     @field_validator("objective")
     @classmethod
@@ -460,6 +500,13 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _prompts_need_a_live_teacher(self) -> "Recipe":
+        if self.data.prompts is not None and self.teacher is not None and self.teacher.kind == "cache":
+            raise ValueError("data.prompts trains on padded prompt–response blocks, which the offline teacher cache "
+                             "does not store; use teacher.kind: live")
+        return self
+
+    @model_validator(mode="after")
     def _split_seed(self) -> "Recipe":
         if self.data.validation_split is not None and self.data.split_seed is None:
             self.data.split_seed = self.seed
@@ -490,6 +537,10 @@ class Recipe(_Strict):
             data.pop("task")
         if data["teacher"] is not None and not data["teacher"].get("config"):
             data["teacher"].pop("config", None)
+        data.pop("generate", None)  # only `kdforge generate` reads it
+        for key in ("prompts", "max_prompt_tokens"):  # recipes from before data.prompts keep their hash
+            if data["data"].get(key) is None:
+                data["data"].pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
@@ -498,6 +549,7 @@ class Recipe(_Strict):
 
 _SECTIONS: dict[str, type[BaseModel]] = {
     "": Recipe, "teacher": TeacherSpec, "student": StudentSpec, "data": DataSpec, "train": TrainSpec,
+    "generate": GenerateSpec,
 }
 
 

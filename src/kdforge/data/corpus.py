@@ -65,19 +65,26 @@ def read_text(path: Path, encoding: str = "utf-8", max_undecodable: float = 0.00
     return text
 
 
-def render_document(value: Any, where: str, tokenizer=None) -> str:
+def is_chat(value: Any) -> bool:
+    """Whether a value is a list of chat messages (``[{"role": ..., "content": ...}, ...]``)."""
+    return bool(isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                          for m in value))
+
+
+def render_document(value: Any, where: str, tokenizer=None, generation_prompt: bool = False) -> str:
     """A record's text field as training text. A string is taken as it is; a list of chat messages
     (``[{"role": ..., "content": ...}, ...]``, TRL's ``messages`` records) is rendered with the tokenizer's chat
-    template; anything else (other lists, dicts, numbers) is refused, never stringified into Python reprs."""
+    template (``generation_prompt``: followed by the template's opening of an assistant turn, the prompt of a
+    prompt–response record); anything else (other lists, dicts, numbers) is refused, never stringified into Python
+    reprs."""
     if isinstance(value, str):
         return value
-    is_chat = isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m
-                                                         for m in value)
-    if is_chat:
+    if is_chat(value):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise KDForgeError(f"{where} holds chat messages but the tokenizer has no chat template to render them; "
                                "use a teacher whose tokenizer has one, or give plain text in data.text_field")
-        return tokenizer.apply_chat_template(value, tokenize=False)
+        extra = {"add_generation_prompt": True} if generation_prompt else {}
+        return tokenizer.apply_chat_template(value, tokenize=False, **extra)
     raise KDForgeError(f"{where} is a {type(value).__name__}, not text; point data.text_field at a string field "
                        "(or a list of chat messages with role and content)")
 

@@ -14,6 +14,10 @@ def tokenize_corpus(recipe, tokenizer) -> tuple[TokenBlocks, TokenBlocks]:
 
     Training tokens are capped at data.max_train_tokens, held-out ones at data.max_eval_tokens. Raises KDForgeError
     when the corpus makes fewer training blocks than one train.batch_size, or no held-out block."""
+    if recipe.data.prompts is not None:  # prompt–response records: padded blocks whose labels mask the prompt
+        from .prompts import prompt_blocks
+
+        return prompt_blocks(recipe, tokenizer)
     corpus = load_corpus(recipe.data, tokenizer)
     seq = recipe.data.seq_len
     ids, chars = tokenize_documents(tokenizer, corpus.train)

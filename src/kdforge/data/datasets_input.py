@@ -59,10 +59,34 @@ def read_dataset(source: DatasetSource, text_field: str, tokenizer=None) -> list
 
     from .corpus import render_document
 
-    name = str(source.paths[0]) if len(source.paths) == 1 else f"{source.paths[0].parent} ({len(source.paths)} files)"
+    name = source_name(source)
     datasets.disable_progress_bars()
     if _is_empty(source):  # datasets itself fails on these with an IndexError / "corresponds to no data"
         raise KDForgeError(f"dataset '{name}' has no rows; give a dataset with documents in column '{text_field}'")
+    ds = open_dataset(source, name)
+    if text_field not in ds.column_names:
+        raise KDForgeError(f"dataset '{name}' has no column '{text_field}' (has {', '.join(ds.column_names)}); set "
+                           "data.text_field")
+    if len(ds) == 0:
+        raise KDForgeError(f"dataset '{name}' has no rows; give a dataset with documents in column '{text_field}'")
+    return [render_document(value, f"dataset '{name}' row {i} field '{text_field}'", tokenizer)
+            for i, value in enumerate(ds[text_field])]
+
+
+def source_name(source: DatasetSource) -> str:
+    """How messages name a dataset: its one path, or the folder and number of its parquet files."""
+    return str(source.paths[0]) if len(source.paths) == 1 else f"{source.paths[0].parent} ({len(source.paths)} files)"
+
+
+def open_dataset(source: DatasetSource, name: str | None = None):
+    """The `datasets.Dataset` a source names (a save_to_disk folder, or parquet files read by `datasets`).
+
+    Raises KDForgeError (one line) when it cannot be read or is a DatasetDict.
+    """
+    import datasets
+
+    name = name or source_name(source)
+    datasets.disable_progress_bars()
     try:
         if source.kind == "saved":
             ds = datasets.load_from_disk(str(source.paths[0]))
@@ -74,13 +98,12 @@ def read_dataset(source: DatasetSource, text_field: str, tokenizer=None) -> list
     if isinstance(ds, datasets.DatasetDict):
         raise KDForgeError(f"'{name}' is a DatasetDict with splits {', '.join(ds)}; point data.corpus at one split's "
                            "folder")
-    if text_field not in ds.column_names:
-        raise KDForgeError(f"dataset '{name}' has no column '{text_field}' (has {', '.join(ds.column_names)}); set "
-                           "data.text_field")
-    if len(ds) == 0:
-        raise KDForgeError(f"dataset '{name}' has no rows; give a dataset with documents in column '{text_field}'")
-    return [render_document(value, f"dataset '{name}' row {i} field '{text_field}'", tokenizer)
-            for i, value in enumerate(ds[text_field])]
+    return ds
+
+
+def dataset_is_empty(source: DatasetSource) -> bool:
+    """Whether a dataset holds no row (read from its metadata; `datasets` itself fails on such datasets)."""
+    return _is_empty(source)
 
 
 def _is_empty(source: DatasetSource) -> bool:

@@ -14,6 +14,9 @@ class TokenBlocks:
 
     ids: torch.Tensor
     chars: torch.Tensor  # [N] characters covered by tokens 1..seq_len-1 of each block (for bits per character)
+    # prompt–response blocks (kdforge.data.prompts) only; packed text has neither: every position counts
+    labels: torch.Tensor | None = None  # [N, seq_len] the token where it is a target, -100 on prompt and padding
+    attention_mask: torch.Tensor | None = None  # [N, seq_len] 1 on tokens, 0 on padding (right-padded)
 
     def __len__(self) -> int:
         """The number of blocks (what a batch order draws from)."""
@@ -78,5 +81,7 @@ def make_batch(blocks: TokenBlocks, index: torch.Tensor) -> dict[str, torch.Tens
     """A batch of blocks; `block_index` says which (an offline teacher cache looks its rows up by it; models never
     see it: they get input_ids and attention_mask only)."""
     ids = blocks.ids[index]
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+    labels = ids.clone() if blocks.labels is None else blocks.labels[index]
+    mask = torch.ones_like(ids) if blocks.attention_mask is None else blocks.attention_mask[index]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
             "block_index": torch.as_tensor(index, dtype=torch.long)}

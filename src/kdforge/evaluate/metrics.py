@@ -47,11 +47,14 @@ def _autocast(model: nn.Module, bf16: bool):
     return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
 
 
-def _add_fidelity(acc: dict, lp: torch.Tensor, ref: torch.Tensor) -> None:
-    """Add top-1 agreement and both KLs of log-probabilities ``lp`` against ``ref`` ``[B, T, V]`` to ``acc``.
+def _add_fidelity(acc: dict, lp: torch.Tensor, ref: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+    """Add top-1 agreement and both KLs of log-probabilities ``lp`` against ``ref`` ``[B, T, V]`` to ``acc``, over the
+    positions where ``valid`` [B, T] is True (all when None).
     One block at a time (the temporaries are [T, V], not [B, T, V]: hundreds of MB at a 49k vocabulary), summed in
     float64, so the figures do not depend on the evaluation batch size."""
-    for lp_b, ref_b in zip(lp, ref):
+    for b, (lp_b, ref_b) in enumerate(zip(lp, ref)):
+        if valid is not None:
+            lp_b, ref_b = lp_b[valid[b]], ref_b[valid[b]]
         v = min(lp_b.shape[-1], ref_b.shape[-1])
         if lp_b.shape[-1] != v or ref_b.shape[-1] != v:  # the shared ids, renormalised: the training losses' way
             lp_b, ref_b = lp_b[..., :v].log_softmax(-1), ref_b[..., :v].log_softmax(-1)
@@ -75,6 +78,7 @@ def evaluate_models(models: dict[str, nn.Module], blocks: TokenBlocks, *, refere
     and mean reverse KL(model || reference) as `kl_student_teacher` (nats per token, temperature 1). Where the
     vocabularies differ (a student trained with `truncate_to_shared_vocab`), both distributions are restricted to the
     shared ids and renormalised before the agreement and both KLs, as the training losses define them.
+    Prompt–response blocks (with `labels`, kdforge.data.prompts) count only their response positions.
     With `progress` (a title), batches done, elapsed time and an ETA are shown (kdforge.progress).
     """
     from ..progress import Progress
@@ -90,27 +94,38 @@ def evaluate_models(models: dict[str, nn.Module], blocks: TokenBlocks, *, refere
         for start in range(0, len(blocks.ids), batch_size):
             ids = blocks.ids[start : start + batch_size]
             targets = ids[:, 1:]
+            valid = None  # packed text: every position counts
+            attention = None
+            if blocks.labels is not None:
+                targets = blocks.labels[start : start + batch_size, 1:].clamp_min(0)
+                valid = blocks.labels[start : start + batch_size, 1:] != -100
+                attention = blocks.attention_mask[start : start + batch_size]
             logprobs = {}
             for name, model in models.items():
                 device = next(model.parameters()).device
                 t0 = time.perf_counter()
                 with _autocast(model, bf16.get(name, False)):
-                    logits = model(input_ids=ids.to(device), use_cache=False).logits[:, :-1]
+                    logits = model(input_ids=ids.to(device), use_cache=False,
+                                   **({} if attention is None else {"attention_mask": attention.to(device)})
+                                   ).logits[:, :-1]
                 stats[name]["seconds"] += time.perf_counter() - t0
                 lp = F.log_softmax(logits.float().cpu(), dim=-1)
                 del logits  # a view of the model's whole [B, T, V] logits: freed before the next model runs
                 nll = -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                stats[name]["nll"] += float(nll.sum())
-                stats[name]["tokens"] += targets.numel()
                 top_lp, top_id = lp.max(-1)
-                for acc, part in zip(stats[name]["bins"], calibration_bins(top_lp.exp(), top_id == targets)):
+                correct = top_id == targets
+                if valid is not None:
+                    nll, top_lp, correct = nll[valid], top_lp[valid], correct[valid]
+                stats[name]["nll"] += float(nll.sum())
+                stats[name]["tokens"] += nll.numel()
+                for acc, part in zip(stats[name]["bins"], calibration_bins(top_lp.exp(), correct)):
                     acc += part
                 logprobs[name] = lp
             if reference is not None:
                 ref = logprobs[reference]
                 for name, lp in logprobs.items():
                     if name != reference:
-                        _add_fidelity(stats[name], lp, ref)
+                        _add_fidelity(stats[name], lp, ref, valid)
             bar.update(start // batch_size + 1)
     results = {}
     for name, s in stats.items():

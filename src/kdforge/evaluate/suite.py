@@ -299,9 +299,17 @@ def run_eval(target: str | Path, *, teacher: str | None = None, corpus: str | No
     with phase(f"loading student {folder}"):
         model = load_causal_lm(ModelSpec(model=str(folder)))
         tok = load_tokenizer(ModelSpec(model=str(folder)))
-    with phase(f"tokenizing held-out {data.corpus}"):
-        docs = load_corpus(data, tok).validation
-        val = pack(*tokenize_documents(tok, docs), data.seq_len, data.max_eval_tokens, "held-out corpus")
+    with phase(f"tokenizing held-out {data.prompts or data.corpus}"):
+        if data.prompts is not None:  # a run on prompt–response records: its held-out responses (prompts masked)
+            from ..data.prompts import encode_records, load_prompt_set
+
+            held = load_prompt_set(data, tok).validation
+            val = encode_records(held, tok, data.seq_len, data.max_prompt_tokens, data.max_eval_tokens,
+                                 "held-out prompt set")[0]
+            docs = [r.prompt + r.response for r in held]
+        else:
+            docs = load_corpus(data, tok).validation
+            val = pack(*tokenize_documents(tok, docs), data.seq_len, data.max_eval_tokens, "held-out corpus")
     with phase(f"loading teacher {teacher_spec.model if teacher_spec else ''}", enabled=teacher_spec is not None):
         t_model = load_teacher(teacher_spec) if teacher_spec else None
         t_dir = resolve_model_path(teacher_spec) if teacher_spec else None
