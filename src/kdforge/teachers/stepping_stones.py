@@ -55,25 +55,12 @@ from ..align.layer_maps import build_layer_map, format_layer_map
 from ..align.projectors import build_projector
 from ..errors import KDForgeError
 from ..lm_head import head_logits
+from ..losses.block_kd import block_kd  # noqa: F401 - the objective, named here before
 from ..losses.logits import LOGIT_LOSSES, needs_labels
 
 log = logging.getLogger("kdforge")
 
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def block_kd(stone_logits: Sequence[Tensor], teacher_logits: Tensor, stone_weights: Sequence[float], *,
-             mask: Tensor | None = None, kd_loss: str = "forward_kl", temperature: float = 1.0) -> Tensor:
-    """sum_i w_i * kd_loss(stone_logits_i, teacher_logits): the Block-KD objective of the stepping stones.
-
-    Each kd_loss value is its mean over counted positions (see kdforge.losses.logits)."""
-    if kd_loss not in LOGIT_LOSSES:
-        raise KDForgeError(f"block_kd: unknown kd_loss '{kd_loss}'; valid: {', '.join(sorted(LOGIT_LOSSES))}")
-    fn = LOGIT_LOSSES[kd_loss]
-    total = teacher_logits.new_zeros((), dtype=torch.float32)
-    for logits, w in zip(stone_logits, stone_weights, strict=True):
-        total = total + w * fn(logits, teacher_logits, mask=mask, temperature=temperature)
-    return total
 
 
 # --- running slices of a model's blocks --------------------------------------------------------------------------
