@@ -3,13 +3,14 @@
 ``from kdforge.losses import forward_kl, tinybert_attention, block_kd`` gives the
 function that a recipe's ``loss: <name>`` uses (``kdforge.losses.registry``);
 the implementations live in the submodules ``logits``, ``features``,
-``attention``, ``relations``, ``cam``, ``chunked`` and ``sparse``.
+``attention``, ``relations``, ``cam``, ``chunked``, ``sparse`` and ``stepping``
+(Block-KD's objective; its stepping stones are built in
+``kdforge.teachers.stepping_stones``, a layer above).
 
-The names are resolved lazily (PEP 562): the registry imports
-``kdforge.teachers.stepping_stones``, which itself imports
-``kdforge.losses.logits``, so importing the registry here eagerly would make a
-cycle. An unknown name raises ``AttributeError`` (so ``from kdforge.losses
-import chunked`` still finds the submodule).
+The names are resolved lazily (PEP 562), so ``import kdforge.losses`` loads no
+loss module until a name is asked for. An unknown name raises
+``AttributeError`` (so ``from kdforge.losses import chunked`` still finds the
+submodule).
 """
 
 from __future__ import annotations

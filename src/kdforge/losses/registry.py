@@ -5,7 +5,7 @@ import inspect
 from typing import Callable
 
 from ..errors import KDForgeError
-from .block_kd import block_kd
+from .stepping import block_kd
 from . import attention, cam, features, logits, relations
 
 # cross_entropy(student_logits, labels, *, mask): the ground-truth term.

@@ -55,7 +55,7 @@ from ..align.layer_maps import build_layer_map, format_layer_map
 from ..align.projectors import build_projector
 from ..errors import KDForgeError
 from ..lm_head import head_logits
-from ..losses.block_kd import block_kd  # noqa: F401 - the objective, named here before
+from ..losses.stepping import block_kd  # noqa: F401 - the objective, named here before
 from ..losses.logits import LOGIT_LOSSES, needs_labels
 
 log = logging.getLogger("kdforge")
