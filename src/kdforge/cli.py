@@ -132,29 +132,40 @@ def cache_teacher(
     values: Optional[str] = typer.Option(None, help="Log-prob coding: int6 (default, <=150 bytes/token at k=64), "
                                          "int8, int4 or fp16."),
     ids: Optional[str] = typer.Option(None, help="Id coding: packed (Elias-Fano, default) or plain."),
-    temperature: Optional[float] = typer.Option(None, help="Temperature of the stored logsumexp (default: the "
+    temperature: Optional[float] = typer.Option(None, help="Temperature of the stored logsumexp, or of the draws with --mode sampled (default: the "
                                                 "objective's)."),
     feature: Optional[List[str]] = typer.Option(None, "--feature", help="Also cache this teacher tap per token, "
                                                 "e.g. hidden_states.3 (repeatable)."),
     shard_blocks: Optional[int] = typer.Option(None, help="Blocks per shard file (default 256)."),
+    mode: Optional[str] = typer.Option(None, help="top_k (default): the k largest logits per token; sampled: "
+                                       "--samples ids drawn from the teacher's distribution at --temperature (an "
+                                       "unbiased estimate of it, for forward_kl)."),
+    samples: Optional[int] = typer.Option(None, help="Ids drawn per token with --mode sampled (default 16)."),
+    sampling: Optional[str] = typer.Option(None, help="With --mode sampled: iid (default) or systematic (one "
+                                           "uniform offset per token: each id's count is floor or ceil of N·p)."),
+    seed: Optional[int] = typer.Option(None, help="With --mode sampled: the seed the draws derive from (default 0)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key, e.g. --set data.seq_len=256."),
 ) -> None:
-    """Run the recipe's teacher once over its training blocks and store top-k logits for `teacher.kind: cache`."""
+    """Run the recipe's teacher once over its training blocks and store top-k logits (or samples of its distribution)
+    for `teacher.kind: cache`."""
     from .recipe import load_recipe
 
     def body():
         r = load_recipe(recipe, set_ or [])
         from .teachers.cache import CacheOptions, cache_recipe_teacher, recipe_temperature
 
-        given = {"k": k, "values": values, "ids": ids, "shard_blocks": shard_blocks}
+        given = {"k": k, "values": values, "ids": ids, "shard_blocks": shard_blocks, "mode": mode,
+                 "samples": samples, "sampling": sampling, "seed": seed}
         options = CacheOptions(**{key: v for key, v in given.items() if v is not None},
                                temperature=temperature if temperature is not None else recipe_temperature(r),
                                features=list(feature or []), batch_size=r.train.batch_size)
         path, index = cache_recipe_teacher(r, out=out, options=options)  # progress: a bar, or a line every 30 s
         meta = index["meta"]
+        opts = meta["options"]
+        what = (f"{opts['samples']} {opts['sampling']} samples at T={opts['temperature']}" if "samples" in opts
+                else f"k={opts['k']}, {opts['values']} values")
         typer.echo(f"cached {meta['data']['n_blocks']} blocks x {meta['data']['seq_len']} tokens to {path}: "
-                   f"{index['bytes_per_token']:.1f} bytes/token (k={meta['options']['k']}, "
-                   f"{meta['options']['ids']} ids, {meta['options']['values']} values)")
+                   f"{index['bytes_per_token']:.1f} bytes/token ({what}, {opts['ids']} ids)")
         typer.echo(f"train from it with: teacher: {{kind: cache, path: {path}, model: {r.teacher.model}}}")
 
     _run(body)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -18,9 +19,12 @@ from .errors import KDForgeError
 from .batches import model_inputs, output_logits, shifted_targets
 from .feature_terms import FeatureTerm, gather, tap_specs
 from .losses.registry import check_arguments, lookup
+from .losses.sparse import SampledLogits
 from .models import plain_model, vocab_size
 from .recipe import Term
 from .teachers.live import LiveTeacher, TeacherOutput
+
+log = logging.getLogger("kdforge")
 
 
 @dataclass
@@ -49,7 +53,12 @@ class Distiller(nn.Module):
 
     def __init__(self, teacher, student: nn.Module, objective: list[Term | dict], *,
                  truncate_to_shared_vocab: bool = False, teacher_dtype: str = "float32", seq_len: int = 128,
-                 example_batch: dict[str, torch.Tensor] | None = None, logit_chunk_size: int | None = None):
+                 example_batch: dict[str, torch.Tensor] | None = None,
+                 logit_chunk_size: int | Literal["auto"] | None = None):
+        """logit_chunk_size: compute the logit and label terms this many tokens at a time from the student's last
+        hidden states and lm head (kdforge.losses.chunked); "auto": kdforge.recipe.AUTO_LOGIT_CHUNK_SIZE tokens for a
+        causal LM whose logits are lm_head(last hidden state), silently unchunked (a debug log) for any other model;
+        an explicit size refuses such a model (KDForgeError). None: unchunked."""
         super().__init__()
         self.student = student
         self.terms = [bind_term(t if isinstance(t, Term) else Term.model_validate(t)) for t in objective]
@@ -82,10 +91,41 @@ class Distiller(nn.Module):
             self._bind_feature_terms(seq_len, example_batch)
         # logit/label terms from hidden states, chunk by chunk (kdforge.losses.chunked): no [tokens x V] logits
         self.logit_chunk_size = logit_chunk_size
-        if logit_chunk_size is not None:
+        if logit_chunk_size == "auto":
+            self.logit_chunk_size = self._auto_chunk_size(student)
+        elif logit_chunk_size is not None:
             from .losses.chunked import check_head_of_hidden
 
             self.student_logit_transform = check_head_of_hidden(plain_model(student))  # soft-cap / scale, applied per chunk
+        # a live teacher's logits made chunk by chunk too, from its last hidden states and head: no [B, T, V] logits
+        self.teacher_head_chunked = self.logit_chunk_size is not None and self._teacher_head_chunks()
+
+    def _auto_chunk_size(self, student: nn.Module) -> int | None:
+        """AUTO_LOGIT_CHUNK_SIZE when the student's logits can be chunked, else None (logged at debug level)."""
+        from .losses.chunked import check_head_of_hidden
+        from .recipe import AUTO_LOGIT_CHUNK_SIZE
+
+        try:
+            self.student_logit_transform = check_head_of_hidden(plain_model(student))
+        except (KDForgeError, AttributeError, TypeError, ValueError, RuntimeError) as err:
+            log.debug("logit_chunk_size auto: unchunked logit losses for %s (%s)", type(student).__name__, err)
+            return None
+        return AUTO_LOGIT_CHUNK_SIZE
+
+    def _teacher_head_chunks(self) -> bool:
+        """Whether a live teacher can hand the chunked losses its hidden states and head instead of its logits: a plain
+        LiveTeacher with nothing tapped (no feature or stepping-stone terms) whose logits are transform(head(h))."""
+        from .losses.chunked import check_head_of_hidden
+
+        source = self.teacher_source
+        if type(source) is not LiveTeacher or self.teacher_taps is not None or self.stepping_stones:
+            return False
+        try:
+            check_head_of_hidden(source.model)
+        except (KDForgeError, AttributeError, TypeError, ValueError, RuntimeError) as err:
+            log.debug("the teacher's logits are not chunked (%s): its [B, T, V] logits are made whole", err)
+            return False
+        return True
 
     def _bind_feature_terms(self, seq_len: int, example_batch: dict[str, torch.Tensor] | None) -> None:
         """Create taps on both models, then probe them once so projectors and connectors know their sizes."""
@@ -170,6 +210,8 @@ class Distiller(nn.Module):
         teacher: TeacherOutput | None = None
         if self.teacher_source is not None:
             step_kw = {"step": step} if self.teacher_takes_step else {}
+            if chunked and self.teacher_head_chunked:
+                step_kw["hidden_only"] = True
             teacher = self.teacher_source(batch, self.teacher_taps, **step_kw)
         n_local = mask.sum()
         scale = 1.0 if num_tokens is None else n_local.float() / num_tokens
@@ -205,7 +247,7 @@ class Distiller(nn.Module):
         """(sum of weight · value, {term: detached value}) of the active logit and label terms, computed
         from hidden states [B, T, D] and the lm head. The last position is masked instead of sliced off, so no
         teacher tensor is copied."""
-        from .losses.chunked import ChunkedTerm, chunked_logit_terms
+        from .losses.chunked import ChunkedTerm, HeadLogits, chunked_logit_terms
 
         active = [b for b in self.terms if b.kind in ("label", "logit")
                   and b.term.start_step <= step and (b.term.end_step is None or step < b.term.end_step)]
@@ -216,7 +258,10 @@ class Distiller(nn.Module):
         t_logits = None if teacher is None else teacher.logits
         if self.shared_vocab is not None:
             weight, bias = weight[: self.shared_vocab], None if bias is None else bias[: self.shared_vocab]
-            t_logits = self._vocab(t_logits) if isinstance(t_logits, torch.Tensor) else t_logits
+            if isinstance(t_logits, torch.Tensor):
+                t_logits = self._vocab(t_logits)
+            elif isinstance(t_logits, HeadLogits):
+                t_logits = t_logits.vocab(self.shared_vocab)
         terms = []
         for b in active:
             kwargs = dict(b.kwargs)
@@ -244,6 +289,8 @@ class Distiller(nn.Module):
                 pass  # a classifier: one distribution per example, nothing to shift
             elif isinstance(t_logits, torch.Tensor):
                 t_logits = self._vocab(t_logits[:, :-1])
+            elif isinstance(t_logits, SampledLogits):
+                t_logits = t_logits.select((slice(None), slice(0, -1)))
             else:  # a top-k teacher: drop the last position like the dense logits
                 t_logits = dataclasses.replace(
                     t_logits, ids=t_logits.ids[:, :-1], logits=t_logits.logits[:, :-1],

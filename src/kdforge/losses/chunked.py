@@ -53,9 +53,48 @@ from torch.autograd.function import once_differentiable
 from ..lm_head import LogitTransform, check_logit_transform
 from .logits import (LABEL_LOSSES, LOGIT_LOSSES, correlation_aware_kd, cross_entropy, decoupled_kd, forward_kl,
                      generalized_jsd, needs_labels, reverse_kl, skew_forward_kl, skew_reverse_kl, total_variation)
-from .sparse import SparseLogits, check_policy, check_temperature, compute_dtype, log1mexp, safe_logsumexp
+from .sparse import (SampledLogits, SparseLogits, check_policy, check_temperature, compute_dtype, log1mexp,
+                     safe_logsumexp, sampled_forward_kl_rows)
 
-Teacher = torch.Tensor | SparseLogits
+
+
+@dataclass
+class HeadLogits:
+    """A teacher's logits given as its last hidden states and lm head, made a chunk of rows at a time.
+
+    hidden: ``[..., D]`` (after the final norm); weight: ``[V, D]``; bias: ``[V]`` or None; transform: what the model
+    does to ``hidden @ weight.T + bias`` (soft-cap, scale; :func:`kdforge.lm_head.logit_transform`). The matmul runs
+    in the weight's dtype (bf16 for a bf16 teacher, as the model's own lm head would); :meth:`rows` returns float32
+    (float64 for a float64 head), so the losses do their math in float32. Never holds ``[..., V]`` logits.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    transform: LogitTransform = field(default_factory=LogitTransform)
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape the dense logits would have: ``[..., V]``."""
+        return torch.Size((*self.hidden.shape[:-1], self.weight.shape[0]))
+
+    def vocab(self, n: int) -> "HeadLogits":
+        """The logits of the first ``n`` vocabulary ids only (a shared vocabulary)."""
+        return HeadLogits(self.hidden, self.weight[:n], None if self.bias is None else self.bias[:n], self.transform)
+
+    def flatten(self) -> "HeadLogits":
+        """The same logits with the leading dimensions flattened to rows: hidden ``[N, D]``."""
+        return HeadLogits(self.hidden.reshape(-1, self.hidden.shape[-1]), self.weight, self.bias, self.transform)
+
+    def rows(self, idx) -> torch.Tensor:
+        """Float32 (at least) logits ``[n, V]`` of the rows ``idx`` of flattened hidden states (a slice or indices)."""
+        with torch.no_grad(), torch.autocast(self.hidden.device.type, enabled=False):
+            h = self.hidden[idx].to(self.weight.dtype)
+            z = torch.nn.functional.linear(h, self.weight, self.bias)
+            return self.transform(z.to(torch.promote_types(z.dtype, torch.float32)))
+
+
+Teacher = torch.Tensor | SparseLogits | SampledLogits | HeadLogits
 
 DEFAULT_CHUNK_SIZE = 256  # 256 x 49,152 fp32 logits = 48 MiB per [chunk, V] buffer
 
@@ -222,7 +261,7 @@ def _dense(st: _ChunkState, teacher, valid, kwargs, allowed: set[str]) -> _Dense
     """The student's and a dense teacher's log-probs at the term's temperature (z-scored first with ``standardize``),
     uncounted teacher rows made uniform; None (the generic path) for a sparse teacher, an unknown keyword, or a
     non-finite row to standardize."""
-    if set(kwargs) - allowed or isinstance(teacher, SparseLogits):
+    if set(kwargs) - allowed or isinstance(teacher, (SparseLogits, SampledLogits)):
         return None
     temperature = float(kwargs.get("temperature", 1.0))
     check_temperature(temperature)
@@ -282,6 +321,8 @@ def _fast_forward_kl(st: _ChunkState, teacher, labels, valid, coeff, kwargs):
     """KL(p || q)·T²: dL/du = T·(q - p). Dense (with or without standardize), "bucket" and "renormalize" teachers."""
     if set(kwargs) - {"temperature", "missing_mass", "standardize"}:
         return None
+    if isinstance(teacher, SampledLogits):
+        return _fast_sampled_forward_kl(st, teacher, valid, coeff, kwargs)
     if not isinstance(teacher, SparseLogits):
         d = _dense(st, teacher, valid, kwargs, {"temperature", "missing_mass", "standardize"})
         if d is None:
@@ -330,6 +371,24 @@ def _fast_forward_kl(st: _ChunkState, teacher, labels, valid, coeff, kwargs):
         st.add_rows(q, weight * tail)
         q_top = lq_top.exp()
         st.scatter_add(ids, weight.unsqueeze(-1) * (q_top - p_top - q_top * tail.unsqueeze(-1)))
+    return value
+
+
+def _fast_sampled_forward_kl(st: _ChunkState, teacher: SampledLogits, valid, coeff, kwargs):
+    """forward_kl on a sampled teacher: T²·(-H - mean_j log q_T[ids_j]); dL/dz = T·(q - p̂), p̂ = counts / N."""
+    temperature = float(kwargs.get("temperature", 1.0))
+    if kwargs.get("standardize") or not math.isclose(temperature, teacher.temperature, rel_tol=1e-6):
+        return None  # the generic path refuses it with its message
+    dtype = compute_dtype(st.z)
+    ids = torch.where(valid.unsqueeze(-1), teacher.ids.long(), 0)
+    rows = sampled_forward_kl_rows(st.log_q(temperature, dtype), SampledLogits(ids, teacher.entropy, temperature))
+    value = torch.where(valid, rows, 0.0).sum() * temperature**2
+    if not bool(torch.isfinite(value)):
+        return None
+    if st.want_grad:
+        weight = valid.to(dtype) * (coeff * temperature)
+        st.add_rows(st.q(temperature, dtype), weight)
+        st.scatter_add(ids, (-weight / teacher.n_samples).unsqueeze(-1).expand(ids.shape))
     return value
 
 
@@ -591,6 +650,10 @@ class _Plan:
         t = self.teacher
         if t is None:
             return None
+        if isinstance(t, SampledLogits):
+            return t.select(idx)
+        if isinstance(t, HeadLogits):
+            return t.rows(idx)
         if isinstance(t, SparseLogits):
             return SparseLogits(ids=t.ids[idx], logits=t.logits[idx],
                                 logsumexp=None if t.logsumexp is None else t.logsumexp[idx],
@@ -720,7 +783,8 @@ def chunked_logit_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted sum of logit/label losses on ``hidden @ lm_head_weight.T (+ bias)``, chunk by chunk.
 
-    hidden: ``[..., D]``; lm_head_weight: ``[V, D]``; teacher: dense ``[..., V]`` or :class:`SparseLogits` with the
+    hidden: ``[..., D]``; lm_head_weight: ``[V, D]``; teacher: dense ``[..., V]``, :class:`SparseLogits`, or
+    :class:`HeadLogits` (the teacher's own hidden states and head: its logits are made chunk by chunk too) with the
     same leading shape (a view like ``t[..., :V]`` is fine; ``t[:, :-1]`` is copied, so mask the last position instead
     of slicing it off); mask, labels: the leading shape. Returns ``(total, values)``: the differentiable
     ``sum(weight_i · loss_i)`` and a detached ``[len(terms)]`` tensor of the unweighted ``loss_i``.
@@ -765,7 +829,17 @@ def chunked_logit_terms(
     if any(not t.is_label_loss for t in terms):
         if teacher is None:
             raise ValueError("logit losses need a teacher")
-        if isinstance(teacher, SparseLogits):
+        if isinstance(teacher, HeadLogits):
+            if teacher.shape[:-1] != lead or teacher.shape[-1] != lm_head_weight.shape[0]:
+                raise ValueError(f"teacher logits {tuple(teacher.shape)} (hidden states and head) do not match the "
+                                 f"student's {(*lead, lm_head_weight.shape[0])}")
+            flat_teacher = teacher.flatten()
+        elif isinstance(teacher, SampledLogits):
+            if teacher.ids.shape[:-1] != lead:
+                raise ValueError(f"sampled teacher positions {tuple(teacher.ids.shape[:-1])} do not match the "
+                                 f"student's {tuple(lead)}")
+            flat_teacher = teacher.flatten()
+        elif isinstance(teacher, SparseLogits):
             flat_teacher = SparseLogits(
                 ids=_flat(teacher.ids, lead, "SparseLogits.ids"), logits=_flat(teacher.logits, lead, "SparseLogits.logits"),
                 logsumexp=None if teacher.logsumexp is None else _flat(teacher.logsumexp, lead, "SparseLogits.logsumexp"),

@@ -39,7 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from kdforge.losses.sparse import (
+    SampledLogits,
     SparseLogits,
+    no_sampled_estimator,
+    sampled_forward_kl_rows,
     aligned_log_probs,
     check_policy,
     check_temperature,
@@ -50,7 +53,7 @@ from kdforge.losses.sparse import (
     standardize_logits,
 )
 
-Teacher = torch.Tensor | SparseLogits
+Teacher = torch.Tensor | SparseLogits | SampledLogits
 
 REDUCTIONS = ("mean", "sum", "none")
 _NEG_INF = float("-inf")
@@ -83,6 +86,8 @@ def _valid_positions(mask: torch.Tensor | None, lead: torch.Size, device: torch.
 
 def _sanitize(student: torch.Tensor, teacher: Teacher, valid: torch.Tensor) -> tuple[torch.Tensor, Teacher]:
     """Replace uncounted positions by uniform logits so garbage there cannot make NaN gradients."""
+    if isinstance(teacher, SampledLogits):
+        raise no_sampled_estimator("this loss")
     keep = valid.unsqueeze(-1)
     student = torch.where(keep, student, torch.zeros_like(student))
     if isinstance(teacher, SparseLogits):
@@ -217,6 +222,9 @@ def forward_kl(
     (0, 1) or ``smoothing`` outside [0, 1].
     """
     _check_correction("forward_kl", correction, ("orthogonal",), eps, smoothing)
+    if isinstance(teacher_logits, SampledLogits):
+        return _sampled_forward_kl(student_logits, teacher_logits, mask, temperature, reduction, standardize,
+                                   correction)
     if correction is None:
         return _pointwise_loss(
             lambda ls, lt: kl_divergence(lt, ls),
@@ -240,6 +248,30 @@ def forward_kl(
     first_order = (rw.sum(-1) * w_log_q.sum(-1) - (r * w_log_q).sum(-1)) / temperature
     per_position = (kl_divergence(log_w, log_q) + first_order) * temperature**2
     return _reduce(per_position, valid, reduction)
+
+
+def _sampled_forward_kl(student_logits, teacher: SampledLogits, mask, temperature, reduction, standardize,
+                        correction) -> torch.Tensor:
+    """forward_kl on a sampled teacher: T²·(-H(p_T) - (1/N)·Σ_j log q_T[ids_j]) per position, the unbiased estimate
+    of the dense value (see :class:`SampledLogits`). The samples were drawn at the cache's temperature, so another
+    ``temperature`` is refused, as are ``standardize`` and ``correction`` (no estimator)."""
+    _check_reduction(reduction)
+    check_temperature(temperature)
+    if standardize or correction is not None:
+        raise ValueError("forward_kl with standardize or a correction has no estimator for a sampled teacher cache; "
+                         "use a top-k cache or a live teacher")
+    if not math.isclose(temperature, teacher.temperature, rel_tol=1e-6):
+        raise ValueError(f"forward_kl at temperature {temperature} on a teacher sampled at {teacher.temperature}: "
+                         f"rebuild the cache with --temperature {temperature}")
+    if teacher.ids.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(f"sampled teacher positions {tuple(teacher.ids.shape[:-1])} do not match the student's "
+                         f"{tuple(student_logits.shape[:-1])}")
+    valid = _valid_positions(mask, student_logits.shape[:-1], student_logits.device)
+    student = torch.where(valid.unsqueeze(-1), student_logits, torch.zeros_like(student_logits))
+    ids = torch.where(valid.unsqueeze(-1), teacher.ids.long(), 0)
+    log_q = F.log_softmax(student.to(compute_dtype(student)) / temperature, dim=-1)
+    rows = sampled_forward_kl_rows(log_q, SampledLogits(ids, teacher.entropy, teacher.temperature))
+    return _reduce(rows * temperature**2, valid, reduction)
 
 
 def reverse_kl(

@@ -82,6 +82,57 @@ class SparseLogits:
         return cls(ids=ids, logits=values, logsumexp=lse, lse_temperature=lse_temperature)
 
 
+@dataclass
+class SampledLogits:
+    """A teacher given as N token ids drawn per position from its distribution at ``temperature``, read from a
+    sampled offline cache (Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs",
+    ACL 2025: unlike the top-k of a distribution, samples of it give unbiased estimates).
+
+    ``ids`` ``[..., N]`` int64 (with repeats: an id drawn c times appears c times; the empirical distribution
+    p̂ = counts / N has E[p̂] = p_T); ``entropy`` ``[...]`` the teacher's entropy H(p_T) in nats, so that the
+    forward KL's value, not only its gradient, is estimated without bias.
+
+    Only :func:`sampled_forward_kl` has an estimator for it: forward KL is linear in p (KL(p‖q) = -H(p) - Σ p·log q),
+    so replacing p by p̂ is unbiased for its value and its gradient. Reverse KL, JSD, total variation, DKD, CAKD and
+    logit standardisation need p at ids that were not drawn (or nonlinearly) and have none: they refuse it.
+    """
+
+    ids: torch.Tensor
+    entropy: torch.Tensor
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.entropy.shape != self.ids.shape[:-1]:
+            raise ValueError(f"SampledLogits.entropy must have shape {tuple(self.ids.shape[:-1])}, "
+                             f"got {tuple(self.entropy.shape)}")
+
+    @property
+    def n_samples(self) -> int:
+        return self.ids.shape[-1]
+
+    def select(self, index) -> "SampledLogits":
+        """The same teacher at ``tensor[index]`` of every per-position tensor (e.g. ``(slice(None), slice(0, -1))``
+        or row indices of flattened positions)."""
+        return SampledLogits(ids=self.ids[index], entropy=self.entropy[index], temperature=self.temperature)
+
+    def flatten(self) -> "SampledLogits":
+        """Positions flattened to rows: ids ``[M, N]``, entropy ``[M]``."""
+        return SampledLogits(ids=self.ids.reshape(-1, self.n_samples), entropy=self.entropy.reshape(-1),
+                             temperature=self.temperature)
+
+
+def no_sampled_estimator(loss: str) -> ValueError:
+    return ValueError(f"{loss} has no estimator for a sampled teacher cache (draws of the teacher's distribution); "
+                      "use forward_kl on it, or build a top-k cache (kdforge cache-teacher --mode top_k)")
+
+
+def sampled_forward_kl_rows(log_q: torch.Tensor, teacher: SampledLogits) -> torch.Tensor:
+    """Per-position unbiased estimate of KL(p_T ‖ q) from student log-probs ``log_q`` ``[..., V]`` at the teacher's
+    temperature: ``-H(p_T) - (1/N)·Σ_j log q[ids_j]``, shape ``[...]`` (not yet scaled by T²)."""
+    drawn = log_q.gather(-1, teacher.ids.long()).mean(-1)
+    return -teacher.entropy.to(log_q.dtype) - drawn
+
+
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float32, or float64 if an input already is: bf16/fp16 losses are too lossy."""
     dtype = torch.float32

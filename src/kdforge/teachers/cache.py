@@ -54,7 +54,7 @@ import torch
 
 from ..errors import KDForgeError
 from ..io import atomic_write_bytes, atomic_write_json, remove_temporaries
-from ..losses.sparse import SparseLogits, log1mexp
+from ..losses.sparse import SampledLogits, SparseLogits, log1mexp
 from . import native
 from .live import LiveTeacher, TeacherOutput
 
@@ -66,6 +66,9 @@ INDEX = "index.json"
 VALUE_FORMATS = ("fp16", "int8", "int6", "int4")
 ID_FORMATS = ("packed", "plain")
 _BITS = {"int8": 8, "int6": 6, "int4": 4}
+MODES = ("top_k", "sampled")
+SAMPLINGS = ("iid", "systematic")
+_SAMPLED_ONLY = ("samples", "sampling", "seed")  # options that exist only in sampled caches' metadata
 _MAX_NEG_LOG_P = 80.0  # -log p is clamped here (p = 2e-35): a -inf logit in the top-k stays finite
 
 
@@ -196,8 +199,19 @@ class CacheOptions:
     feature_dtype: str = "float16"
     shard_blocks: int = 256
     batch_size: int = 8
+    mode: str = "top_k"
+    samples: int = 16
+    sampling: str = "iid"
+    seed: int = 0
 
     def check(self) -> None:
+        if self.mode not in MODES:
+            raise KDForgeError(f"--mode '{self.mode}' is not one of {', '.join(MODES)}")
+        if self.mode == "sampled":
+            if self.samples < 1:
+                raise KDForgeError(f"--samples must be >= 1, got {self.samples}")
+            if self.sampling not in SAMPLINGS:
+                raise KDForgeError(f"--sampling '{self.sampling}' is not one of {', '.join(SAMPLINGS)}")
         if self.k < 1:
             raise KDForgeError(f"--k must be >= 1, got {self.k}")
         if self.values not in VALUE_FORMATS:
@@ -224,8 +238,21 @@ def cache_meta(teacher_spec: Mapping[str, Any], tokenizer, blocks_ids: torch.Ten
         "vocab_size": int(vocab_size),
         "data": {"n_blocks": int(blocks_ids.shape[0]), "seq_len": int(blocks_ids.shape[1]),
                  "sha256": data_sha256(blocks_ids)},
-        "options": {**asdict(options), "k": k},
+        "options": _meta_options(options, k),
     }
+
+
+def _meta_options(options: CacheOptions, k: int) -> dict[str, Any]:
+    """The options a cache's metadata records: a top-k cache's as before sampled caches existed (so older caches
+    still resume and read); a sampled cache's without the top-k value coding, which it does not use."""
+    opts = {**asdict(options), "k": k}
+    if options.mode == "top_k":
+        for key in ("mode", *_SAMPLED_ONLY):
+            opts.pop(key)
+    else:
+        for key in ("k", "values", "lse_dtype"):
+            opts.pop(key)
+    return opts
 
 
 def _differences(cached: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -387,11 +414,73 @@ def _torch_top_k_log_probs(logits_of: Callable[[int, int], torch.Tensor], m: int
 
 
 def encode_block_outputs(logits: torch.Tensor, features: Mapping[str, torch.Tensor], ids: torch.Tensor,
-                         options: CacheOptions) -> dict[str, np.ndarray]:
-    """Teacher logits [n, T, V] (+ features) of n blocks -> the arrays of a shard (numpy, safetensors-ready)."""
+                         options: CacheOptions, first_block: int = 0) -> dict[str, np.ndarray]:
+    """Teacher logits [n, T, V] (+ features) of the n blocks from ``first_block`` on -> the arrays of a shard (numpy,
+    safetensors-ready): the top k (``options.mode`` "top_k") or samples of the distribution ("sampled")."""
     n, seq, vocab = logits.shape
+    if options.mode == "sampled":
+        drawn, entropy = sample_teacher(logits.reshape(n * seq, vocab), _uniforms(options, first_block, n, seq),
+                                        options.temperature)
+        arrays = {"ids": _encode_id_array(drawn, vocab, options).reshape(n, seq, -1),
+                  "entropy": entropy.reshape(n, seq).numpy()}
+        return {**arrays, **_block_arrays(features, ids, options)}
     stats = top_k_log_probs(logits.reshape(n * seq, vocab), min(options.k, vocab), options.temperature)
     return encode_top_k(stats, vocab, features, ids, options)
+
+
+def _uniforms(options: CacheOptions, first_block: int, n: int, seq: int) -> torch.Tensor:
+    """[n·T, N] sorted uniforms in [0, 1) for the positions of blocks first_block .. first_block + n - 1: each block's
+    from its own generator (seeded by the cache seed and the block's index), so a build gives the same samples
+    whatever its batch size and wherever it resumed. "iid": N independent draws; "systematic": one offset U,
+    (j + U) / N for j < N (each id's count is then floor or ceil of N·p: unbiased with less variance)."""
+    out = []
+    for block in range(first_block, first_block + n):
+        g = torch.Generator().manual_seed((options.seed * 1_000_003 + block) % (1 << 63))
+        if options.sampling == "systematic":
+            u = (torch.arange(options.samples, dtype=torch.float64) + torch.rand(seq, 1, generator=g,
+                                                                              dtype=torch.float64)) / options.samples
+        else:
+            u = torch.rand(seq, options.samples, generator=g, dtype=torch.float64).sort(dim=-1).values
+        out.append(u)
+    return torch.cat(out)
+
+
+def sample_teacher(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float,
+                   rows_per_chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ids from softmax(logits / T) by inverse transform: logits [M, V], sorted uniforms [M, N] in [0, 1) ->
+    (sorted ids [M, N] int64, with repeats; the distribution's entropy [M] float32, in nats). An id of probability
+    0 (a -inf logit) is never drawn."""
+    m, vocab = logits.shape
+    ids = torch.empty(uniforms.shape, dtype=torch.int64)
+    entropy = torch.empty(m)
+    for r0 in range(0, m, rows_per_chunk):
+        z = logits[r0:r0 + rows_per_chunk].float() / temperature
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        log_p = z - lse
+        p = log_p.exp()
+        entropy[r0:r0 + rows_per_chunk] = -torch.where(p > 0, p * log_p, 0.0).sum(-1)
+        cdf = p.double().cumsum_(-1)
+        u = uniforms[r0:r0 + rows_per_chunk] * cdf[:, -1:]
+        ids[r0:r0 + rows_per_chunk] = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)
+    return ids, entropy
+
+
+def _encode_id_array(ids: torch.Tensor, vocab: int, options: CacheOptions) -> np.ndarray:
+    """Ids [M, n] (top-k ids, or sampled ids with repeats) as stored: Elias-Fano packed, or the smallest dtype."""
+    if options.ids == "packed":
+        return encode_ids(ids, vocab)[0]
+    dtype = np.uint8 if vocab <= 256 else np.uint16 if vocab <= 65536 else np.int32
+    return ids.numpy().astype(dtype)
+
+
+def _block_arrays(features: Mapping[str, torch.Tensor], ids: torch.Tensor, options: CacheOptions
+                  ) -> dict[str, np.ndarray]:
+    """The arrays every shard has besides the teacher's distribution: the blocks' hashes and the cached features."""
+    n = ids.shape[0]
+    arrays = {"block_hash": np.frombuffer(b"".join(block_hash(row) for row in ids), dtype=np.uint8).reshape(n, 16)}
+    for i, spec in enumerate(options.features):
+        arrays[f"feature.{i}"] = features[spec]
+    return arrays
 
 
 def encode_top_k(stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], vocab: int,
@@ -408,16 +497,12 @@ def encode_top_k(stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
         log_p = log_p.gather(-1, order)
         arrays["ids"] = packed.reshape(n, seq, -1)
     else:
-        dtype = np.uint8 if vocab <= 256 else np.uint16 if vocab <= 65536 else np.int32
-        arrays["ids"] = top_ids.numpy().astype(dtype).reshape(n, seq, k)
+        arrays["ids"] = _encode_id_array(top_ids, vocab, options).reshape(n, seq, k)
     for name, arr in encode_values(log_p, options.values).items():
         arrays[name] = arr.reshape(n, seq, *arr.shape[1:])
     arrays["logsumexp"] = lse.to(torch.float16 if options.lse_dtype == "float16" else torch.float32).numpy()
     arrays["log_rest"] = log_rest.to(torch.float16).numpy()
-    arrays["block_hash"] = np.frombuffer(b"".join(block_hash(row) for row in ids), dtype=np.uint8).reshape(n, 16)
-    for i, spec in enumerate(options.features):
-        arrays[f"feature.{i}"] = features[spec]
-    return arrays
+    return {**arrays, **_block_arrays(features, ids, options)}
 
 
 # The fused build's tiles of logits: rows x vocabulary columns made by one lm-head product and reduced at once.
@@ -586,7 +671,7 @@ def build_cache(teacher: torch.nn.Module, tokenizer, blocks_ids: torch.Tensor, o
 
     live = LiveTeacher(teacher, str(teacher_spec.get("dtype") or "float32"))
     taps = Taps(teacher, {spec: spec for spec in options.features}) if options.features else None
-    fused = _fused_head(teacher, taps) if fuse else None
+    fused = _fused_head(teacher, taps) if fuse and options.mode == "top_k" else None
     feat_dtype = getattr(torch, options.feature_dtype)
     seq = blocks_ids.shape[1]
     say = progress or (lambda msg: log.debug("%s", msg))
@@ -610,7 +695,7 @@ def build_cache(teacher: torch.nn.Module, tokenizer, blocks_ids: torch.Tensor, o
             feats = {spec: _feature_tensor(raw_feats.get(spec), spec, ids.shape[0], seq, feat_dtype)
                      for spec in options.features}
             if fused is None:
-                parts.append(encode_block_outputs(result.logits.detach().cpu(), feats, ids, options))
+                parts.append(encode_block_outputs(result.logits.detach().cpu(), feats, ids, options, first_block=b0))
             else:
                 parts.append(encode_top_k(stats, vocab, feats, ids, options))
             bar.update(bar.done + ids.shape[0])
@@ -687,8 +772,10 @@ class CachedTeacher:
         meta = index["meta"]
         self.meta = meta
         opts = meta["options"]
-        self.k, self.temperature = int(opts["k"]), float(opts["temperature"])
-        self.values_format, self.ids_format = opts["values"], opts["ids"]
+        self.mode = opts.get("mode", "top_k")
+        self.temperature = float(opts["temperature"])
+        self.k = int(opts["samples"] if self.mode == "sampled" else opts["k"])  # ids stored per position
+        self.values_format, self.ids_format = opts.get("values"), opts["ids"]
         self.feature_specs: list[str] = list(opts.get("features", []))
         self.vocab_size = int(meta["vocab_size"])
         self.seq_len, self.n_blocks = int(meta["data"]["seq_len"]), int(meta["data"]["n_blocks"])
@@ -750,8 +837,11 @@ class CachedTeacher:
             raise KDForgeError(f"batch input_ids {tuple(input_ids.shape)} do not match the cache's blocks "
                                f"[{len(blocks)}, {self.seq_len}]")
         want = self._feature_names(taps)
-        names = ["ids", "values", "logsumexp", "log_rest", "block_hash"]
-        names += ["scale"] if self.values_format != "fp16" else []
+        if self.mode == "sampled":
+            names = ["ids", "entropy", "block_hash"]
+        else:
+            names = ["ids", "values", "logsumexp", "log_rest", "block_hash"]
+            names += ["scale"] if self.values_format != "fp16" else []
         names += [f"feature.{self.feature_specs.index(spec)}" for spec in want.values()]
         rows = [self._read(b, names) for b in blocks]
         got = {name: torch.cat([r[name] for r in rows]) for name in names}
@@ -766,6 +856,12 @@ class CachedTeacher:
             ids = decode_ids(got["ids"].reshape(n * seq, -1).numpy(), k, self.vocab_size).reshape(n, seq, k)
         else:
             ids = got["ids"].to(torch.int64)
+        features = {name: got[f"feature.{self.feature_specs.index(spec)}"].to(device).float()
+                    for name, spec in want.items()}
+        if self.mode == "sampled":
+            sampled = SampledLogits(ids=ids.to(device), entropy=got["entropy"].float().to(device),
+                                    temperature=self.temperature)
+            return TeacherOutput(sampled, features)
         scale = got["scale"].reshape(n * seq, 2).numpy() if "scale" in got else None
         values = got["values"]
         values = values.numpy() if values.dtype != torch.float16 else values.float().numpy()
@@ -778,8 +874,6 @@ class CachedTeacher:
         lse = lse + torch.logsumexp(log_p, dim=-1) - top_mass
         sparse = SparseLogits(ids=ids.to(device), logits=logits.to(device), logsumexp=lse.to(device),
                               lse_temperature=self.temperature)
-        features = {name: got[f"feature.{self.feature_specs.index(spec)}"].to(device).float()
-                    for name, spec in want.items()}
         return TeacherOutput(sparse, features)
 
     def _feature_names(self, taps) -> dict[str, str]:
@@ -796,20 +890,35 @@ class CachedTeacher:
         return wanted
 
     def check_temperatures(self, terms) -> None:
-        """Refuse, before training, logit terms whose exact missing-mass policy needs another temperature."""
+        """Refuse, before training, logit terms this cache cannot serve: on a top-k cache, terms whose exact
+        missing-mass policy needs another temperature than the stored logsumexp's; on a sampled cache, every logit
+        term but forward KL (the only one with an unbiased estimator from samples), and forward KL at another
+        temperature than the samples were drawn at."""
+        import inspect
+
+        from ..losses.logits import forward_kl
+        from ..losses.registry import lookup
+
         for term in terms:
             params = term.params if hasattr(term, "params") else dict(term)
-            if params.get("missing_mass", "bucket") == "renormalize":
-                continue
-            from ..losses.registry import lookup
-
             kind, fn = lookup(term.loss)
             if kind != "logit":
                 continue
-            import inspect
-
             default = inspect.signature(fn).parameters.get("temperature")
             t = float(params.get("temperature", default.default if default is not None else 1.0))
+            if self.mode == "sampled":
+                if fn is not forward_kl or params.get("standardize") or params.get("correction"):
+                    raise KDForgeError(
+                        f"term '{term.label}' ({term.loss}) has no estimator for the sampled teacher cache "
+                        f"'{self.path}': only forward_kl (without standardize or correction) trains from samples; "
+                        "use forward_kl or build a top-k cache (kdforge cache-teacher --mode top_k)")
+                if not math.isclose(t, self.temperature, rel_tol=1e-6):
+                    raise KDForgeError(
+                        f"term '{term.label}' uses temperature {t} but the teacher cache '{self.path}' was sampled "
+                        f"at temperature {self.temperature}; rebuild it with --temperature {t}")
+                continue
+            if params.get("missing_mass", "bucket") == "renormalize":
+                continue
             if not math.isclose(t, self.temperature, rel_tol=1e-6):
                 raise KDForgeError(
                     f"term '{term.label}' uses temperature {t} but the teacher cache '{self.path}' stored its "
