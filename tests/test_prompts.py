@@ -181,9 +181,20 @@ def test_kd_and_ce_terms_count_only_response_tokens(tok, chunk):
     ce = torch.nn.functional.cross_entropy(s[:, :-1][keep], blocks.labels[:, 1:][keep])
     assert float(values["forward_kl"]) == pytest.approx(float(_direct_kl(s, t, blocks.labels)), rel=1e-5)
     assert float(values["cross_entropy"]) == pytest.approx(float(ce), rel=1e-5)
-    # and the mask matters here: the KL over every non-padding position is another number
-    everywhere = _direct_kl(s, t, torch.where(blocks.attention_mask.bool(), blocks.ids, -100))
-    assert abs(float(everywhere) - float(values["forward_kl"])) > 1e-4
+    # and the prompt positions are never read: a teacher whose logits there are NaN gives the same values
+    from kdforge.teachers.live import TeacherOutput
+
+    def poisoned(batch, taps=None):
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.clone()
+        predicts_prompt = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        predicts_prompt[:, :-1] = batch["labels"][:, 1:] == -100
+        logits[predicts_prompt] = float("nan")
+        return TeacherOutput(logits.detach())
+
+    assert bool(((blocks.labels[:, 1:] == -100) & blocks.attention_mask[:, 1:].bool()).any()), "prompts are there"
+    _, again = Distiller(poisoned, student, [{"loss": "cross_entropy"}, {"loss": "forward_kl"}],
+                         logit_chunk_size=chunk)(batch)
+    assert float(again["forward_kl"]) == pytest.approx(float(values["forward_kl"]), rel=1e-6)
 
 
 def test_feature_terms_count_only_response_positions(tok):

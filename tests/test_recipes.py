@@ -29,6 +29,7 @@ def tiny_version(path: Path, assets: dict, out: Path) -> dict:
         r["student"]["layers"] = [0, -1]
     r["data"] = {"corpus": str(assets["train"]), "validation": [str(assets["val"])], "seq_len": 32,
                  "max_eval_tokens": 256}
+    r.pop("generate", None)  # on the tiny corpus here; generate-then-distil (seqkd.yaml) runs in tests/test_generate.py
     r["train"].update(steps=2, batch_size=2, save_every=2, log_every=1, warmup_steps=1)
     for term in r["objective"]:
         if "num_relation_heads" in term:

@@ -46,8 +46,22 @@ def check_terminates(gen: GenerateSpec, eos_token_id: int | None) -> None:
 
 
 def default_output(recipe: Recipe) -> Path:
-    """Where `kdforge generate` writes without --out: beside the run folder, `OUTPUT_DIR.teacher.jsonl`."""
+    """Where `kdforge generate` writes without --out: data.prompts when generate.prompts names the prompts (the recipe
+    then trains on what is written), else beside the run folder, `OUTPUT_DIR.teacher.jsonl`."""
+    if recipe.generate.prompts is not None:
+        return Path(recipe.data.prompts)
     return Path(str(Path(recipe.output_dir)) + ".teacher.jsonl")
+
+
+def prompt_source(recipe: Recipe) -> str:
+    """The prompts `kdforge generate` answers: generate.prompts, else data.prompts.
+
+    Raises KDForgeError when the recipe names neither."""
+    source = recipe.generate.prompts or recipe.data.prompts
+    if source is None:
+        raise KDForgeError("kdforge generate answers the recipe's prompts, but data.prompts is not set; set "
+                           "data.prompts (e.g. shakespeare, or a .jsonl of prompt records)")
+    return source
 
 
 def teacher_identity(recipe: Recipe, model) -> dict[str, Any]:
@@ -73,7 +87,7 @@ def header(recipe: Recipe, teacher_id: dict[str, Any], prompt_count: int) -> dic
     settings["seed"] = gen.seed if gen.seed is not None else recipe.seed
     settings["max_prompt_tokens"] = recipe.data.max_prompt_tokens or recipe.data.seq_len // 2
     data = recipe.data
-    prompts = {"source": data.prompts, "split": gen.split, "count": prompt_count,
+    prompts = {"source": prompt_source(recipe), "split": gen.split, "count": prompt_count,
                "validation": data.validation_split if data.validation_split is not None else list(data.validation)}
     return {HEADER_KEY: {"version": FORMAT_VERSION, "teacher": teacher_id, "settings": settings, "prompts": prompts}}
 
@@ -178,7 +192,8 @@ def generate_batch(model, tokenizer, prompt_ids: list[list[int]], gen: GenerateS
 
 def generate_responses(recipe: Recipe, out: Path | None = None, *, teacher=None, tokenizer=None,
                        progress: bool = True) -> dict[str, Any]:
-    """Answer the recipe's prompts (data.prompts, split generate.split) with its teacher into ``out`` (JSONL).
+    """Answer the recipe's prompts (generate.prompts or data.prompts, split generate.split) with its teacher into
+    ``out`` (JSONL; default :func:`default_output`).
 
     Resumes a file of the same header: the prompts already answered are skipped. Returns ``{"path", "written",
     "skipped_done", "total", "prompts_truncated", "finish": {"eos": n, "length": n}}`` for this launch.
@@ -192,14 +207,12 @@ def generate_responses(recipe: Recipe, out: Path | None = None, *, teacher=None,
     gen, data = recipe.generate, recipe.data
     if recipe.teacher is None:
         raise KDForgeError("kdforge generate needs a teacher; set teacher.model in the recipe")
-    if data.prompts is None:
-        raise KDForgeError("kdforge generate answers the recipe's prompts, but data.prompts is not set; set "
-                           "data.prompts (e.g. shakespeare, or a .jsonl of prompt records)")
+    source = prompt_source(recipe)
     out = Path(out or default_output(recipe))
     if tokenizer is None:
         tokenizer = load_tokenizer(recipe.teacher)
     check_terminates(gen, tokenizer.eos_token_id)  # before the teacher loads
-    prompt_set = load_prompt_set(data, tokenizer, need_response=False)
+    prompt_set = load_prompt_set(data.model_copy(update={"prompts": source}), tokenizer, need_response=False)
     records: list[PromptRecord] = prompt_set.train if gen.split == "train" else prompt_set.validation
     if gen.max_prompts is not None:
         records = records[: gen.max_prompts]

@@ -271,6 +271,10 @@ class GenerateSpec(_Strict):
     """`kdforge generate RECIPE`: the teacher answers the recipe's prompts (data.prompts), for sequence-level KD (Kim &
     Rush 2016). Batched, left-padded, with the KV cache (transformers `generate`); kdforge.generate."""
 
+    prompts: str | None = None
+    """The prompts answered, in any form data.prompts takes (e.g. `shakespeare`), when they are not data.prompts: then
+    data.prompts names the .jsonl `kdforge generate` writes and the same recipe trains on it (recipes/seqkd.yaml).
+    null: data.prompts, written to --out (default OUTPUT_DIR.teacher.jsonl)."""
     max_new_tokens: int | None = Field(128, ge=1)
     """New tokens per response at most; null: until EOS (or the model's maximum positions)."""
     stop_at_eos: bool = True
@@ -501,6 +505,10 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _prompts_need_a_live_teacher(self) -> "Recipe":
+        if self.generate.prompts is not None and not (self.data.prompts or "").endswith(".jsonl"):
+            raise ValueError("generate.prompts is set, so data.prompts must name the .jsonl file kdforge generate "
+                             f"writes and training reads (e.g. runs/{self.name}.teacher.jsonl), not "
+                             f"{self.data.prompts!r}")
         if self.data.prompts is not None and self.teacher is not None and self.teacher.kind == "cache":
             raise ValueError("data.prompts trains on padded prompt–response blocks, which the offline teacher cache "
                              "does not store; use teacher.kind: live")

@@ -348,6 +348,9 @@ def prompt_blocks(recipe, tokenizer) -> tuple[TokenBlocks, TokenBlocks]:
     """(training blocks, held-out blocks) of the recipe's `data.prompts`, each [N, data.seq_len] with labels that
     mask prompt and padding; what was skipped or truncated is logged in one line per split."""
     data = recipe.data
+    if recipe.generate.prompts is not None and not Path(data.prompts).expanduser().exists():
+        raise KDForgeError(f"data.prompts '{data.prompts}' does not exist yet: it is the file `kdforge generate` "
+                           "writes from generate.prompts; run `kdforge generate RECIPE` first")
     prompt_set = load_prompt_set(data, tokenizer)
     limit = data.max_prompt_tokens or data.seq_len // 2
     train, stats = encode_records(prompt_set.train, tokenizer, data.seq_len, data.max_prompt_tokens,
