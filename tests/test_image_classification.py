@@ -172,6 +172,17 @@ def test_distill_and_eval_from_the_command_line(tmp_path):
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| model | accuracy | macro-F1 | ECE |" in report and "450 held-out examples" in report
     assert f"| student | {final['student']['accuracy']:.4g} |" in report
+    # the exported folder alone: evaluated on the digits' held-out split, against the default teacher CNN
+    res = CliRunner().invoke(app, ["eval", str(tmp_path / "run" / "student"), "--teacher", "cnn", "--json",
+                                   str(tmp_path / "folder.json")])
+    assert res.exit_code == 0, res.output
+    alone = json.loads((tmp_path / "folder.json").read_text())["heldout"]
+    assert alone["student"]["accuracy"] == pytest.approx(final["student"]["accuracy"])
+    assert alone["teacher"]["accuracy"] == pytest.approx(final["teacher"]["accuracy"])
+    res = CliRunner().invoke(app, ["taps", str(tmp_path / "run" / "student")])
+    assert res.exit_code == 0 and "features.*" in res.output and "classifier" in res.output
+    res = CliRunner().invoke(app, ["cache-teacher", str(recipe)])
+    assert res.exit_code == 2 and "task image_classification computes its teacher's outputs once" in res.output
 
 
 def _npz(tmp_path: Path, name: str, images: np.ndarray, labels: np.ndarray) -> str:

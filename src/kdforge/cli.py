@@ -152,6 +152,9 @@ def cache_teacher(
 
     def body():
         r = load_recipe(recipe, set_ or [])
+        if r.task != "causal_lm":
+            raise KDForgeError(f"cache-teacher caches a causal LM's top-k logits; task {r.task} computes its "
+                               "teacher's outputs once per run in memory: run `kdforge distill` directly")
         from .teachers.cache import CacheOptions, cache_recipe_teacher, recipe_temperature
 
         given = {"k": k, "values": values, "ids": ids, "shard_blocks": shard_blocks, "mode": mode,
@@ -316,7 +319,10 @@ def taps(
         from .recipe import ModelSpec
         from .taps import describe, list_module_paths
 
-        skeleton = model_skeleton(ModelSpec(model=model, gguf_file=gguf_file))
+        from .tasks.image_classification import CNN, is_cnn_folder
+
+        skeleton = CNN.from_pretrained(model) if is_cnn_folder(model) else model_skeleton(ModelSpec(model=model,
+                                                                                                   gguf_file=gguf_file))
         if pattern is not None:
             paths = list_module_paths(skeleton, pattern)
             if not paths:

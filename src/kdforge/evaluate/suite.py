@@ -281,6 +281,11 @@ def run_eval(target: str | Path, *, teacher: str | None = None, corpus: str | No
         from ..tasks import task_for
 
         return task_for(recipe).run_eval(target, recipe, out_dir=Path(out_dir) if out_dir is not None else None)
+    from ..tasks.image_classification import ImageClassification, folder_recipe, is_cnn_folder
+
+    if recipe is None and is_cnn_folder(target):  # an image-classification student folder (RUN/student)
+        return ImageClassification().evaluate_folder(target, folder_recipe(target, corpus=corpus, teacher=teacher),
+                                                     out_dir=Path(out_dir) if out_dir is not None else None)
     folder = _student_folder(target)
     # the teacher: as given, else the run's, else the embedded default
     if teacher is None:

@@ -232,6 +232,15 @@ class CNN(nn.Module):
         return model.eval()
 
 
+def is_cnn_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder holding a kdforge CNN (its config.json says so)."""
+    config = Path(path) / "config.json"
+    try:
+        return config.is_file() and bool(json.loads(config.read_text()).get(CONFIG_MARK))
+    except (OSError, ValueError):
+        return False
+
+
 def _batches(n: int, size: int, generator: torch.Generator) -> list[Tensor]:
     order = torch.randperm(n, generator=generator)
     return [order[i: i + size] for i in range(0, n, size)]
@@ -483,18 +492,38 @@ class ImageClassification:
         """`kdforge eval RUN`: the exported student (and the teacher) on the run's held-out images; eval.json is
         written to out_dir (default: the run folder)."""
         folder = Path(run_dir) / "student"
-        if not (folder / "config.json").is_file():
+        if not is_cnn_folder(folder):
             raise KDForgeError(f"run '{run_dir}' has not finished, so it has no exported student yet; rerun "
                                "`kdforge distill` with the same recipe and --out to finish it, then evaluate")
+        return self.evaluate_folder(folder, recipe, out_dir=Path(out_dir or run_dir))
+
+    def evaluate_folder(self, folder: Path, recipe: Recipe, *, out_dir: Path | None = None) -> dict[str, Any]:
+        """The CNN in `folder` (and recipe's teacher, if any) on the recipe's held-out images; eval.json goes to
+        out_dir when given. Raises KDForgeError when the images do not fit the CNN (channels, classes)."""
         train, val = self.data(recipe)
         student = CNN.from_pretrained(folder)
+        check_images(val, {"student": student.config})
         teacher = build_teacher(recipe, train)
         res = evaluate_classifiers(student, teacher, val)
         heldout = {"student": res["student"], **({"teacher": res["teacher"]} if teacher is not None else {})}
         out = {"task": self.name, "heldout": heldout, "heldout_setup": res["heldout_setup"],
-               "summary": {k: v for k, v in res["student"].items()}, "student_path": str(folder),
+               "summary": dict(res["student"]), "student_path": str(folder),
                "teacher": recipe.teacher.model_dump() if recipe.teacher else None, "data": recipe.data.model_dump(),
                "notes": []}
-        out_dir = Path(out_dir or run_dir)
-        atomic_write_json(out_dir / "eval.json", out)
+        if out_dir is not None:
+            atomic_write_json(Path(out_dir) / "eval.json", out)
         return out
+
+
+def folder_recipe(folder: Path, *, corpus: str | None = None, teacher: str | None = None) -> Recipe:
+    """What `kdforge eval FOLDER` of a CNN folder (not a run) evaluates on: `corpus` (default digits) split as a recipe
+    splits it, against `teacher` (`cnn`: the default teacher CNN, trained once and cached; a CNN folder; None or '':
+    no teacher)."""
+    from ..recipe import parse_recipe
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    data = {"task": "image_classification", "data": {"corpus": corpus or "digits"},
+            "student": {"config": {k: config[k] for k in CNNSpec.model_fields}}}
+    if teacher:
+        data["teacher"] = {"model": teacher}
+    return parse_recipe(data)
