@@ -156,9 +156,11 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path):
 
 def test_distill_and_eval_from_the_command_line(tmp_path):
     recipe = tmp_path / "kd.yaml"
-    recipe.write_text(yaml.safe_dump(digits_recipe("digits_kd", tmp_path / "run")))
+    recipe.write_text(yaml.safe_dump(digits_recipe("digits_kd", tmp_path / "run", eval_every=15)))
     res = CliRunner().invoke(app, ["distill", str(recipe), "--no-progress"])
     assert res.exit_code == 0, res.output
+    periodic = [r for r in rows_of(tmp_path / "run") if "eval/accuracy" in r]
+    assert [r["step"] for r in periodic] == [15] and 0.1 < periodic[0]["eval/accuracy"] <= 1
     res = CliRunner().invoke(app, ["eval", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
     assert "accuracy" in res.output and "macro-F1" in res.output
