@@ -1,4 +1,5 @@
-"""Offline teacher cache: run the teacher once, store its top-k logits per token, train many students from disk.
+"""Offline teacher cache: run the teacher once, store its top-k logits (or samples of its distribution) per token, train
+many students from disk.
 
 Layout of a cache folder::
 
@@ -26,6 +27,16 @@ Per token (one position of one packed block) a shard holds
   time. Reading rescales the decoded top-k probabilities to exactly ``1 - exp(log_rest)``, so the "bucket" and
   "uniform" policies see the true tail mass whatever the value coding, and rounding can never leave a zero tail.
 * ``block_hash`` (per block, 16 bytes): blake2b of the block's token ids; every batch read is checked against it.
+
+A sampled cache (``mode: "sampled"``, ``kdforge cache-teacher --mode sampled --samples N``; Anshumann et al., "Sparse
+Logit Sampling", ACL 2025) holds instead, per token, ``ids``: N ids drawn from the teacher's distribution at the cache
+temperature (sorted, an id drawn c times stored c times; Elias-Fano packed like the top-k ids, which allows repeats:
+26 bytes for N=16, V=49152), and ``entropy``: the distribution's entropy (float32). The draws' frequencies are an
+unbiased estimate of the distribution, so forward KL trains on them without the top-k cache's bias (see
+:class:`kdforge.losses.sparse.SampledLogits`); other logit losses have no such estimator and are refused. Draws come
+from inverse-transform sampling of sorted uniforms, generated per block from the cache seed and the block's index:
+the same cache whatever the batch size or where a build resumed. ``sampling: "systematic"`` uses one uniform offset
+per token ((j + U) / N), so each id's count is the floor or ceiling of N·p: still unbiased, with less variance.
 * optional ``feature.<i>``: a tapped teacher tensor ``[T, ...]`` per block (float16 by default), spec strings in the
   index.
 
