@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -136,12 +137,26 @@ def test_a_demo_folder_rebuilds_the_demo_page_never_a_poorer_one(evaluated_run, 
     for name in ("baseline", "distilled"):
         shutil.copytree(evaluated_run, demo / name)
     summary = write_demo_report(demo, {"baseline": demo / "baseline", "distilled": demo / "distilled"})
+    assert summary["gap_closed"] in (None, 0.0)
     page = (demo / "report.html").read_text()
     assert "Held-out results" in page and "data:image/png" in page and "distilled" in page
     md = (demo / "report.md").read_text()
     assert "report_files/demo_cross_entropy.png" in md
     assert "x lower than the baseline" in md or "did NOT beat" in md
+    teacher, baseline = summary["rows"][0]["perplexity"], summary["rows"][1]["perplexity"]
+    assert ("Gap closed: the distilled student closes 0% of the baseline-to-teacher gap" in md if baseline > teacher
+            else "Gap closed: none to close" in md)  # two copies of one run: nothing closed
     assert summary["rows"][0]["model"].startswith("teacher")
     res = runner.invoke(app, ["report", str(demo)])
     assert res.exit_code == 0, res.output
     assert (demo / "report.html").read_text() == page  # the same page, rebuilt
+
+
+def test_gap_closed_is_the_share_of_the_log_perplexity_gap():
+    from kdforge.demo import gap_closed
+
+    # the README's demo figures: teacher 72.14, baseline 350.0, distilled 309.2
+    direct = (math.log(350.0) - math.log(309.2)) / (math.log(350.0) - math.log(72.14))
+    assert gap_closed(72.14, 350.0, 309.2) == pytest.approx(direct) and round(direct, 4) == 0.0785
+    assert gap_closed(72.14, 350.0, 72.14) == pytest.approx(1.0) and gap_closed(72.14, 350.0, 350.0) == 0.0
+    assert gap_closed(72.14, 350.0, 400.0) < 0 and math.isnan(gap_closed(100.0, 90.0, 95.0))

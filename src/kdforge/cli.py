@@ -363,6 +363,9 @@ def demo(
         gain = summary["baseline_over_distilled_perplexity"]
         typer.echo(f"distilled vs baseline perplexity: {gain:.2f}x lower" if gain > 1 else
                    f"distilled student did not beat the baseline (ratio {gain:.2f})")
+        if summary["gap_closed"] is not None:
+            typer.echo(f"gap closed: the distilled student closes {summary['gap_closed']:.0%} of the "
+                       "baseline-to-teacher gap in log-perplexity")
         typer.echo(f"report: {out / 'report.html'}")
 
     _run(body)

@@ -40,6 +40,16 @@ def run_demo(quick: bool = False, out: Path = Path("runs/demo"), progress: bool 
     return write_demo_report(out, {"baseline": Path(baseline.output_dir), "distilled": Path(distilled.output_dir)})
 
 
+def gap_closed(teacher: float, baseline: float, distilled: float) -> float:
+    """The share of the baseline-to-teacher gap in log-perplexity that the distilled student closes:
+    (ln baseline - ln distilled) / (ln baseline - ln teacher). 1 = the teacher's perplexity, 0 = no better than the
+    baseline, negative = worse. NaN when the baseline is not worse than the teacher (no gap to close)."""
+    import math
+
+    gap = math.log(baseline) - math.log(teacher)
+    return (math.log(baseline) - math.log(distilled)) / gap if gap > 0 else float("nan")
+
+
 def write_demo_report(out: Path, runs: dict[str, Path]) -> dict:
     """metrics.json (the results table and the perplexity ratio), then the demo's report (kdforge.report: the page
     `kdforge report OUT` rebuilds)."""
@@ -53,7 +63,11 @@ def write_demo_report(out: Path, runs: dict[str, Path]) -> dict:
     rows += [{"model": f"student, {name}", **f["student"]} for name, f in finals.items()]
     gain = finals["baseline"]["student"]["perplexity"] / finals["distilled"]["student"]["perplexity"]
     summary = {"rows": rows, "baseline_over_distilled_perplexity": gain,
-               "distilled_beats_baseline": gain > 1.0}
+               "distilled_beats_baseline": gain > 1.0,
+               "gap_closed": gap_closed(teacher["perplexity"], finals["baseline"]["student"]["perplexity"],
+                                        finals["distilled"]["student"]["perplexity"])}
+    if summary["gap_closed"] != summary["gap_closed"]:  # NaN: no gap to close; JSON has no NaN
+        summary["gap_closed"] = None
     atomic_write_json(out / "metrics.json", summary)
     build_report(out)
     return summary

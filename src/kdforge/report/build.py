@@ -197,6 +197,11 @@ def demo_report(demo: Path, rep: Report) -> None:
     if gain is not None:
         rep.text(f"Distilled student perplexity is {gain:.2f}x lower than the baseline's at equal steps and data."
                  if gain > 1 else f"The distilled student did NOT beat the baseline (ratio {gain:.2f}).")
+    if "gap_closed" in summary:
+        closed = summary["gap_closed"]
+        rep.text("Gap closed: none to close (the baseline is not worse than the teacher)." if closed is None else
+                 f"Gap closed: the distilled student closes {closed:.0%} of the baseline-to-teacher gap in "
+                 "log-perplexity ((ln baseline - ln distilled) / (ln baseline - ln teacher)).")
     runs = {name: demo / name for name in DEMO_RUNS}
     # like for like: the cross-entropy term of both runs (the distilled run's total also holds its KD term), and
     # held-out perplexity from the periodic evaluations plus the final one
