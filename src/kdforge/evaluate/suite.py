@@ -275,6 +275,7 @@ def run_eval(target: str | Path, *, teacher: str | None = None, corpus: str | No
     target = Path(target)
     if not target.exists():
         raise KDForgeError(f"'{target}' not found; give a student folder or a run directory")
+    folder = _student_folder(target)
     is_run = (target / "manifest.json").is_file()
     recipe = parse_recipe(json.loads((target / "manifest.json").read_text())["recipe"]) if is_run else None
     if recipe is not None and recipe.task != "causal_lm":  # the task's own held-out figures (kdforge.tasks)
@@ -283,10 +284,9 @@ def run_eval(target: str | Path, *, teacher: str | None = None, corpus: str | No
         return task_for(recipe).run_eval(target, recipe, out_dir=Path(out_dir) if out_dir is not None else None)
     from ..tasks.image_classification import ImageClassification, folder_recipe, is_cnn_folder
 
-    if recipe is None and is_cnn_folder(target):  # an image-classification student folder (RUN/student)
-        return ImageClassification().evaluate_folder(target, folder_recipe(target, corpus=corpus, teacher=teacher),
+    if recipe is None and is_cnn_folder(folder):  # an image-classification student folder (RUN/student)
+        return ImageClassification().evaluate_folder(folder, folder_recipe(folder, corpus=corpus, teacher=teacher),
                                                      out_dir=Path(out_dir) if out_dir is not None else None)
-    folder = _student_folder(target)
     # the teacher: as given, else the run's, else the embedded default
     if teacher is None:
         teacher_spec = recipe.teacher if recipe else ModelSpec(model="smollm2-135m")
