@@ -40,8 +40,7 @@ class Task(Protocol):
     implement it)."""
 
     name: str = ""
-    unit: str = "tokens"
-    """What one counted target is (metrics.jsonl's `tokens` and `tokens_per_s` count these)."""
+    """The recipe's `task:` value."""
 
     def prepare(self, recipe: Recipe, *, teacher: nn.Module | None = None, tokenizer=None,
                 blocks: tuple[Sized, Sized] | None = None) -> Setup:

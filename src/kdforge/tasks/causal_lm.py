@@ -89,7 +89,6 @@ class CausalLM:
     """The causal-LM task (kdforge.tasks.base.Task)."""
 
     name = "causal_lm"
-    unit = "tokens"
 
     def prepare(self, recipe: Recipe, *, teacher=None, tokenizer=None,
                 blocks: tuple[TokenBlocks, TokenBlocks] | None = None) -> Setup:

@@ -423,7 +423,6 @@ class ImageClassification:
     """The image-classification task (kdforge.tasks.base.Task)."""
 
     name = "image_classification"
-    unit = "examples"
 
     def data(self, recipe: Recipe) -> tuple[ImageSet, ImageSet]:
         return load_split(recipe)
