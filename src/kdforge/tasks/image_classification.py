@@ -331,7 +331,8 @@ class PrecomputedTeacher:
 
 
 def macro_f1(pred: Tensor, labels: Tensor) -> float:
-    """Unweighted mean over the classes present in `labels` or `pred` of F1 = 2 TP / (2 TP + FP + FN)."""
+    """Unweighted mean over the classes present in `labels` [N] or `pred` [N] of F1 = 2 TP / (2 TP + FP + FN)
+    (scikit-learn's f1_score(average="macro") over the same classes)."""
     f1 = []
     for c in torch.unique(torch.cat([labels, pred])):
         tp = int(((pred == c) & (labels == c)).sum())
@@ -400,6 +401,8 @@ def evaluate_classifiers(student: nn.Module, teacher: nn.Module | None, data: Im
 
 
 def build_teacher(recipe: Recipe, train: ImageSet) -> CNN | None:
+    """The recipe's teacher: None without one; `cnn`: trained once on `train` and cached (cached_teacher); else a
+    CNN folder (CNN.from_pretrained, which raises KDForgeError for any other folder)."""
     spec = recipe.teacher
     if spec is None:
         return None
@@ -425,10 +428,15 @@ class ImageClassification:
     name = "image_classification"
 
     def data(self, recipe: Recipe) -> tuple[ImageSet, ImageSet]:
+        """The recipe's (training, held-out) images (load_split)."""
         return load_split(recipe)
 
     def prepare(self, recipe: Recipe, *, teacher: nn.Module | None = None, tokenizer=None,
                 blocks: tuple[ImageSet, ImageSet] | None = None) -> Setup:
+        """Images, teacher (given, or built as the recipe says), the student CNN (seeded by recipe.seed) and the
+        Distiller, whose live teacher is swapped for a PrecomputedTeacher where that is exact. `tokenizer` is unused
+        (Setup.tokenizer is None). Raises KDForgeError for images that do not fit a CNN (channels, class ids),
+        teacher and student heads of different sizes, or fewer training images than one batch."""
         train, val = blocks if blocks is not None else self.data(recipe)
         heads = {"student": recipe.student.config}
         if recipe.teacher is not None and recipe.teacher.model == "cnn":
