@@ -195,6 +195,8 @@ _KIND_WORDS = {
     "feature": "feature loss: tensors captured by the term's `student:` and `teacher:` taps",
     "stepping_stone": "stepping-stone loss: stepping stones built from student blocks and the teacher's later "
                       "blocks",
+    "cross_tokenizer": "cross-tokenizer loss: the student's and the teacher's logits at positions paired across their "
+                       "two tokenizers (needs `student.tokenizer`)",
 }
 
 

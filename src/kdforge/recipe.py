@@ -183,6 +183,10 @@ class PruneSpec(_Strict):
     """Training tokens the teacher reads to rank what is kept (whole training blocks, from the first)."""
 
 
+# losses that need student.tokenizer (kdforge.losses.registry.CROSS_TOKENIZER_LOSSES; a test keeps them in step)
+CROSS_TOKENIZER_LOSSES = ("uld", "span_kl")
+
+
 class StudentSpec(_Strict):
     init: Literal["config", "from_teacher", "pretrained", "pruned"] = "config"
     """config: fresh weights from `config` overrides on the teacher's config; from_teacher: keep the teacher layers in
@@ -199,6 +203,12 @@ class StudentSpec(_Strict):
     prune: PruneSpec | None = None
     """init: pruned: the student's sizes, e.g. {layers: 16, intermediate_size: 768, num_attention_heads: 6,
     num_key_value_heads: 2}; unset sizes stay the teacher's."""
+    tokenizer: str | None = None
+    """The student's own tokenizer, when it is not the teacher's (cross-tokenizer KD, kdforge.cross_tokenizer):
+    `bpe:N` (a byte-level BPE of N entries kdforge learns from the training text with the `tokenizers` library) or a
+    folder / embedded model name whose tokenizer is used. Needs data.prompts, init: config and a live teacher; the
+    objective may hold cross_entropy (sequence-level KD on the text re-tokenized), uld and span_kl. null: the
+    teacher's tokenizer."""
     gradient_checkpointing: bool = False
     """Recompute the student's activations in the backward pass: less memory, more time."""
     lora: LoraSpec | None = None
@@ -498,6 +508,14 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _cross_tokenizer_terms(self) -> "Recipe":
+        cross = [t.loss for t in self.objective if t.loss in CROSS_TOKENIZER_LOSSES]
+        if cross and self.student.tokenizer is None:
+            raise ValueError(f"loss '{cross[0]}' compares a teacher and a student with different tokenizers; set "
+                             "student.tokenizer (e.g. bpe:4096), or use forward_kl for a student with the teacher's")
+        return self
+
+    @model_validator(mode="after")
     def _curriculum_fits(self) -> "Recipe":
         if self.teacher is not None and self.teacher.curriculum is not None:
             self.teacher.curriculum.stage_steps(self.train.steps)
@@ -541,6 +559,8 @@ class Recipe(_Strict):
                                                      "teacher": {"dtype"}})
         if data["student"].get("lora") is None:  # recipes from before student.lora keep their hash
             data["student"].pop("lora", None)
+        if data["student"].get("tokenizer") is None:  # and recipes from before student.tokenizer
+            data["student"].pop("tokenizer", None)
         if data["task"] == "causal_lm":  # and recipes from before `task:` and teacher.config
             data.pop("task")
         if data["teacher"] is not None and not data["teacher"].get("config"):

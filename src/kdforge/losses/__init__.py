@@ -46,8 +46,10 @@ __all__ = [
     "similarity_preserving",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "span_kl",
     "tinybert_attention",
     "total_variation",
+    "uld",
 ]
 
 

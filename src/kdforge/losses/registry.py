@@ -6,6 +6,7 @@ from typing import Callable
 
 from ..errors import KDForgeError
 from .stepping import block_kd
+from . import cross_tokenizer
 from . import attention, cam, features, logits, relations
 
 # cross_entropy(student_logits, labels, *, mask): the ground-truth term.
@@ -37,14 +38,18 @@ FEATURE_LOSSES: dict[str, Callable] = {
 # connector and the teacher's remaining blocks (Block-KD, kdforge.teachers.stepping_stones).
 STEPPING_STONE_LOSSES: dict[str, Callable] = {"block_kd": block_kd}
 
+# fn(student_logits, teacher_logits, *, mask, ...) at positions paired across two tokenizers (student.tokenizer;
+# kdforge.cross_tokenizer pairs them): Universal Logit Distillation and the span-aligned KL.
+CROSS_TOKENIZER_LOSSES: dict[str, Callable] = dict(cross_tokenizer.CROSS_TOKENIZER_LOSSES)
+
 
 def all_loss_names() -> list[str]:
-    return sorted({*LABEL_LOSSES, *LOGIT_LOSSES, *FEATURE_LOSSES, *STEPPING_STONE_LOSSES})
+    return sorted({*LABEL_LOSSES, *LOGIT_LOSSES, *FEATURE_LOSSES, *STEPPING_STONE_LOSSES, *CROSS_TOKENIZER_LOSSES})
 
 
 def lookup(name: str) -> tuple[str, Callable]:
     for kind, table in (("label", LABEL_LOSSES), ("logit", LOGIT_LOSSES), ("feature", FEATURE_LOSSES),
-                        ("stepping_stone", STEPPING_STONE_LOSSES)):
+                        ("stepping_stone", STEPPING_STONE_LOSSES), ("cross_tokenizer", CROSS_TOKENIZER_LOSSES)):
         if name in table:
             return kind, table[name]
     raise KDForgeError(f"unknown loss '{name}'; valid losses: {', '.join(all_loss_names())}")

@@ -94,6 +94,10 @@ class CausalLM:
                 blocks: tuple[TokenBlocks, TokenBlocks] | None = None) -> Setup:
         """Load teacher, tokenizer, student and data as the recipe says. A preloaded teacher/tokenizer and the
         (train, held-out) blocks `tokenize_corpus` made with that tokenizer may be passed in."""
+        if recipe.student.tokenizer is not None:  # the student has its own tokenizer (kdforge.cross_tokenizer)
+            from ..cross_tokenizer import prepare as prepare_cross_tokenizer
+
+            return prepare_cross_tokenizer(recipe, self, teacher=teacher)
         spec = recipe.teacher
         cached = spec is not None and spec.kind == "cache"  # an offline cache stands in for the teacher in training
         if spec is not None and teacher is None and not (cached and recipe.student.init not in ("from_teacher",
@@ -152,6 +156,11 @@ class CausalLM:
         final.json and eval.json agree on the same student."""
         from ..evaluate.suite import heldout_setup
         from ..precision import resolve
+
+        if setup.recipe.student.tokenizer is not None:  # vocabularies differ: no agreement or KL (kdforge.cross_tokenizer)
+            from ..cross_tokenizer import final_metrics
+
+            return final_metrics(setup, progress=progress)
 
         student = setup.student
         models = {"student": student}
