@@ -355,7 +355,8 @@ def top_k_log_probs(logits: torch.Tensor, k: int, temperature: float = 1.0
     Works through a few rows at a time (see :func:`chunked_top_k_log_probs`).
     """
     m, vocab = logits.shape
-    whole = 4 * logits.numel() if native.available() else None  # the kernel streams rows itself: one call
+    # the kernel streams rows itself: one call, unless the rows need converting to float32 (then a chunk at a time)
+    whole = 4 * logits.numel() if native.available() and logits.dtype == torch.float32 else None
     return chunked_top_k_log_probs(lambda r0, r1: logits[r0:r1], m, vocab, k, temperature, whole)
 
 
