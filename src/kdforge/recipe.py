@@ -25,9 +25,11 @@ class _Strict(BaseModel):
 
 
 # What a recipe's `task:` may name (kdforge.tasks has one module each); causal_lm is the default.
-TASKS = ("causal_lm", "image_classification")
+TASKS = ("causal_lm", "image_classification", "multi_label_classification", "object_detection")
 # Named by the design (docs/ARCHITECTURE.md) but not built yet: refused with the list above.
-PLANNED_TASKS = ("sequence_classification", "sentence_embedding", "multi_label_classification", "object_detection")
+PLANNED_TASKS = ("sequence_classification", "sentence_embedding")
+# The tasks on scikit-learn's digits pasted onto canvases (kdforge.data.digits_canvas, data.canvas).
+CANVAS_TASKS = ("multi_label_classification", "object_detection")
 
 
 class CNNSpec(_Strict):
@@ -74,6 +76,105 @@ class CNNTeacherSpec(CNNSpec):
     """Images per step."""
     seed: int = 0
     """Seeds the teacher's initialisation and batch order (not the recipe's seed: every run shares one teacher)."""
+
+
+class CanvasSpec(_Strict):
+    """tasks multi_label_classification and object_detection, `data.corpus: digit_canvases`: how the canvases of real
+    scikit-learn digits are made (kdforge.data.digits_canvas.load_digit_canvases). The held-out canvases depend only
+    on these (never on the recipe's seed), so every seed of a bench sees the same test set."""
+
+    n_train: int = Field(2000, ge=1)
+    """Training canvases."""
+    n_test: int = Field(500, ge=1)
+    """Held-out canvases."""
+    canvas_size: int = Field(32, ge=8)
+    """Canvas side in pixels (one channel)."""
+    min_digits: int = Field(2, ge=1)
+    """Fewest digits on a canvas."""
+    max_digits: int = Field(4, ge=1)
+    """Most digits on a canvas."""
+    scales: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    """Integer upscaling factors a digit is drawn with (an 8x8 digit becomes 8s x 8s pixels)."""
+    seed: int = 1234
+    """The generator seed of the canvases and of the source-digit split."""
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of the 1,797 source digits that appear only on held-out canvases."""
+
+
+class CanvasCNNSpec(_Strict):
+    """task multi_label_classification: a CNN whose head is a bias-free 1x1 convolution over the last feature map
+    (its output: the class activation maps, module path `cam`), globally average-pooled, plus a per-class bias
+    (kdforge.tasks.multi_label_classification.CAMNet). Blocks `features.i`: conv3x3 -> BatchNorm -> ReLU (then a 2x2
+    max-pool when i is in `pool_after`)."""
+
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 32], min_length=1)
+    """Output channels of each conv block."""
+    pool_after: list[int] = Field(default_factory=lambda: [0, 1])
+    """Indices of the blocks followed by a 2x2 max-pool."""
+    num_classes: int = Field(10, ge=2)
+    """Classes of the head (digits: 10)."""
+    in_channels: int = Field(1, ge=1)
+    """Image channels the first conv expects."""
+
+    @model_validator(mode="after")
+    def _pools_are_blocks(self) -> "CanvasCNNSpec":
+        bad = [i for i in self.pool_after if not 0 <= i < len(self.channels)]
+        if bad:
+            raise ValueError(f"pool_after names block {bad[0]} but there are {len(self.channels)} blocks")
+        return self
+
+
+class CanvasCNNTeacherSpec(CanvasCNNSpec):
+    """task multi_label_classification, `teacher.model: cnn`: the teacher CAMNet and how it is trained once (binary
+    cross-entropy, Adam), then cached by a hash of this and the training canvases."""
+
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 64, 128], min_length=1)
+    """Output channels of each conv block."""
+    epochs: int = Field(8, ge=1)
+    """Passes over the training canvases."""
+    lr: float = Field(2e-3, gt=0, allow_inf_nan=False)
+    """Adam learning rate."""
+    batch_size: int = Field(64, ge=1)
+    """Canvases per step."""
+    seed: int = 0
+    """Seeds the teacher's initialisation and batch order (every run shares one teacher)."""
+
+
+class DetectorSpec(_Strict):
+    """task object_detection: a single-stage anchor-based detector (kdforge.tasks.object_detection.Detector): three
+    conv3x3 -> BatchNorm -> ReLU -> 2x2 max-pool blocks (`features.0..2`, strides 2, 4, 8), a 1x1 lateral conv to
+    `head_channels` on the stride-4 and stride-8 maps, and one head shared by both levels (conv3x3 -> ReLU, then a
+    conv3x3 to K class logits and one to 4 box deltas per anchor). One square anchor per cell, of `anchor_sizes`
+    pixels (kdforge.losses.lad.make_anchors)."""
+
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 32], min_length=3, max_length=3)
+    """Output channels of the three conv blocks."""
+    head_channels: int = Field(32, ge=1)
+    """Width of the shared head."""
+    anchor_sizes: list[float] = Field(default_factory=lambda: [8.0, 16.0], min_length=2, max_length=2)
+    """Anchor side (pixels) at stride 4 and at stride 8."""
+    num_classes: int = Field(10, ge=1)
+    """Object classes (digits: 10)."""
+    in_channels: int = Field(1, ge=1)
+    """Image channels the first conv expects."""
+
+
+class DetectorTeacherSpec(DetectorSpec):
+    """task object_detection, `teacher.model: cnn`: the teacher detector and how it is trained once (focal + GIoU on
+    its own IoU assignment, Adam), then cached by a hash of this and the training canvases."""
+
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 96], min_length=3, max_length=3)
+    """Output channels of the three conv blocks."""
+    head_channels: int = Field(64, ge=1)
+    """Width of the shared head."""
+    epochs: int = Field(12, ge=1)
+    """Passes over the training canvases."""
+    lr: float = Field(2e-3, gt=0, allow_inf_nan=False)
+    """Adam learning rate."""
+    batch_size: int = Field(32, ge=1)
+    """Canvases per step."""
+    seed: int = 0
+    """Seeds the teacher's initialisation and batch order (every run shares one teacher)."""
 
 
 class ModelSpec(_Strict):
@@ -257,6 +358,10 @@ class DataSpec(_Strict):
     file(s) with those columns. Every loss term counts only response tokens. Held out: data.validation (Shakespeare
     work names or prompt files) or data.validation_split; max_train_tokens and max_eval_tokens then count response
     tokens. null: the packed corpus."""
+    canvas: dict[str, Any] | None = None
+    """tasks multi_label_classification and object_detection with `corpus: digit_canvases`: how the canvases are made
+    (kdforge.recipe.CanvasSpec: n_train, n_test, canvas_size, min_digits, max_digits, scales, seed, test_fraction);
+    the defaults are filled in when the recipe loads."""
     max_prompt_tokens: int | None = Field(None, ge=1)
     """With data.prompts: a longer prompt keeps its last this many tokens (left truncation, counted in the log);
     null: half of seq_len. The response fills the rest of seq_len and is cut on the right."""
@@ -433,17 +538,50 @@ def _cnn_config(where: str, spec: type[CNNSpec], config: dict[str, Any]) -> dict
         raise ValueError(f"{where}{'.' + key if key else ''}: {e['msg'].removeprefix('Value error, ')}") from None
 
 
+def _canvas_task_fields(recipe: "Recipe") -> "Recipe":
+    """multi_label_classification / object_detection: the models from student.config and teacher.config (model
+    `cnn`: trained once and cached; or a folder an earlier run of the task exported), data.corpus `digit_canvases`
+    (the default) with data.canvas filled in, or an .npz file."""
+    s, t, task = recipe.student, recipe.teacher, recipe.task
+    if s.init != "config" or s.lora is not None or s.model is not None:
+        raise ValueError(f"task {task} builds the student from student.config; remove student.init / model / lora")
+    if t is not None and (t.kind != "live" or t.curriculum is not None):
+        raise ValueError(f"task {task} needs a live teacher (teacher.kind: live, no curriculum)")
+    if t is not None and t.config and t.model != "cnn":
+        raise ValueError(f"teacher.config describes the network trained for teacher.model: cnn, not '{t.model}'; "
+                         "remove teacher.config or set teacher.model: cnn")
+    if recipe.train.logit_chunk_size not in (None, "auto"):
+        raise ValueError(f"train.logit_chunk_size chunks a language model's vocabulary; remove it for task {task}")
+    recipe.train.logit_chunk_size = None
+    student_spec, teacher_spec = ((CanvasCNNSpec, CanvasCNNTeacherSpec) if task == "multi_label_classification"
+                                  else (DetectorSpec, DetectorTeacherSpec))
+    s.config = _cnn_config("student.config", student_spec, s.config)
+    if t is not None and t.model == "cnn":
+        t.config = _cnn_config("teacher.config", teacher_spec, t.config)
+    if recipe.data.corpus == "shakespeare":
+        recipe.data.corpus = "digit_canvases"
+    if recipe.data.corpus == "digit_canvases":
+        # detection: digits at two sizes (8 and 16 pixels, one per anchor level) on a larger canvas
+        base = {"canvas_size": 40, "scales": [1, 2]} if task == "object_detection" else {}
+        recipe.data.canvas = _cnn_config("data.canvas", CanvasSpec, {**base, **(recipe.data.canvas or {})})
+    elif recipe.data.canvas is not None:
+        raise ValueError("data.canvas describes digit canvases; remove it, or set data.corpus: digit_canvases")
+    return recipe
+
+
 class Recipe(_Strict):
     name: str = "run"
     """The run's name (in reports and the manifest)."""
     seed: int = 0
     """Seeds the student's initialisation, the data order and every random choice of the run."""
-    task: Literal["causal_lm", "image_classification"] = "causal_lm"
+    task: Literal["causal_lm", "image_classification", "multi_label_classification", "object_detection"] = "causal_lm"
     """What is distilled (kdforge.tasks): `causal_lm` (next-token prediction on text) or `image_classification`
     (class logits; data.corpus `digits` (scikit-learn's 8x8 digits, the default for this task) or an .npz file of
     `images` and `labels`; a held-out split of data.validation_split (default 0.25) drawn once with data.split_seed
     (default 0), stratified by class; the CNN student from student.config, the teacher `cnn` trained once from
-    teacher.config and cached, or a folder a kdforge image-classification run exported)."""
+    teacher.config and cached, or a folder a kdforge image-classification run exported); `multi_label_classification`
+    (multi-hot digit sets) and `object_detection` (digit boxes), both on data.corpus `digit_canvases` (data.canvas)
+    or an .npz file (kdforge.tasks.multi_label_classification, kdforge.tasks.object_detection)."""
     output_dir: str = "runs/run"
     """The run directory (`kdforge distill --out` overrides it)."""
     teacher: TeacherSpec | None = None
@@ -479,6 +617,10 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _task_fields(self) -> "Recipe":
         """What each task reads from the shared sections; image_classification's defaults are filled in here."""
+        if self.task in CANVAS_TASKS:
+            return _canvas_task_fields(self)
+        if self.data.canvas is not None:
+            raise ValueError(f"data.canvas describes digit canvases; remove it for task {self.task}")
         if self.task == "causal_lm":
             if self.teacher is not None and self.teacher.config:
                 raise ValueError("teacher.config describes an image-classification teacher CNN; remove it, or set "
@@ -566,7 +708,7 @@ class Recipe(_Strict):
         if data["teacher"] is not None and not data["teacher"].get("config"):
             data["teacher"].pop("config", None)
         data.pop("generate", None)  # only `kdforge generate` reads it
-        for key in ("prompts", "max_prompt_tokens"):  # recipes from before data.prompts keep their hash
+        for key in ("prompts", "max_prompt_tokens", "canvas"):  # recipes from before these keep their hash
             if data["data"].get(key) is None:
                 data["data"].pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

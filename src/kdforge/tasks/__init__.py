@@ -11,7 +11,9 @@ from ..errors import KDForgeError
 from ..recipe import TASKS
 
 _CLASSES = {"causal_lm": ("causal_lm", "CausalLM"), "image_classification": ("image_classification",
-                                                                            "ImageClassification")}
+                                                                            "ImageClassification"),
+            "multi_label_classification": ("multi_label_classification", "MultiLabelClassification"),
+            "object_detection": ("object_detection", "ObjectDetection")}
 
 
 def get_task(name: str):
