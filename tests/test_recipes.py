@@ -30,6 +30,16 @@ def tiny_version(path: Path, assets: dict, out: Path) -> dict:
     r["data"] = {"corpus": str(assets["train"]), "validation": [str(assets["val"])], "seq_len": 32,
                  "max_eval_tokens": 256}
     r.pop("generate", None)  # on the tiny corpus here; generate-then-distil (seqkd.yaml) runs in tests/test_generate.py
+    if r.get("onpolicy"):  # on-policy recipes answer prompts: pairs of lines of the tiny texts (tests/test_onpolicy.py)
+        for split in ("train", "val"):
+            lines = [x for x in assets[split].read_text().splitlines() if x][:24]
+            (out.parent / f"{out.name}.{split}.jsonl").write_text("".join(
+                json.dumps({"prompt": lines[i], "response": lines[i + 1]}) + "\n" for i in range(0, len(lines), 2)))
+        r["data"] = {"prompts": str(out.parent / f"{out.name}.train.jsonl"), "seq_len": 32, "max_eval_tokens": 256,
+                     "validation": [str(out.parent / f"{out.name}.val.jsonl")]}
+        r["onpolicy"]["max_new_tokens"] = 6
+        if r["onpolicy"].get("adaptive"):
+            r["onpolicy"]["adaptive"].update(eval_every=1, init_threshold=0.5)
     r["train"].update(steps=2, batch_size=2, save_every=2, log_every=1, warmup_steps=1)
     for term in r["objective"]:
         if "num_relation_heads" in term:

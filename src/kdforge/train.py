@@ -312,6 +312,9 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
             log.info("removed the unusable checkpoint(s) %s", ", ".join(p.name for p in unusable))
     if trainer_state is not None:
         load_optimizer_state(accelerator, model, optimizer, trainer_state["optimizer"])
+    from .onpolicy import onpolicy_for  # on-policy KD (recipe `onpolicy:`): None for off-policy recipes
+
+    policy = onpolicy_for(setup, (trainer_state or {}).get("onpolicy"))
     device = accelerator.device
     teacher_model = getattr(distiller.teacher_source, "model", None)
     if teacher_model is not None:  # not a submodule: DDP/FSDP never wrap it, each rank holds a frozen replica
@@ -326,6 +329,8 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
     def save(step: int, state, optimizer_state, rng=None) -> Path:
         counters = {"layout": asdict(layout), "tokens_seen": tokens_seen, "steps": t.steps,
                     "train_seconds": seconds_before + time.perf_counter() - t_start}
+        if policy is not None:
+            counters["onpolicy"] = policy.state_dict()
         return save_checkpoint(out, step, accelerator.unwrap_model(model), optimizer, scheduler, t.keep_checkpoints,
                                state=state, optimizer_state=optimizer_state, progress=counters, rng=rng)
 
@@ -335,6 +340,8 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
             micro = [task.make_batch(blocks, index)
                      for index in layout.step_indices(len(blocks), step, recipe.seed, accelerator.process_index)]
             micro = [{k: v.to(device) for k, v in mb.items()} for mb in micro]
+            if policy is not None:  # some micro-batches' responses become the student's own (kdforge.onpolicy)
+                micro = policy.batches(micro, step, accelerator.process_index)
             local_count = sum(shifted_targets(mb)[1].sum() for mb in micro).float()
             global_count = accelerator.reduce(local_count.clone(), reduction="sum")
             # DDP averages gradients over ranks, so each rank's share is scaled by world size.
@@ -367,6 +374,7 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
                 optimizer.zero_grad(set_to_none=True)
                 tokens_seen += int(global_count)
                 done = step + 1
+                policy_row = policy.after_step(done) if policy is not None else {}
                 terms = {k: float(accelerator.reduce(v, reduction="sum") / global_count) for k, v in sums.items()}
                 bar.update(done, {"loss": float(total_loss), **terms})
                 train_seconds = seconds_before + time.perf_counter() - t_start
@@ -374,6 +382,7 @@ def _train(recipe: Recipe, accelerator, out: Path, setup: Setup | None, progress
                     row = {"step": done, "loss": float(total_loss), **{f"loss/{k}": v for k, v in terms.items()},
                            "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
                            "tokens_per_s": tokens_seen / train_seconds}  # the only wall-clock field
+                    row.update(policy_row)  # on-policy KD: share of generated batches, DistiLLM's threshold
                     if grad_norm is not None:
                         row["grad_norm"] = float(grad_norm)
                     metrics.write(row)

@@ -3,7 +3,7 @@
 ``from kdforge.losses import forward_kl, tinybert_attention, block_kd`` gives the
 function that a recipe's ``loss: <name>`` uses (``kdforge.losses.registry``);
 the implementations live in the submodules ``logits``, ``features``,
-``attention``, ``relations``, ``cam``, ``chunked``, ``sparse`` and ``stepping``
+``attention``, ``relations``, ``cam``, ``chunked``, ``sparse``, ``policy`` (MiniLLM) and ``stepping``
 (Block-KD's objective; its stepping stones are built in
 ``kdforge.teachers.stepping_stones``, a layer above).
 
@@ -38,6 +38,7 @@ __all__ = [
     "logit_mse",
     "minilm_relations",
     "minilm_v1",
+    "minillm_policy",
     "pkd_patient",
     "reverse_kl",
     "rkd",

@@ -8,11 +8,15 @@ from ..errors import KDForgeError
 from .stepping import block_kd
 from . import cross_tokenizer
 from . import attention, cam, features, logits, relations
+from . import policy
 
 # cross_entropy(student_logits, labels, *, mask): the ground-truth term.
 LABEL_LOSSES: dict[str, Callable] = {"cross_entropy": logits.cross_entropy}
 # fn(student_logits, teacher_logits, *, mask, temperature, ...): logit distillation.
-LOGIT_LOSSES: dict[str, Callable] = {**logits.LOGIT_LOSSES, "binary_kd": cam.binary_kd}
+# minillm_policy: MiniLLM's policy gradient on responses the student sampled (labels = the sampled tokens;
+# kdforge.onpolicy makes such batches).
+LOGIT_LOSSES: dict[str, Callable] = {**logits.LOGIT_LOSSES, "binary_kd": cam.binary_kd,
+                                     "minillm_policy": policy.minillm_policy}
 # fn(student_tensor, teacher_tensor, *, mask, ...): tensors captured by taps.
 FEATURE_LOSSES: dict[str, Callable] = {
     "hidden_mse": features.hidden_mse,
