@@ -239,3 +239,21 @@ def test_a_killed_generate_process_resumes_without_duplicates_or_losses(gen_reci
     whole = tmp_path / "whole.jsonl"
     generate_responses(parse_recipe(recipe), whole, progress=False)
     assert _records(whole) == (head, records), "the same file as an uninterrupted run"
+
+
+def test_the_teacher_is_named_by_its_weights(gen_recipe, tiny_assets):
+    from transformers import AutoModelForCausalLM
+
+    from kdforge.generate import teacher_identity
+
+    recipe = parse_recipe(gen_recipe)
+    load = lambda: AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"])  # noqa: E731
+    first, again = teacher_identity(recipe, load()), teacher_identity(recipe, load())
+    assert first == again and first["path"] == str(tiny_assets["teacher"])
+    other = load()
+    with torch.no_grad():  # past the first values of the tensor: the tensor's sum tells
+        other.model.layers[1].mlp.down_proj.weight[3, 5] += 0.01
+    assert teacher_identity(recipe, other)["fingerprint"] != first["fingerprint"]
+    noted = load()
+    noted.config.some_loader_note = "added"  # what a loader adds to the config does not rename the model
+    assert teacher_identity(recipe, noted)["fingerprint"] == first["fingerprint"]

@@ -11,7 +11,9 @@ identity, the generation settings, which prompts), then one record per prompt,
 ``reference``: the prompt set's own answer, e.g. the real continuation of a Shakespeare passage). Each batch's
 records are appended and fsync'ed, so a killed run loses at most the batch in flight: rerunning the same command
 repairs a line the kill cut off, skips the prompt ids already answered and appends the rest — no record twice, none
-lost. A file written with other settings or another teacher is never appended to.
+lost. A file written with other settings or another teacher is never appended to. Greedy answers do not depend on
+the batching (left padding is exact up to float rounding); sampled ones are seeded per batch by its first prompt id,
+so after a resume they are other draws of the same distribution than an uninterrupted run's.
 
 Generation is batched through transformers ``generate`` with the KV cache, prompts left-padded; it stops at
 ``max_new_tokens`` and (``stop_at_eos``) at EOS, greedy or sampled (temperature, top-p, a seed).
@@ -66,16 +68,18 @@ def prompt_source(recipe: Recipe) -> str:
 
 def teacher_identity(recipe: Recipe, model) -> dict[str, Any]:
     """What names the teacher in the header: the recipe's spec, the folder it loaded from, its parameter count and a
-    hash of its config and weights' shapes and first values (a different checkpoint in the same folder differs)."""
+    fingerprint of its weights (each tensor's name, shape, first values and sum; a different checkpoint in the same
+    folder differs). The config is left out: attributes a loader adds to it would change it without changing the
+    model."""
     from .models import resolve_model_path
     from .precision import resolve
 
     spec = recipe.teacher
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    digest = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tuple(p.shape)).encode())
-        digest.update(p.detach().reshape(-1)[:16].float().cpu().numpy().tobytes())
+        p = p.detach().float().cpu()
+        digest.update(f"{name}{tuple(p.shape)}{float(p.double().sum()):.6e}".encode())
+        digest.update(p.reshape(-1)[:16].numpy().tobytes())
     return {"model": spec.model, "gguf_file": spec.gguf_file, "path": str(resolve_model_path(spec)),
             "dtype": resolve(spec.dtype), "parameters": sum(p.numel() for p in model.parameters()),
             "fingerprint": digest.hexdigest()[:16]}
