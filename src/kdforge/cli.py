@@ -174,6 +174,29 @@ def cache_teacher(
     _run(body)
 
 
+@app.command("finetune-teacher")
+def finetune_teacher(
+    recipe: Path = typer.Argument(..., help="Recipe YAML with task: sequence_classification."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key, e.g. "
+                                             "--set teacher.config.epochs=2."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Fine-tune the recipe's teacher encoder with a class head on its training split, once: cached under
+    KDFORGE_CACHE/text_teachers by a hash of the model, teacher.config and the data, and reused by every run."""
+    from .recipe import load_recipe
+
+    def body():
+        r = load_recipe(recipe, set_ or [])
+        from .tasks.sequence_classification import finetune_teacher_command
+
+        folder, figures = finetune_teacher_command(r, progress=not no_progress)
+        typer.echo(f"teacher: {folder}")
+        typer.echo(f"held-out ({figures['heldout']} texts): accuracy {figures['accuracy']:.4f}, macro-F1 "
+                   f"{figures['macro_f1']:.4f}, ECE {figures['ece']:.4f}, {figures['examples_per_s']:.0f} examples/s")
+
+    _run(body)
+
+
 @app.command("generate")
 def generate(
     recipe: Path = typer.Argument(..., help="Recipe YAML: its teacher answers its prompts (data.prompts)."),
@@ -267,6 +290,14 @@ def _print_eval(res: dict, written: list[Path]) -> None:
     setup = res.get("heldout_setup") or {}
     caption = (f"{setup['eval_tokens']:,} held-out tokens, batch {setup['batch_size']}, teacher "
                f"{setup['teacher_precision'] or 'none'}" if setup.get("eval_tokens") else None)
+    if res.get("task") == "sentence_embedding":
+        columns = [("spearman_cosine", "Spearman (cosines)"), ("top10_overlap", "top-10 overlap"),
+                   ("teacher_cosine", "cos(S, T)"), ("sentences_per_s", "sentences/s"), ("parameters", "params")]
+        caption = f"{setup['sentences']:,} held-out sentences" if setup else None
+    if res.get("task") == "sequence_classification":
+        columns = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("ece", "ECE"), ("top1_agreement",
+                   "top-1 agr."), ("kl_teacher_student", "KL(T‖S)"), ("examples_per_s", "examples/s")]
+        caption = f"{setup['examples']:,} held-out texts" if setup else None
     if res.get("task") == "image_classification":
         columns = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("ece", "ECE"), ("top1_agreement",
                    "top-1 agr."), ("kl_teacher_student", "KL(T‖S)"), ("examples_per_s", "examples/s")]

@@ -73,7 +73,7 @@ class Distiller(nn.Module):
         self.teacher_source = teacher if needs_teacher else None
         self.shared_vocab: int | None = None
         teacher_model = getattr(self.teacher_source, "model", None)
-        if teacher_model is not None and hasattr(teacher_model, "get_output_embeddings"):
+        if teacher_model is not None and _has_vocabulary(teacher_model):  # not a classifier's head (no vocabulary)
             vt, vs = vocab_size(teacher_model), vocab_size(student)
             if vt != vs:
                 if not truncate_to_shared_vocab:
@@ -225,6 +225,8 @@ class Distiller(nn.Module):
             # terms, so the local/global scaling above is exact for them too (padding uneven across micro-batches).
             token_mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
             token_mask[:, :-1] = mask
+        elif batch.get("attention_mask") is not None:  # an encoder's padded texts: feature terms skip the padding
+            token_mask = batch["attention_mask"].bool()
         for b in self.terms:
             if step < b.term.start_step or (b.term.end_step is not None and step >= b.term.end_step):
                 continue
@@ -301,6 +303,12 @@ class Distiller(nn.Module):
 
     def _vocab(self, logits: torch.Tensor) -> torch.Tensor:
         return logits if self.shared_vocab is None else logits[..., : self.shared_vocab]
+
+
+def _has_vocabulary(model: nn.Module) -> bool:
+    """Whether `model` has a language-model head (a BERT classifier's get_output_embeddings() is None)."""
+    head = getattr(model, "get_output_embeddings", None)
+    return callable(head) and head() is not None
 
 
 def _keyword_names(fn: Callable) -> set[str]:

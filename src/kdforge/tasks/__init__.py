@@ -15,6 +15,9 @@ _CLASSES = {"causal_lm": ("causal_lm", "CausalLM"), "image_classification": ("im
             "multi_label_classification": ("multi_label_classification", "MultiLabelClassification"),
             "object_detection": ("object_detection", "ObjectDetection")}
 
+_CLASSES.update({"sequence_classification": ("sequence_classification", "SequenceClassification"),
+                 "sentence_embedding": ("sentence_embedding", "SentenceEmbedding")})
+
 
 def get_task(name: str):
     """The task object of `name` (one of kdforge.recipe.TASKS). Raises KDForgeError for any other name."""
