@@ -54,6 +54,15 @@ CLASSIFIER_QUALITY_COLUMNS = [
     ("nll", "NLL", True), ("top1_agreement", "top-1 agr.", False), ("kl_teacher_student", "KL(T‖S)", True),
     ("train_loss/cross_entropy", "train CE (last step)", True),
 ]
+# multi-label (task multi_label_classification) and detection (task object_detection) matrices
+MULTILABEL_QUALITY_COLUMNS = [
+    ("map", "mAP", False), ("macro_f1", "macro-F1 @0.5", False), ("exact_match", "exact set", False),
+    ("teacher_agreement", "teacher agr.", False), ("train_loss/binary_cross_entropy", "train BCE (last step)", True),
+]
+DETECTION_QUALITY_COLUMNS = [
+    ("map50", "mAP@0.5", False), ("map50_vs_teacher", "mAP@0.5 vs teacher", False),
+    ("detections_per_canvas", "detections/canvas", False), ("train_loss/detection", "train det. loss (last step)", True),
+]
 CLASSIFIER_COST_COLUMNS = [
     ("examples_per_s", "eval examples/s", False), ("parameters", "params", True), ("train_seconds", "wall s", True),
 ]
@@ -148,7 +157,10 @@ def _as_strings(overrides: dict[str, Any] | list[str] | None) -> list[str]:
 
 
 def is_ce_only(recipe: Recipe) -> bool:
-    return all(t.loss == "cross_entropy" for t in recipe.objective)
+    """Whether the recipe trains on the labels alone: cross-entropy, the multi-label task's binary cross-entropy, or
+    the detection task's loss on the student's own IoU assignment."""
+    return all(t.loss in ("cross_entropy", "binary_cross_entropy")
+               or (t.loss == "detection" and t.params.get("assignment", "iou") == "iou") for t in recipe.objective)
 
 
 def plan_cells(spec: MatrixSpec, base: dict[str, Any], out: Path) -> tuple[list[Cell], str]:
@@ -431,6 +443,9 @@ def results_tables(summary: dict, baseline: str,
                          for row in methods.values())
         kinds = ((("quality", CLASSIFIER_QUALITY_COLUMNS), ("cost", CLASSIFIER_COST_COLUMNS)) if classifier else
                  (("quality", QUALITY_COLUMNS), ("cost", COST_COLUMNS)))
+        for key, columns in (("map", MULTILABEL_QUALITY_COLUMNS), ("map50", DETECTION_QUALITY_COLUMNS)):
+            if any(key in row["metrics"] for row in methods.values()):
+                kinds = (("quality", columns), ("cost", CLASSIFIER_COST_COLUMNS))
         for title, columns in kinds:
             header = ["method", "seeds ok"] + [c[1] for c in columns]
             rows = []
