@@ -421,6 +421,33 @@ def summarize_cells(results: list[CellResult]) -> dict[str, dict[str, dict[str, 
     return table
 
 
+def calibration_summary(results: list[CellResult]) -> dict[str, Any] | None:
+    """Reliability-diagram bins pooled over each method's finished seeds, from the cells' final.json (classifier
+    tasks store `calibration` there: kdforge.evaluate.metrics.reliability_bins of the held-out top-1 confidence):
+    {"students": {student: {method: {n_bins, count, confidence_sum, correct, seeds}}}, "teacher": the first cell's
+    teacher bins or None}. Pooling adds the per-bin counts and sums, so a bin's accuracy is correct / count over
+    all seeds' held-out examples. None when no cell has them (a causal-LM bench)."""
+    students: dict[str, dict[str, Any]] = {}
+    teacher = None
+    for r in results:
+        final = Path(r.dir) / "final.json"
+        if r.status == "failed" or not final.is_file():
+            continue
+        data = json.loads(final.read_text())
+        bins = (data.get("student") or {}).get("calibration")
+        if not bins:
+            continue
+        teacher = teacher or (data.get("teacher") or {}).get("calibration")
+        pooled = students.setdefault(r.student, {}).get(r.method)
+        if pooled is None or pooled["n_bins"] != bins["n_bins"]:
+            students[r.student][r.method] = {**bins, "seeds": 1}
+            continue
+        for key in ("count", "confidence_sum", "correct"):
+            pooled[key] = [a + b for a, b in zip(pooled[key], bins[key])]
+        pooled["seeds"] += 1
+    return {"students": students, "teacher": teacher} if students else None
+
+
 def _fmt(ms: dict[str, Any] | None, key: str) -> str:
     if not ms or ms.get("mean") is None:
         return "—"
@@ -479,6 +506,7 @@ def write_results(out: Path, spec: MatrixSpec, baseline: str, cells: list[Cell],
         "name": spec.name, "dir": str(out), "matrix": spec.model_dump(mode="json"), "baseline": baseline,
         "methods": list(dict.fromkeys(c.method for c in cells)),
         "seeds": spec.seeds, "teacher": teacher, "summary": summary, "failed": failed,
+        "calibration": calibration_summary(results),
         "cells": [{**asdict(r), "recipe_hash": parse_recipe(c.recipe).hash() if c.recipe else None}
                   for r, c in zip(results, cells)],
         "statistics": "mean ± sample standard deviation (n-1) over seeds of each cell's last-step values; "

@@ -228,7 +228,30 @@ class CurriculumSpec(_Strict):
         return [s.steps if s.steps is not None else shares.pop(0) for s in self.stages]
 
 
+class CrossfitSpec(_Strict):
+    """Cross-fitted teachers (Dao et al., "Knowledge Distillation as Semiparametric Inference", ICLR 2021): the
+    training split is cut into `folds` stratified folds, teacher k is trained without fold k, and every training
+    example's soft label (and tapped features) comes from the teacher that never saw it (kdforge.crossfit).
+    task image_classification with `teacher.model: cnn` only; held-out metrics use the teacher trained on all of it."""
+
+    folds: int
+    """K, the number of folds and of fold teachers (2 up to the smallest class count of the training split)."""
+    seed: int = 0
+    """Seeds the fold assignment (the same folds for every recipe seed, so a bench's seeds share the K teachers)."""
+
+    @field_validator("folds", mode="before")
+    @classmethod
+    def _at_least_two(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+            raise ValueError(f"teacher.crossfit.folds must be an integer from 2 up to the smallest class count of the "
+                             f"training split, got {v!r}")
+        return v
+
+
 class TeacherSpec(ModelSpec):
+    crossfit: CrossfitSpec | None = None
+    """Cross-fitting: K teachers, each trained without one fold; each training example is labelled by the teacher
+    that did not see it. null: one teacher labels everything."""
     curriculum: CurriculumSpec | None = None
     """Learn from a sequence of teachers instead of one (partial to whole, PWKD): depth-truncated sub-networks of
     this teacher and/or other models, one per stage."""
@@ -287,6 +310,11 @@ class PruneSpec(_Strict):
     calibration_tokens: int = Field(4096, ge=1)
     """Training tokens the teacher reads to rank what is kept (whole training blocks, from the first)."""
 
+
+# semiparametric corrections per logit loss (kdforge.losses.logits; a test keeps them in step) and the tasks whose
+# batches carry one class id per example (or token), which a correction needs
+CORRECTIONS = {"forward_kl": ("orthogonal",), "logit_mse": ("orthogonal", "gamma_one", "gamma_one_minus_p")}
+LABELLED_TASKS = ("causal_lm", "image_classification", "sequence_classification")
 
 # losses that need student.tokenizer (kdforge.losses.registry.CROSS_TOKENIZER_LOSSES; a test keeps them in step)
 CROSS_TOKENIZER_LOSSES = ("uld", "span_kl")
@@ -832,6 +860,57 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _crossfit_teacher(self) -> "Recipe":
+        """teacher.crossfit trains K teachers from teacher.config, so it needs a teacher kdforge can refit."""
+        crossfit = self.teacher.crossfit if self.teacher is not None else None
+        if crossfit is None:
+            return self
+        if self.task != "image_classification":
+            raise ValueError(f"teacher.crossfit is supported for task image_classification (teacher.model: cnn), "
+                             f"not task {self.task}; remove teacher.crossfit")
+        if self.teacher.model != "cnn":
+            raise ValueError(f"teacher.crossfit retrains the teacher on K-1 folds, which a trained folder "
+                             f"('{self.teacher.model}') cannot be; set teacher.model: cnn (with teacher.config), or "
+                             "remove teacher.crossfit")
+        return self
+
+    @model_validator(mode="after")
+    def _semiparametric_corrections(self) -> "Recipe":
+        """A term's `correction` (Dao et al. 2021; kdforge.losses.logits): a loss that has one, a valid name, eps in
+        (0, 1), smoothing in [0, 1], one class label per example and the teacher's full distribution."""
+        for term in self.objective:
+            p = term.params
+            if "correction" in p and term.loss not in CORRECTIONS:
+                have = "; ".join(f"{k}: {', '.join(v)}" for k, v in CORRECTIONS.items())
+                raise ValueError(f"term '{term.label}': loss '{term.loss}' has no correction (corrections: {have}); "
+                                 "remove correction or use one of those losses")
+            if term.loss not in CORRECTIONS:
+                continue
+            correction = p.get("correction")
+            if correction is not None and correction not in CORRECTIONS[term.loss]:
+                raise ValueError(f"term '{term.label}': {term.loss} has no correction {correction!r}; valid: "
+                                 f"{', '.join(CORRECTIONS[term.loss])} (or null)")
+            for key, lo, hi, closed in (("eps", 0.0, 1.0, False), ("smoothing", 0.0, 1.0, True)):
+                v = p.get(key)
+                if v is None:
+                    continue
+                inside = isinstance(v, (int, float)) and not isinstance(v, bool) and \
+                    (lo <= v <= hi if closed else lo < v < hi)
+                if not inside:
+                    bounds = f"[{lo:g}, {hi:g}]" if closed else f"({lo:g}, {hi:g})"
+                    raise ValueError(f"term '{term.label}': {key} must be in {bounds}, got {v!r}")
+            if correction is None:
+                continue
+            if self.task not in LABELLED_TASKS:
+                raise ValueError(f"term '{term.label}': correction {correction!r} needs one class label per example, "
+                                 f"which task {self.task} does not have (tasks with labels: "
+                                 f"{', '.join(LABELLED_TASKS)}); remove the correction")
+            if self.teacher is not None and self.teacher.kind == "cache":
+                raise ValueError(f"term '{term.label}': correction {correction!r} needs the teacher's probability of "
+                                 "every class, and the offline cache stores only its top-k; use teacher.kind: live")
+        return self
+
+    @model_validator(mode="after")
     def _resolve_precision(self) -> "Recipe":
         """`auto` precisions become what this machine runs natively (kdforge.precision). Only a recipe that validated
         gets here, so a recipe error is reported without loading torch."""
@@ -858,6 +937,8 @@ class Recipe(_Strict):
             data.pop("task")
         if data["teacher"] is not None and not data["teacher"].get("config"):
             data["teacher"].pop("config", None)
+        if data["teacher"] is not None and data["teacher"].get("crossfit") is None:  # and from before crossfit
+            data["teacher"].pop("crossfit", None)
         data.pop("generate", None)  # only `kdforge generate` reads it
         if data.get("onpolicy") is None:  # recipes from before onpolicy keep their hash
             data.pop("onpolicy", None)

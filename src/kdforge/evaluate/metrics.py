@@ -34,6 +34,16 @@ def calibration_bins(confidence: torch.Tensor, correct: torch.Tensor,
     return counts, conf_sum, correct_sum
 
 
+def reliability_bins(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = ECE_BINS) -> dict[str, list]:
+    """The data of a reliability diagram, as JSON: the top-1 confidences [N] (probabilities in [0, 1]) and whether
+    each prediction was right [N] in `n_bins` equal-width bins (lo, hi] (the ECE's bins), with per bin `count`
+    (examples), `confidence_sum` and `correct` (sums, so the bins of several runs add up before dividing). A bin's
+    mean confidence is confidence_sum / count, its accuracy correct / count; ece_from_bins of the three is the ECE."""
+    counts, conf_sum, correct_sum = calibration_bins(confidence, correct, n_bins)
+    return {"n_bins": n_bins, "count": [int(c) for c in counts.tolist()], "confidence_sum": conf_sum.tolist(),
+            "correct": [int(c) for c in correct_sum.tolist()]}
+
+
 def ece_from_bins(counts: torch.Tensor, conf_sum: torch.Tensor, correct_sum: torch.Tensor) -> float:
     total = float(counts.sum())
     if total == 0:

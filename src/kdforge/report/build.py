@@ -18,7 +18,7 @@ import yaml
 
 from ..errors import KDForgeError
 from ..io import atomic_write_text
-from .plots import plot_cka_heatmap, plot_loss_curves, plot_term_curves, read_metrics
+from .plots import plot_cka_heatmap, plot_loss_curves, plot_reliability, plot_term_curves, read_metrics
 from .tables import _fmt
 
 ASSETS = "report_files"
@@ -382,6 +382,29 @@ def _seed(cell_dir: Path) -> int | None:
     return int(n) if n.isdigit() else None
 
 
+def _calibration_section(rep: Report, calibration: dict | None, cell_dirs: list[Path], baseline: str,
+                         methods: list[str] | None) -> None:
+    """Held-out reliability diagrams per student, one panel per method (bins pooled over its seeds) and the teacher's,
+    from results.json's `calibration`, else from the finished cells' final.json. Nothing for a bench whose cells
+    store no calibration bins (causal LM)."""
+    from ..bench import CellResult, calibration_summary
+
+    if calibration is None:
+        calibration = calibration_summary([CellResult(d.parent.parent.name, d.parent.name, _seed(d), str(d), "done")
+                                           for d in cell_dirs])
+    rank = {m: i for i, m in enumerate(methods or [])}
+    for student, arms in ((calibration or {}).get("students") or {}).items():
+        order = sorted(arms, key=lambda m: (m != baseline, rank.get(m, len(rank)), m))
+        panels = {(f"{m} (CE baseline)" if m == baseline else m): arms[m] for m in order}
+        if calibration.get("teacher"):
+            panels["teacher"] = calibration["teacher"]
+        png = plot_reliability(panels, rep.out_dir / ASSETS / f"reliability_{student}.png",
+                               f"held-out reliability diagrams, {student} (bins pooled over seeds)")
+        if png:
+            rep.heading(f"Calibration ({student}; held-out reliability diagrams)")
+            rep.image(png, f"reliability diagrams per method, {student}")
+
+
 def bench_report(bench: Path, rep: Report) -> None:
     from ..bench import CellResult, cell_metrics, results_tables, summarize_cells
 
@@ -430,6 +453,7 @@ def bench_report(bench: Path, rep: Report) -> None:
     if results.get("failed"):
         rep.heading("Failed cells")
         rep.table(["cell", "error"], [[f["cell"], f["error"] or ""] for f in results["failed"]])
+    _calibration_section(rep, results.get("calibration"), cell_dirs, baseline, results.get("methods"))
     # group cell dirs by student and method
     groups: dict[str, dict[str, list[Path]]] = {}
     for d in cell_dirs:

@@ -109,3 +109,44 @@ def plot_cka_heatmap(data: dict, path: Path, title: str = "linear CKA") -> Path:
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_reliability(arms: dict[str, dict], path: Path, title: str = "reliability") -> Path | None:
+    """Reliability diagrams (Guo et al. 2017), one panel per arm: over each equal-width top-1 confidence bin that
+    holds examples, its accuracy (bar) and the gap up to its mean confidence (shaded), against the diagonal of
+    perfect calibration; the panel's title gives the ECE of those bins and the example count. `arms`: name -> bins as kdforge.evaluate.metrics.reliability_bins writes them (count,
+    confidence_sum, correct per bin; pooled over seeds by kdforge.bench.calibration_summary). Returns None when no
+    arm has an example."""
+    arms = {k: v for k, v in arms.items() if v and sum(v["count"])}
+    if not arms:
+        return None
+    cols = min(4, len(arms))
+    nrows = (len(arms) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.3 * cols, 3.3 * nrows), squeeze=False)
+    for ax, (name, b) in zip(axes.flat, arms.items()):
+        n_bins, total = b["n_bins"], sum(b["count"])
+        width = 1.0 / n_bins
+        lefts, accs, confs, gap = [], [], [], 0.0
+        for i, (n, conf, right) in enumerate(zip(b["count"], b["confidence_sum"], b["correct"])):
+            if n:
+                lefts.append(i * width)
+                accs.append(right / n)
+                confs.append(conf / n)
+                gap += abs(conf - right)
+        ax.bar(lefts, accs, width=width, align="edge", color="tab:blue", edgecolor="white", label="accuracy")
+        ax.bar(lefts, [c - a for c, a in zip(confs, accs)], bottom=accs, width=width, align="edge",
+               color="tab:red", alpha=0.3, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("top-1 confidence")
+        ax.set_ylabel("accuracy")
+        seeds = f", {b['seeds']} seeds" if b.get("seeds", 1) > 1 else ""
+        ax.set_title(f"{name}\nECE {gap / total:.3f}, n={total}{seeds}", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7, loc="upper left")
+    for ax in list(axes.flat)[len(arms):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..distiller import Distiller
 from ..errors import KDForgeError
-from ..evaluate.metrics import expected_calibration_error
+from ..evaluate.metrics import expected_calibration_error, reliability_bins
 from ..io import atomic_write_dir, atomic_write_json, disk_full_as_error
 from ..models import cache_dir, count_parameters
 from ..progress import phase
@@ -287,6 +287,33 @@ def cached_teacher(config: dict[str, Any], train: ImageSet) -> CNN:
     return model
 
 
+def crossfit_folds(train: ImageSet, folds: int, seed: int) -> Tensor:
+    """[N] fold ids (0..folds-1) of the training images, stratified by class and fixed by `seed`
+    (kdforge.crossfit.stratified_folds). Raises KDForgeError (one line) when `folds` exceeds the smallest class
+    count of the training split, naming that class and the valid range."""
+    from ..crossfit import stratified_folds
+
+    counts = torch.bincount(train.labels)
+    present = counts.nonzero().flatten()
+    smallest = int(present[counts[present].argmin()])
+    if folds > counts[smallest]:
+        raise KDForgeError(f"teacher.crossfit.folds={folds} exceeds the smallest class count of the training split "
+                           f"(class {smallest} has {int(counts[smallest])} images in {train.source}); use 2.."
+                           f"{int(counts[smallest])}")
+    return stratified_folds(train.labels, folds, seed=seed)
+
+
+def fold_teachers(config: dict[str, Any], train: ImageSet, folds: Tensor) -> list[CNN]:
+    """Teacher k of `config` trained on the training images outside fold k, for k = 0..max(folds); each is cached
+    like the single teacher (cached_teacher: keyed by the config and the images it saw)."""
+    n = int(folds.max()) + 1
+    teachers = []
+    for k in range(n):
+        with phase(f"cross-fitting: teacher {k + 1} of {n} (without fold {k})"):
+            teachers.append(cached_teacher(config, train.subset((folds != k).nonzero().flatten())))
+    return teachers
+
+
 class PrecomputedTeacher:
     """A live teacher's outputs on every training image, computed once: its logits [N, K] and each tapped tensor
     [N, ...], looked up by the batch's `index` [B]. Exact because a training batch is stored images unchanged (no
@@ -318,6 +345,39 @@ class PrecomputedTeacher:
                 if per_image * len(data) > cls.MAX_BYTES:
                     return None
         return cls(live, torch.cat(logits), {k: torch.cat(v) for k, v in features.items()})
+
+    folds: Tensor | None = None
+    """[N] the fold of each training image when the outputs are cross-fitted (crossfit), else None."""
+
+    @classmethod
+    def crossfit(cls, live: LiveTeacher, fold_teachers: list[nn.Module], folds: Tensor, data: ImageSet, taps,
+                 batch_size: int = EVAL_BATCH) -> "PrecomputedTeacher":
+        """Out-of-fold outputs: image i's logits [K] and tapped tensors come from fold_teachers[folds[i]], the teacher
+        trained without fold folds[i] (Dao et al. 2021, cross-fitting). `live` (the teacher trained on all of `data`)
+        stays for batches without `index` (the Distiller's probe). Each fold teacher runs with its own Taps of the
+        same specs as `taps` (or none), at the live teacher's dtype. Raises KDForgeError when the outputs cannot be
+        stored (a tap that is not one tensor per batch, or more than MAX_BYTES)."""
+        from ..taps import Taps
+
+        logits: Tensor | None = None
+        features: dict[str, Tensor] = {}
+        for k, model in enumerate(fold_teachers):
+            held = (folds == k).nonzero().flatten()
+            fold_taps = Taps(model, {n: s.raw for n, s in taps.specs.items()}) if taps is not None else None
+            out = cls.build(LiveTeacher(model, live.dtype), data.subset(held), fold_taps, batch_size)
+            if out is None:
+                raise KDForgeError("teacher.crossfit needs every fold teacher's outputs stored once, but the tapped "
+                                   f"tensors are not one tensor per batch or exceed {cls.MAX_BYTES >> 20} MiB; tap "
+                                   "fewer or smaller layers, or remove teacher.crossfit")
+            if logits is None:
+                logits = out.logits.new_empty((len(data), *out.logits.shape[1:]))
+                features = {n: v.new_empty((len(data), *v.shape[1:])) for n, v in out.features.items()}
+            logits[held] = out.logits
+            for n, v in out.features.items():
+                features[n][held] = v
+        result = cls(live, logits, features)
+        result.folds = folds
+        return result
 
     def __call__(self, batch: dict[str, Tensor], taps=None) -> TeacherOutput:
         if "index" not in batch:
@@ -380,9 +440,23 @@ def classification_metrics(logits: Tensor, labels: Tensor, reference: Tensor | N
     return res
 
 
+def soft_label_summary(source: "PrecomputedTeacher", train: ImageSet) -> dict[str, Any]:
+    """What the student was trained towards on the training split: accuracy, NLL and ECE of the stored teacher logits
+    [N, K] against the training labels, `crossfit` (whether each image's logits come from a teacher that did not see
+    it) and, when cross-fitted, the images per fold. An in-sample teacher's figures here are optimistic; cross-fitted
+    ones are honest held-out figures."""
+    figures = classification_metrics(source.logits.float(), train.labels)
+    out: dict[str, Any] = {k: figures[k] for k in ("accuracy", "nll", "ece")}
+    out["crossfit"] = source.folds is not None
+    if source.folds is not None:
+        out["fold_sizes"] = torch.bincount(source.folds).tolist()
+    return out
+
+
 def evaluate_classifiers(student: nn.Module, teacher: nn.Module | None, data: ImageSet) -> dict[str, Any]:
     """{"student": figures, "teacher": figures | None, "heldout_setup": ...} on the held-out images (the teacher in
-    float32)."""
+    float32). Each model's figures hold `calibration`, its reliability-diagram bins (evaluate.metrics.reliability_bins
+    of the top-1 confidence, the 15 bins of its ECE)."""
     s_logits, s_speed = predict(student, data)
     res: dict[str, Any] = {"teacher": None}
     t_logits = None
@@ -392,6 +466,10 @@ def evaluate_classifiers(student: nn.Module, teacher: nn.Module | None, data: Im
                           "parameters": count_parameters(teacher)}
     res["student"] = {**classification_metrics(s_logits, data.labels, t_logits), "examples_per_s": s_speed,
                       "parameters": count_parameters(student)}
+    for name, logits in (("student", s_logits), ("teacher", t_logits)):  # a reliability diagram's bins (the ECE's)
+        if logits is not None:
+            probs = logits.softmax(-1).max(-1)
+            res[name]["calibration"] = reliability_bins(probs.values, probs.indices == data.labels)
     res["heldout_setup"] = {"examples": len(data), "batch_size": EVAL_BATCH,
                             "teacher_precision": "float32" if teacher is not None else None}
     return res
@@ -443,6 +521,8 @@ class ImageClassification:
             heads["teacher"] = recipe.teacher.config
         for part in (train, val):
             check_images(part, heads)
+        crossfit = recipe.teacher.crossfit if recipe.teacher is not None else None
+        folds = crossfit_folds(train, crossfit.folds, crossfit.seed) if crossfit is not None else None
         if teacher is None:
             teacher = build_teacher(recipe, train)
         if teacher is not None:
@@ -464,7 +544,14 @@ class ImageClassification:
         if isinstance(source, LiveTeacher) and not len(distiller.stepping_stones):  # Block-KD runs teacher blocks
             taps = distiller.teacher_taps if distiller.teacher_taps is not None and len(distiller.feature_terms) \
                 else None
-            distiller.teacher_source = PrecomputedTeacher.build(source, train, taps) or source
+            if folds is not None:  # every training image labelled by the teacher that did not see it
+                distiller.teacher_source = PrecomputedTeacher.crossfit(
+                    source, fold_teachers(recipe.teacher.config, train, folds), folds, train, taps)
+            else:
+                distiller.teacher_source = PrecomputedTeacher.build(source, train, taps) or source
+        elif folds is not None and source is not None:
+            raise KDForgeError("teacher.crossfit serves each training image the outputs of its fold's teacher, but "
+                               "a block_kd term runs the teacher's own blocks; remove block_kd or teacher.crossfit")
         return Setup(recipe, None, teacher, student, distiller, train, val, self)
 
     def make_batch(self, data: ImageSet, index: Tensor) -> dict[str, Tensor]:
@@ -483,8 +570,12 @@ class ImageClassification:
 
     def final_metrics(self, setup: Setup, *, progress: bool = True) -> dict[str, Any]:
         res = evaluate_classifiers(setup.student, setup.teacher, setup.val_blocks)
-        return {"step": setup.recipe.train.steps, "student": res["student"], "teacher": res["teacher"],
-                "student_parameters": count_parameters(setup.student), "heldout_setup": res["heldout_setup"]}
+        out = {"step": setup.recipe.train.steps, "student": res["student"], "teacher": res["teacher"],
+               "student_parameters": count_parameters(setup.student), "heldout_setup": res["heldout_setup"]}
+        source = setup.distiller.teacher_source
+        if isinstance(source, PrecomputedTeacher):
+            out["train_soft_labels"] = soft_label_summary(source, setup.train_blocks)
+        return out
 
     def export(self, setup: Setup, out: Path, final: dict[str, Any]) -> None:
         """out/student: config.json, model.safetensors (CNN.from_pretrained reads it) and a README.md."""
@@ -514,7 +605,8 @@ class ImageClassification:
         res = evaluate_classifiers(student, teacher, val)
         heldout = {"student": res["student"], **({"teacher": res["teacher"]} if teacher is not None else {})}
         out = {"task": self.name, "heldout": heldout, "heldout_setup": res["heldout_setup"],
-               "summary": dict(res["student"]), "student_path": str(folder),
+               "summary": {k: v for k, v in res["student"].items() if k != "calibration"},
+               "student_path": str(folder),
                "teacher": recipe.teacher.model_dump() if recipe.teacher else None, "data": recipe.data.model_dump(),
                "notes": []}
         if out_dir is not None:
