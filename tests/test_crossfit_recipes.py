@@ -139,6 +139,14 @@ def test_a_crossfit_recipe_trains_end_to_end_and_held_out_figures_use_the_full_t
     ev = ic.ImageClassification().run_eval(out, r)
     assert ev["heldout"]["teacher"]["accuracy"] == pytest.approx(want_teacher["accuracy"])
     assert "calibration" not in ev["summary"] and sum(ev["heldout"]["student"]["calibration"]["count"]) == len(val)
+    # the run's report draws the student's and the teacher's reliability diagrams from final.json's bins
+    from kdforge.report.build import build_report
+
+    bins = final["student"]["calibration"]
+    assert sum(bins["count"]) == len(val) and sum(bins["correct"]) == round(final["student"]["accuracy"] * len(val))
+    _, md, _ = build_report(out)
+    assert "## Calibration (held-out reliability diagrams)" in md.read_text()
+    assert (out / "report_files" / "reliability.png").is_file()
 
 
 def test_bad_crossfit_and_correction_settings_are_one_line_refusals(tmp_path, monkeypatch):

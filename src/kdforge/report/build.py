@@ -287,6 +287,12 @@ def run_report(run: Path, rep: Report) -> None:
     else:
         rep.missing.append("metrics.jsonl: no training step was logged, so there are no loss curves")
         rep.text("No metrics.jsonl.")
+    # calibration: a classifier's held-out reliability diagrams (final.json stores the bins)
+    panels = {name: ((final or {}).get(name) or {}).get("calibration") for name in ("student", "teacher")}
+    png = plot_reliability(panels, rep.out_dir / ASSETS / "reliability.png", "held-out reliability diagrams")
+    if png:
+        rep.heading("Calibration (held-out reliability diagrams)")
+        rep.image(png, "reliability diagrams, student and teacher")
     # CKA
     rep.heading("Layer similarity (linear CKA)")
     cka = _cka_png(run, rep.out_dir / ASSETS / "cka.png", "student vs teacher")
@@ -299,6 +305,9 @@ def run_report(run: Path, rep: Report) -> None:
     if gen:
         cols = {"teacher": gen.get("teacher"), "baseline": gen.get("baseline"), "student": gen.get("student")}
         _generations_section(rep, gen["prompts"], {k: v for k, v in cols.items() if v})
+    from .prompt_generations import from_eval
+
+    from_eval(rep, ev)  # a run on prompt–response data: answers to held-out prompts, side by side, and their scores
 
 
 def _measured_on(setup: dict | None) -> str:
@@ -494,6 +503,16 @@ def bench_report(bench: Path, rep: Report) -> None:
             _generations_section(rep, prompts, columns)
         else:
             rep.missing.append(f"generations ({student}): no cell has an eval.json yet")
+        from .prompt_generations import from_cells
+
+        evals = {}  # answers to held-out prompts (prompt–response matrices): first seed with eval.json per method
+        for m in order:
+            for d in sorted(methods[m], key=_seed):
+                ev = _read_json(d / "eval.json")
+                if ev and ev.get("prompt_generation"):
+                    evals[f"{m} (CE baseline)" if m == baseline else m] = ev
+                    break
+        from_cells(rep, evals)
     # manifest of the first cell, and every cell's recipe hash
     first = next((d for d in cell_dirs if (d / "manifest.json").is_file()), None)
     _manifest_section(rep, _read_json(first / "manifest.json") if first else None,

@@ -113,7 +113,7 @@ def plot_cka_heatmap(data: dict, path: Path, title: str = "linear CKA") -> Path:
 
 def plot_reliability(arms: dict[str, dict], path: Path, title: str = "reliability") -> Path | None:
     """Reliability diagrams (Guo et al. 2017), one panel per arm: over each equal-width top-1 confidence bin that
-    holds examples, its accuracy (bar) and the gap up to its mean confidence (shaded), against the diagonal of
+    holds examples, its accuracy (bar) and the gap to its mean confidence (hatched), against the diagonal of
     perfect calibration; the panel's title gives the ECE of those bins and the example count. `arms`: name -> bins as kdforge.evaluate.metrics.reliability_bins writes them (count,
     confidence_sum, correct per bin; pooled over seeds by kdforge.bench.calibration_summary). Returns None when no
     arm has an example."""
@@ -134,8 +134,9 @@ def plot_reliability(arms: dict[str, dict], path: Path, title: str = "reliabilit
                 confs.append(conf / n)
                 gap += abs(conf - right)
         ax.bar(lefts, accs, width=width, align="edge", color="tab:blue", edgecolor="white", label="accuracy")
-        ax.bar(lefts, [c - a for c, a in zip(confs, accs)], bottom=accs, width=width, align="edge",
-               color="tab:red", alpha=0.3, label="gap to confidence")
+        ax.bar(lefts, [abs(c - a) for c, a in zip(confs, accs)], bottom=[min(c, a) for c, a in zip(confs, accs)],
+               width=width, align="edge", fill=False, edgecolor="tab:red", hatch="///", linewidth=0.8,
+               label="gap to mean confidence")
         ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
