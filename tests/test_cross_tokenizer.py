@@ -44,6 +44,8 @@ def test_uld_equals_a_direct_computation_on_hand_made_distributions():
     mask = torch.tensor([[True, True, True], [True, True, False]])  # example 2 has two pairs
     got = uld(s, t, mask=mask)
     assert got.item() == pytest.approx(_direct_uld(s, t, mask), abs=1e-6)
+    # the student's vocabulary the larger one: the teacher's sorted vector is the one padded
+    assert uld(t, s, mask=mask).item() == pytest.approx(_direct_uld(t, s, mask), abs=1e-6)
     # one hand-checked pair: student (0.5, 0.5), teacher (1, 0, 0): |0.5-1| + |0.5-0| + |0-0| = 1
     one = uld(torch.tensor([[[0.0, 0.0]]]), torch.tensor([[[100.0, 0.0, 0.0]]]))
     assert one.item() == pytest.approx(1.0, abs=1e-6)

@@ -255,3 +255,17 @@ def test_resumed_run_makes_the_same_generations_and_replays(op_recipe, tmp_path,
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     rows = [json.loads(x) for x in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
     assert "onpolicy/threshold" in rows[-1] and "onpolicy/validation_loss" in rows[-1]
+
+
+def test_seq_kd_gives_the_other_batches_the_teachers_samples(op_recipe):
+    setup, batch = _setup({**op_recipe, "onpolicy": {**op_recipe["onpolicy"], "lambda": 0.0, "seq_kd": True}})
+    policy = onpolicy_for(setup)
+    out = policy.batches([batch], step=2)[0]
+    prompts = prompts_of(batch)
+    gen = GenerateSpec(max_new_tokens=8, do_sample=True, temperature=1.0)
+    expected = generate_batch(setup.teacher, setup.tokenizer, prompts, gen, seed=derived_seed(0, "generate", 2, 0, 0))
+    eos = setup.tokenizer.eos_token_id
+    for i, (p, e) in enumerate(zip(prompts, expected)):
+        response = e["ids"] + ([eos] if e["finish"] == "eos" else [])
+        assert out["input_ids"][i, :len(p) + len(response)].tolist() == p + response
+    assert policy.log_fields() == {"onpolicy/generated": 0.0, "onpolicy/teacher_generated": 1.0}

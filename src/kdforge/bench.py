@@ -43,6 +43,12 @@ QUALITY_COLUMNS = [
     ("gen_token_agreement", "gen. token agr.", False), ("gen_exact_match", "gen. exact", False),
     ("cka_last_to_last", "CKA last", False), ("train_loss/cross_entropy", "train CE (last step)", True),
 ]
+# a matrix on prompt–response data (data.prompts) adds a table of its generations on held-out prompts
+GENERATION_COLUMNS = [
+    ("rougeL_reference", "ROUGE-L vs real", False), ("rougeL_teacher", "ROUGE-L vs teacher", False),
+    ("distinct_1", "distinct-1", False), ("distinct_2", "distinct-2", False),
+    ("mean_response_tokens", "mean length (tokens)", False),
+]
 COST_COLUMNS = [
     ("prefill_tokens_per_s", "prefill tok/s", False), ("generation_tokens_per_s", "gen. tok/s", False),
     ("parameters", "params", True), ("safetensors_bytes", "safetensors bytes", True),
@@ -238,9 +244,15 @@ def _evaluator(recipe: Recipe, teacher, tokenizer, spec: EvalSpec):
     if key not in _CONTEXT:
         val = _corpus_blocks(recipe, tokenizer)[1]  # the held-out blocks training evaluated on
         teacher_dir = resolve_model_path(recipe.teacher) if recipe.teacher else None
+        records = None
+        if recipe.data.prompts is not None:  # held-out prompts: answered and scored (ROUGE-L, distinct-n, length)
+            from .data.prompts import load_prompt_set
+
+            records = load_prompt_set(recipe.data, tokenizer).validation
         _CONTEXT[key] = Evaluator(tokenizer, teacher, val, spec,
                                   teacher_bf16=bool(recipe.teacher and recipe.teacher.dtype == "bfloat16"),
-                                  teacher_dir=teacher_dir if isinstance(teacher_dir, Path) else None)
+                                  teacher_dir=teacher_dir if isinstance(teacher_dir, Path) else None,
+                                  prompt_records=records)
     return _CONTEXT[key]
 
 
@@ -290,7 +302,9 @@ def run_cell(cell: Cell, eval_spec: EvalSpec, keep_checkpoints: bool = False) ->
         else:
             (cell_dir / "failed.json").unlink(missing_ok=True)
             recipe = parse_recipe(cell.recipe)
-            if recipe.task != "causal_lm":  # the task trains, then evaluates as `kdforge eval` does (eval.json)
+            # the task trains, then evaluates as `kdforge eval` does (eval.json); so does a student with its own
+            # tokenizer (student.tokenizer), which the shared held-out blocks and evaluator below do not fit
+            if recipe.task != "causal_lm" or recipe.student.tokenizer is not None:
                 from .tasks import task_for
 
                 if not (cell_dir / "final.json").is_file():
@@ -473,6 +487,8 @@ def results_tables(summary: dict, baseline: str,
         for key, columns in (("map", MULTILABEL_QUALITY_COLUMNS), ("map50", DETECTION_QUALITY_COLUMNS)):
             if any(key in row["metrics"] for row in methods.values()):
                 kinds = (("quality", columns), ("cost", CLASSIFIER_COST_COLUMNS))
+        if any("rougeL_reference" in row["metrics"] for row in methods.values()):
+            kinds = (*kinds, ("generation on held-out prompts", GENERATION_COLUMNS))
         for title, columns in kinds:
             header = ["method", "seeds ok"] + [c[1] for c in columns]
             rows = []

@@ -367,15 +367,15 @@ def final_metrics(setup, *, progress: bool = True) -> dict[str, Any]:
     batch = EvalSpec().batch_size
     res = evaluate_models({"student": setup.student}, setup.val_blocks, batch_size=batch,
                           progress="final evaluation" if progress else None)
+    precision = resolve(setup.recipe.teacher.dtype) if setup.teacher is not None else None
     final: dict[str, Any] = {"step": setup.recipe.train.steps, "student": res["student"], "teacher": None,
                              "student_parameters": count_parameters(plain_model(setup.student)),
-                             "heldout_setup": heldout_setup(setup.val_blocks, None, batch),
+                             "heldout_setup": heldout_setup(setup.val_blocks, precision, batch),
                              "cross_tokenizer": {"student_vocabulary": len(setup.tokenizer)}}
     val_pairs = getattr(setup.distiller, "val_pairs", None)
     if setup.teacher is not None and val_pairs is not None:
-        bf16 = resolve(setup.recipe.teacher.dtype) == "bfloat16"
         final["teacher"] = evaluate_models({"teacher": setup.teacher}, val_pairs.teacher, batch_size=batch,
-                                           bf16={"teacher": bf16})["teacher"]
+                                           bf16={"teacher": precision == "bfloat16"})["teacher"]
         final["cross_tokenizer"].update({"teacher_heldout_blocks": int(len(val_pairs.teacher)),
                                          "heldout_aligned_fraction": val_pairs.aligned_fraction})
     if setup.distiller.shared is not None:

@@ -1051,6 +1051,12 @@ class EvalSpec(_Strict):
     """Layer-by-layer linear CKA against the teacher (cka.json, cka.png)."""
     cka_tokens: int = Field(1024, ge=16)
     """Held-out tokens the CKA is computed on."""
+    prompt_generations: int = Field(16, ge=0)
+    """For a run on prompt–response data (data.prompts): the first this many held-out prompts are answered greedily
+    by the student and the teacher and scored by ROUGE-L (against the real response and the teacher's answer),
+    distinct-1/2 and mean length (kdforge.evaluate.generation_metrics); 0 skips."""
+    prompt_new_tokens: int = Field(48, ge=1)
+    """New tokens per answer at most (an answer also stops at EOS)."""
     batch_size: int = Field(8, ge=1)
     """Blocks per evaluation batch."""
 

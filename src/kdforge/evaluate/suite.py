@@ -94,9 +94,18 @@ def heldout_setup(blocks: TokenBlocks, teacher_precision: str | None, batch_size
 
 class Evaluator:
     def __init__(self, tokenizer, teacher: nn.Module | None, val_blocks: TokenBlocks, spec: EvalSpec | None = None,
-                 *, teacher_bf16: bool = False, teacher_dir: str | Path | None = None):
+                 *, teacher_bf16: bool = False, teacher_dir: str | Path | None = None, prompt_records=None,
+                 answer_teacher: tuple[nn.Module, Any] | None = None):
+        """prompt_records: held-out prompt–response records (kdforge.data.prompts.PromptRecord) whose prompts the
+        student and the teacher answer (spec.prompt_generations of them; kdforge.evaluate.generation_metrics).
+        answer_teacher: (model, tokenizer) that answers them when it is not (teacher, tokenizer): a teacher with
+        another tokenizer than the student's (student.tokenizer), which then takes no part in the token-level
+        figures (teacher=None)."""
         self.tokenizer = tokenizer
         self.teacher = teacher
+        kept = (spec or EvalSpec()).prompt_generations
+        self.prompt_records = [r for r in (prompt_records or []) if r.response][:kept]
+        self.answer_teacher = answer_teacher or ((teacher, tokenizer) if teacher is not None else None)
         self.val_blocks = val_blocks
         self.spec = spec or EvalSpec()
         self.teacher_bf16 = teacher_bf16
@@ -131,6 +140,20 @@ class Evaluator:
                 fig["prefill_tokens_per_s"] = prefill_tokens_per_s(t, self.val_blocks, spec.batch_size, bf16=bf16)
         self._teacher = fig
         return fig
+
+    def teacher_answers(self) -> list[str] | None:
+        """The teacher's greedy answers to the held-out prompts (made once), or None without prompts or teacher."""
+        if not self.prompt_records or self.answer_teacher is None:
+            return None
+        if not hasattr(self, "_answers"):
+            from .generation_metrics import answer
+
+            model, tok = self.answer_teacher
+            with phase(f"teacher: answering {len(self.prompt_records)} held-out prompts"):
+                self._answers = answer(model, tok, [r.prompt for r in self.prompt_records],
+                                       self.spec.prompt_new_tokens, batch_size=self.spec.batch_size,
+                                       bf16=self.teacher_bf16)
+        return self._answers[0]
 
     def evaluate(self, student: nn.Module, *, student_dir: str | Path | None = None, out_dir: str | Path | None = None,
                  heldout: bool = True, baseline: nn.Module | None = None) -> dict[str, Any]:
@@ -176,6 +199,24 @@ class Evaluator:
             if baseline is not None:
                 g["baseline"] = greedy_generate(baseline, self.tokenizer, self.prompts, spec.new_tokens).texts
             res["generation"] = g
+        # generations on held-out prompts: ROUGE-L, distinct-n, length (kdforge.evaluate.generation_metrics)
+        if self.prompt_records:
+            from .generation_metrics import answer, evaluate_prompt_generations
+
+            t_answers = self.teacher_answers()
+            with phase(f"answering {len(self.prompt_records)} held-out prompts"):
+                pg = evaluate_prompt_generations(
+                    self.prompt_records, student, self.tokenizer, teacher_answers=t_answers,
+                    teacher_tokenizer=self.answer_teacher[1] if self.answer_teacher else None,
+                    max_new_tokens=spec.prompt_new_tokens, batch_size=spec.batch_size)
+                if baseline is not None:
+                    from .generation_metrics import generation_figures
+
+                    texts, counts = answer(baseline, self.tokenizer, pg["prompts"], spec.prompt_new_tokens,
+                                           batch_size=spec.batch_size)
+                    pg["baseline"] = texts
+                    pg["figures"]["baseline"] = generation_figures(texts, counts, pg["references"], t_answers)
+            res["prompt_generation"] = pg
         # speed, size, memory
         size = {"student": {"parameters": count_parameters(student), "parameter_bytes": parameter_bytes(student),
                             "safetensors_bytes": safetensors_bytes(student_dir)}}
@@ -236,6 +277,8 @@ def summarize(res: dict[str, Any]) -> dict[str, float]:
     out.update({k: v for k, v in sz.items() if v is not None})
     if "cka" in res:
         out["cka_last_to_last"] = res["cka"]["last_to_last"]
+    pg = ((res.get("prompt_generation") or {}).get("figures") or {}).get("student") or {}
+    out.update({k: v for k, v in pg.items() if k != "mean_response_words"})
     if "memory" in res:
         out["peak_rss_bytes"] = res["memory"]["peak_rss_bytes"]
     return out
@@ -319,11 +362,31 @@ def run_eval(target: str | Path, *, teacher: str | None = None, corpus: str | No
         t_model = load_teacher(teacher_spec) if teacher_spec else None
         t_dir = resolve_model_path(teacher_spec) if teacher_spec else None
     base_model = load_causal_lm(ModelSpec(model=str(_student_folder(Path(baseline))))) if baseline else None
-    evaluator = Evaluator(tok, t_model, val, spec, teacher_bf16=bool(teacher_spec and resolve(teacher_spec.dtype) == "bfloat16"),
-                          teacher_dir=t_dir if isinstance(t_dir, Path) else None)
+    t_bf16 = bool(teacher_spec and resolve(teacher_spec.dtype) == "bfloat16")
+    held_records = held if data.prompts is not None else None
+    # a student with its own tokenizer (student.tokenizer): the teacher answers the held-out prompts and is measured
+    # on its own tokens, but takes no part in the token-level comparisons (agreement, KL, CKA)
+    cross = t_model is not None and (recipe is not None and recipe.student.tokenizer is not None
+                                     or len(tok) != int(t_model.get_output_embeddings().weight.shape[0])) \
+        and data.prompts is not None
+    answer_teacher = None
+    if cross:
+        t_tok = load_tokenizer(teacher_spec)
+        answer_teacher = (t_model, t_tok)
+    evaluator = Evaluator(tok, None if cross else t_model, val, spec, teacher_bf16=t_bf16,
+                          teacher_dir=t_dir if isinstance(t_dir, Path) else None, prompt_records=held_records,
+                          answer_teacher=answer_teacher)
     if out_dir is None and is_run:
         out_dir = target
     res = evaluator.evaluate(model, student_dir=folder, out_dir=out_dir, baseline=base_model)
+    if cross:
+        t_val = encode_records(held, t_tok, data.seq_len, data.max_prompt_tokens, data.max_eval_tokens,
+                               "held-out prompt set")[0]
+        res.setdefault("heldout", {})["teacher"] = evaluate_models(
+            {"teacher": t_model}, t_val, batch_size=evaluator.spec.batch_size, bf16={"teacher": t_bf16},
+            progress="teacher: held-out evaluation")["teacher"]
+        res["notes"].append("the student has its own tokenizer: the teacher is measured on its own tokens (compare "
+                            "bits per character); no token agreement, KL or CKA")
     res["student_path"] = str(folder)
     res["baseline_path"] = str(_student_folder(Path(baseline))) if baseline else None
     res["teacher"] = teacher_spec.model_dump() if teacher_spec else None
