@@ -238,3 +238,36 @@ def test_the_recipe_knows_the_registry_s_cross_tokenizer_losses():
     from kdforge.recipe import CROSS_TOKENIZER_LOSSES
 
     assert set(CROSS_TOKENIZER_LOSSES) == set(registry.CROSS_TOKENIZER_LOSSES)
+
+
+def test_seqkd_recipe_with_a_student_of_another_tokenizer(tiny_assets, tmp_path):
+    """recipes/seqkd.yaml with student.tokenizer: the teacher's generated text is re-tokenized by the student's BPE."""
+    from pathlib import Path
+
+    from conftest import make_text
+
+    from kdforge.generate import generate_responses
+    from kdforge.recipe import load_recipe
+    from kdforge.train import train
+
+    rows = [{"prompt": make_text(12, i).replace("\n", " ")[:40], "response": "x"} for i in range(12)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = [{"prompt": make_text(30, 50 + i)[:40], "response": make_text(30, 50 + i)[40:120]} for i in range(3)]
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    shipped = Path(__file__).resolve().parents[1] / "recipes" / "seqkd.yaml"
+    recipe = load_recipe(shipped, [
+        f"output_dir={tmp_path / 'run'}", f"teacher.model={tiny_assets['teacher']}", "teacher.dtype=float32",
+        f"generate.prompts={tmp_path / 'prompts.jsonl'}", "generate.max_new_tokens=8", "generate.max_prompts=10",
+        f"data.prompts={tmp_path / 'seqkd.jsonl'}", f"data.validation=[{tmp_path / 'held.jsonl'}]", "data.seq_len=32",
+        "student.tokenizer=bpe:320", "student.config={hidden_size: 32, num_hidden_layers: 2, intermediate_size: 64, "
+        "num_attention_heads: 4, num_key_value_heads: 2, head_dim: 8}",
+        "train.steps=2", "train.batch_size=4", "train.warmup_steps=1"])
+    assert generate_responses(recipe, progress=False)["written"] == 10
+    run = train(recipe, progress=False)
+    final = json.loads((run / "final.json").read_text())
+    assert final["cross_tokenizer"]["student_vocabulary"] == 320 and final["student"]["perplexity"] > 0
+    answers = [json.loads(x)["response"] for x in (tmp_path / "seqkd.jsonl").read_text().splitlines()[1:]]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run / "student")  # the student's own BPE, exported with it
+    assert len(tok) == 320 and tok.decode(tok(answers[0], add_special_tokens=False)["input_ids"]) == answers[0]
