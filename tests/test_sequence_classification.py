@@ -222,3 +222,23 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path, encoder
            [{k: v for k, v in r.items() if k not in strip} for r in rows_of(cut)]
     fa, fb = (json.loads((p / "final.json").read_text())["student"] for p in (whole, cut))
     assert fa["accuracy"] == fb["accuracy"] and fa["nll"] == fb["nll"]
+
+
+def test_the_sentiment_matrix_resolves_every_cell_and_a_slice_runs_through_kdforge_bench(tmp_path, encoder):
+    from kdforge.bench import load_matrix, plan_cells
+
+    matrix = Path(__file__).resolve().parents[1] / "benchmarks" / "sentiment_matrix.yaml"
+    tiny = [f"teacher.model={encoder}", f"teacher.config={json.dumps(TEACHER_CONFIG)}", "student.layers=[0, 2]",
+            "data.max_train_examples=1200", "data.max_eval_examples=300", "data.seq_len=48", "train.steps=8",
+            "train.batch_size=16", "train.lr=0.002", "train.warmup_steps=2", "train.save_every=4"]
+    spec, base = load_matrix(matrix)
+    cells, baseline = plan_cells(spec, base, tmp_path / "plan")
+    assert baseline == "ce" and len(cells) == 8 * 3 and all(c.recipe is not None for c in cells), \
+        [c.error for c in cells if c.recipe is None]
+    args = ["bench", str(matrix), "--out", str(tmp_path / "bench"), "--seeds", "0", "--methods", "kd"]
+    for item in tiny:
+        args += ["--set", item]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    table = (tmp_path / "bench" / "results.md").read_text()
+    assert "accuracy" in table and "macro-F1" in table and "ce (CE baseline)" in table and "| kd |" in table

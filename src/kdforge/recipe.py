@@ -264,7 +264,9 @@ class TeacherSpec(ModelSpec):
     config: dict[str, Any] = Field(default_factory=dict)
     """task image_classification with `model: cnn`: the teacher CNN's architecture and training (kdforge.recipe
     CNNTeacherSpec: channels, pool_after, head, num_classes, in_channels, epochs, lr, batch_size, seed); the defaults
-    are filled in when the recipe loads. Unused by causal_lm."""
+    are filled in when the recipe loads. task sequence_classification: how the teacher encoder's class head is
+    fine-tuned once (kdforge.recipe TextTeacherSpec: epochs, lr, batch_size, warmup_ratio, weight_decay, max_examples,
+    seed). Unused by causal_lm."""
 
     @model_validator(mode="after")
     def _cache_needs_path(self) -> "TeacherSpec":
