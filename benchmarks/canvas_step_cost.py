@@ -9,7 +9,7 @@ training examples/s of each. The teacher's outputs (and, for LAD, the assignment
 training; that one-time cost is printed too. Target of issue #12: <= 1.3x.
 
     .venv/bin/python benchmarks/canvas_step_cost.py [--task multilabel|detection|both] [--steps 100] [--batch 32]
-        [--threads 1] [--n-train N]
+        [--threads 1] [--n-train N] [--set key=value ...]
 """
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n-train", type=int, default=None, help="training canvases (default: the recipes')")
+    ap.add_argument("--set", action="append", default=[], help="a recipe override for every recipe, like distill --set")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} "
@@ -67,7 +68,8 @@ def main() -> None:
           f"{'CPU ratio':>9} {'plain ex/s':>11} {'KD ex/s':>8} {'once s':>7}")
     for task in (["multilabel", "detection"] if args.task == "both" else [args.task]):
         plain_name, arms = ARMS[task]
-        extra = [f"train.batch_size={args.batch}"] + ([f"data.canvas.n_train={args.n_train}"] if args.n_train else [])
+        extra = ([f"train.batch_size={args.batch}"] + ([f"data.canvas.n_train={args.n_train}"] if args.n_train else [])
+                 + args.set)
         plain_recipe = load_recipe(RECIPES / f"{plain_name}.yaml", extra)
         plain = prepare(plain_recipe)
         g = torch.Generator().manual_seed(0)

@@ -155,11 +155,11 @@ def test_distill_and_eval_through_the_cli_learn_above_an_untrained_detector(tmp_
 
 
 def test_a_resumed_lad_run_ends_with_the_same_student(tmp_path):
-    r = small_recipe("detection_lad", tmp_path / "a", steps=6, save_every=3)
+    r = small_recipe("detection_lad", tmp_path / "a", steps=4, save_every=2)
     a = train(parse_recipe(r), progress=False)
     b_recipe = parse_recipe({**r, "output_dir": str(tmp_path / "b")})
     train(b_recipe, progress=False)
-    b = train(b_recipe, progress=False, resume_from="step_00000003")
+    b = train(b_recipe, progress=False, resume_from="step_00000002")
     sa, sb = od.Detector.from_pretrained(a / "student"), od.Detector.from_pretrained(b / "student")
     for (name, x), (_, y) in zip(sa.state_dict().items(), sb.state_dict().items()):
         assert torch.equal(x, y), name

@@ -344,7 +344,8 @@ def evaluate_models(student: Detector, teacher: Detector | None, data: CanvasSet
         t_dets = predict(teacher, data.images)
         t_map, t_per = voc_average_precision(t_dets, truth, k)
         res["teacher"] = {"map50": t_map, "ap50_per_class": t_per,
-                          "examples_per_s": forward_speed(teacher, data.images), "parameters": count_parameters(teacher),
+                          "examples_per_s": forward_speed(teacher, data.images),
+                          "parameters": count_parameters(teacher),
                           "detections_per_canvas": sum(len(d[0]) for d in t_dets) / len(t_dets)}
         confident = [(b[s >= 0.5], c[s >= 0.5]) for b, s, c in t_dets]
         res["student"]["map50_vs_teacher"] = voc_average_precision(s_dets, confident, k)[0]
@@ -360,8 +361,8 @@ def _card(recipe: Recipe, final: dict[str, Any]) -> str:
     s, t = final["student"], final.get("teacher") or {}
     teacher = recipe.teacher.model if recipe.teacher is not None else "none"
     t_map = f"{t['map50']:.4g}" if t else "—"
-    return (f"# {recipe.name}\n\nA {final['student_parameters']:,}-parameter single-stage digit detector distilled with "
-            f"kdforge from `{teacher}` on `{recipe.data.corpus}`; load it with "
+    return (f"# {recipe.name}\n\nA {final['student_parameters']:,}-parameter single-stage digit detector distilled "
+            f"with kdforge from `{teacher}` on `{recipe.data.corpus}`; load it with "
             "`kdforge.tasks.object_detection.Detector.from_pretrained(folder)`.\n\n"
             f"| held-out | student | teacher |\n|---|---|---|\n| mAP@0.5 | {s['map50']:.4g} | {t_map} |\n")
 
