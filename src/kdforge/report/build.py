@@ -30,6 +30,13 @@ RUN_COLUMNS = [("perplexity", "held-out ppl"), ("bits_per_char", "bits/char"), (
                ("prefill_tokens_per_s", "prefill tok/s"), ("generation_tokens_per_s", "gen. tok/s"),
                ("parameters", "params"), ("safetensors_bytes", "safetensors bytes")]
 # a classifier's run (task image_classification): final.json and eval.json hold accuracy, not perplexity
+# multi-label (task multi_label_classification) and detection (task object_detection) runs
+MULTILABEL_RUN_COLUMNS = [("map", "mAP"), ("macro_f1", "macro-F1 @0.5"), ("exact_match", "exact set"),
+                          ("teacher_agreement", "teacher agr."), ("examples_per_s", "eval examples/s"),
+                          ("parameters", "params")]
+DETECTION_RUN_COLUMNS = [("map50", "mAP@0.5"), ("map50_vs_teacher", "mAP@0.5 vs teacher"),
+                         ("detections_per_canvas", "detections/canvas"), ("examples_per_s", "eval examples/s"),
+                         ("parameters", "params")]
 CLASSIFIER_RUN_COLUMNS = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("ece", "ECE"), ("nll", "NLL"),
                           ("top1_agreement", "top-1 agr."), ("kl_teacher_student", "KL(T‖S)"),
                           ("examples_per_s", "eval examples/s"), ("parameters", "params")]
@@ -252,6 +259,9 @@ def run_report(run: Path, rep: Report) -> None:
     sources = {}
     classifier = any(m and "accuracy" in m and "perplexity" not in m for m in models.values())
     columns = CLASSIFIER_RUN_COLUMNS if classifier else RUN_COLUMNS
+    for key, task_columns in (("map", MULTILABEL_RUN_COLUMNS), ("map50", DETECTION_RUN_COLUMNS)):
+        if any(m and key in m for m in models.values()):  # the digit-canvas tasks
+            columns = task_columns
     for name, m in models.items():
         if not m:
             continue
