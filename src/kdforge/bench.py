@@ -211,12 +211,17 @@ _CONTEXT: dict[str, Any] = {}  # per process: loaded teachers/tokenizers and eva
 
 
 def _teacher_and_tokenizer(recipe: Recipe):
+    import torch
+
     from .models import load_teacher, load_tokenizer
 
-    key = json.dumps([recipe.teacher.model_dump() if recipe.teacher else None, recipe.student.model], sort_keys=True)
+    # a student made of the teacher's weights (from_teacher, pruned) copies them from an fp32 teacher
+    fp32 = recipe.student.init in ("from_teacher", "pruned")
+    key = json.dumps([recipe.teacher.model_dump() if recipe.teacher else None, recipe.student.model, fp32],
+                     sort_keys=True)
     if key not in _CONTEXT:
         spec = recipe.teacher
-        teacher = load_teacher(spec) if spec is not None else None
+        teacher = load_teacher(spec, torch.float32 if fp32 else None) if spec is not None else None
         tok_spec = spec or (ModelSpec(model=recipe.student.model) if recipe.student.model else None)
         if tok_spec is None:
             raise KDForgeError("no tokenizer: set teacher.model, or student.model for a CE-only run")

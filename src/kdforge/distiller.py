@@ -56,7 +56,7 @@ class Distiller(nn.Module):
                  example_batch: dict[str, torch.Tensor] | None = None,
                  logit_chunk_size: int | Literal["auto"] | None = None):
         """logit_chunk_size: compute the logit and label terms this many tokens at a time from the student's last
-        hidden states and lm head (kdforge.losses.chunked); "auto": kdforge.recipe.AUTO_LOGIT_CHUNK_SIZE tokens for a
+        hidden states and lm head (kdforge.losses.chunked); "auto": kdforge.recipe.auto_logit_chunk_size tokens for a
         causal LM whose logits are lm_head(last hidden state), silently unchunked (a debug log) for any other model;
         an explicit size refuses such a model (KDForgeError). None: unchunked."""
         super().__init__()
@@ -101,16 +101,21 @@ class Distiller(nn.Module):
         self.teacher_head_chunked = self.logit_chunk_size is not None and self._teacher_head_chunks()
 
     def _auto_chunk_size(self, student: nn.Module) -> int | None:
-        """AUTO_LOGIT_CHUNK_SIZE when the student's logits can be chunked, else None (logged at debug level)."""
+        """auto_logit_chunk_size of the student's vocabulary when its logits can be chunked, else None (logged at
+        debug level)."""
         from .losses.chunked import check_head_of_hidden
-        from .recipe import AUTO_LOGIT_CHUNK_SIZE
+        from .recipe import auto_logit_chunk_size
 
+        whole = [b.term.loss for b in self.terms if getattr(b.fn, "whole_sequences", False)]
+        if whole:
+            log.debug("logit_chunk_size auto: unchunked logit losses, %s needs whole sequences", whole[0])
+            return None
         try:
             self.student_logit_transform = check_head_of_hidden(plain_model(student))
         except (KDForgeError, AttributeError, TypeError, ValueError, RuntimeError) as err:
             log.debug("logit_chunk_size auto: unchunked logit losses for %s (%s)", type(student).__name__, err)
             return None
-        return AUTO_LOGIT_CHUNK_SIZE
+        return auto_logit_chunk_size(vocab_size(plain_model(student)))
 
     def _teacher_head_chunks(self) -> bool:
         """Whether a live teacher can hand the chunked losses its hidden states and head instead of its logits: a plain

@@ -92,10 +92,16 @@ def check_logit_transform(model: torch.nn.Module, base: torch.nn.Module, head: t
     Checked twice: as the model is, and with the last hidden state amplified (a forward hook on ``base``) until the
     raw logits reach ~1000, where a soft-cap or any other saturating transform cannot hide.
 
+    Both sides run the same head in the weight's dtype, so they agree to float32 rounding (rtol 1e-3); a bf16 or
+    fp16 head is compared at that dtype's resolution instead (rtol 2⁻⁶, about two units of bf16's last place), which
+    still refuses a soft-cap or scale the transform misses by orders of magnitude more.
+
     Raises KDForgeError naming the model when its logits are computed some other way.
     """
     transform = logit_transform(model)
     device = head.weight.device
+    low = head.weight.dtype in (torch.bfloat16, torch.float16)
+    rtol, atol = (2.0**-6, 2.0**-6) if low else (1e-3, 1e-4)
     ids = torch.arange(length, device=device).remainder(head.weight.shape[0]).unsqueeze(0)
     was_training = model.training
     model.eval()
@@ -114,7 +120,7 @@ def check_logit_transform(model: torch.nn.Module, base: torch.nn.Module, head: t
                 full = model(input_ids=ids, use_cache=False).logits.float()
                 mine = transform(head(base(input_ids=ids, use_cache=False).last_hidden_state).float())
                 scale = float(mine.abs().max()) + 1e-6
-                if full.shape != mine.shape or not torch.allclose(full, mine, rtol=1e-3, atol=1e-4 * scale):
+                if full.shape != mine.shape or not torch.allclose(full, mine, rtol=rtol, atol=atol * scale):
                     raise KDForgeError(
                         f"train.logit_chunk_size: {type(model).__name__} does not compute its logits as "
                         f"{_describe(transform)}; kdforge knows soft-capping (final_logit_softcapping) and logit "

@@ -126,17 +126,57 @@ def load_tokenizer(spec: ModelSpec):
     return tok
 
 
-def load_causal_lm(spec: ModelSpec | str) -> nn.Module:
+def load_causal_lm(spec: ModelSpec | str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The causal LM of `spec` with its weights in `dtype` (float32 unless asked); KDForgeError if it cannot load."""
     from transformers import AutoModelForCausalLM
 
     if isinstance(spec, str):
         spec = ModelSpec(model=spec)
     path = resolve_model_path(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        model = _load_cast(path, dtype) if dtype != torch.float32 else None
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except OSError as err:
         raise _load_error("model", spec, path, err) from None
     return model
+
+
+def _load_cast(path: Path | str, dtype: torch.dtype) -> nn.Module | None:
+    """A local safetensors checkpoint loaded with its floating-point weights cast to `dtype`, read a tensor at a time
+    with pread instead of a memory map: the process's peak is the cast weights plus one stored tensor (for a bf16
+    teacher stored in fp32: ~0.5x + the largest tensor, where `from_pretrained` peaks at ~1.5x with the whole file
+    mapped). None where this does not apply (a hub id, .bin files, an architecture transformers has no causal-LM
+    class for, a safetensors without pread): the caller loads it the ordinary way."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        return None
+    config = AutoConfig.from_pretrained(str(folder))
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if model_class is None:
+        return None
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt", backend="pread")
+        except TypeError:  # a safetensors without the pread backend
+            log.debug("safetensors has no pread backend: loading %s memory-mapped", folder)
+            return None
+        with handle as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
 
 
 def model_skeleton(spec: ModelSpec) -> nn.Module:
@@ -153,11 +193,30 @@ def model_skeleton(spec: ModelSpec) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_teacher(spec: ModelSpec) -> nn.Module:
-    model = load_causal_lm(spec)
+def teacher_weight_dtype(spec: ModelSpec) -> torch.dtype:
+    """The dtype a teacher's weights are held in: bfloat16 when `spec.dtype` is (or `auto` resolves to) bfloat16 —
+    half the memory of fp32, and the forward runs in bf16 either way — else float32."""
+    from .precision import resolve
+
+    return torch.bfloat16 if resolve(spec.dtype) == "bfloat16" else torch.float32
+
+
+def load_teacher(spec: ModelSpec, dtype: torch.dtype | None = None) -> nn.Module:
+    """The frozen teacher of `spec` (eval mode, no grad), its weights in `dtype`; None: teacher_weight_dtype(spec).
+    KDForgeError if it cannot load."""
+    model = load_causal_lm(spec, teacher_weight_dtype(spec) if dtype is None else dtype)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def hold_teacher_weights(teacher: nn.Module, spec: ModelSpec) -> nn.Module:
+    """`teacher` (loaded in float32, e.g. to copy exact weights into a student) cast in place to the dtype its
+    weights are held in for training (teacher_weight_dtype)."""
+    dtype = teacher_weight_dtype(spec)
+    if any(p.is_floating_point() and p.dtype != dtype for p in teacher.parameters()):
+        teacher.to(dtype)
+    return teacher
 
 
 def vocab_size(model: nn.Module) -> int:
@@ -223,6 +282,8 @@ def build_student(spec: StudentSpec, teacher: nn.Module | None, seed: int,
     else:
         if teacher is not None:
             base: dict[str, Any] = teacher.config.to_dict()
+            base.pop("dtype", None)  # a bf16-held teacher's: the student trains in float32
+            base.pop("torch_dtype", None)
             try:
                 config = teacher.config.__class__.from_dict({**base, **spec.config})
             except Exception as err:  # transformers validates the architecture (e.g. heads must divide the width)
@@ -236,6 +297,9 @@ def build_student(spec: StudentSpec, teacher: nn.Module | None, seed: int,
         if getattr(config, "layer_types", None) and len(config.layer_types) != config.num_hidden_layers:
             config.layer_types = config.layer_types[: config.num_hidden_layers]
         student = AutoModelForCausalLM.from_config(config)
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in student.parameters()):
+        student.to(torch.float32)  # built from a bf16-held teacher's config or weights: the student trains in fp32
+    student.config.dtype = torch.float32
     student.train()
     if spec.gradient_checkpointing:
         student.gradient_checkpointing_enable()

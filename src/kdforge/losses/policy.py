@@ -141,3 +141,8 @@ def minillm_policy(
     if reduction == "sum":
         return per_position.sum()
     return per_position.sum() / valid.sum().clamp_min(1)
+
+
+# its return at a token sums the rewards of the later tokens, so it cannot be computed a chunk of rows at a time:
+# train.logit_chunk_size auto leaves an objective with it unchunked (kdforge.distiller)
+minillm_policy.whole_sequences = True

@@ -24,8 +24,8 @@ from ..distiller import Distiller
 from ..errors import KDForgeError
 from ..evaluate.metrics import evaluate_models
 from ..io import atomic_write_dir, disk_full_as_error
-from ..models import (build_student, count_parameters, is_peft, load_teacher, load_tokenizer, merged_state_dict,
-                      plain_model)
+from ..models import (build_student, count_parameters, hold_teacher_weights, is_peft, load_teacher, load_tokenizer,
+                      merged_state_dict, plain_model)
 from ..progress import phase
 from ..recipe import ModelSpec, Recipe
 from ..teachers.cache import cached_teacher_for, teacher_architecture
@@ -100,10 +100,14 @@ class CausalLM:
             return prepare_cross_tokenizer(recipe, self, teacher=teacher)
         spec = recipe.teacher
         cached = spec is not None and spec.kind == "cache"  # an offline cache stands in for the teacher in training
-        if spec is not None and teacher is None and not (cached and recipe.student.init not in ("from_teacher",
-                                                                                                "pruned")):
+        # a student made of the teacher's weights copies them from an fp32 teacher, which is then cast to the dtype
+        # it is held in (bf16 for teacher.dtype bfloat16); a teacher passed in is used as it is
+        copies_weights = recipe.student.init in ("from_teacher", "pruned")
+        loaded_fp32 = False
+        if spec is not None and teacher is None and not (cached and not copies_weights):
             with phase(f"loading teacher {spec.model}"):
-                teacher = load_teacher(spec)
+                teacher = load_teacher(spec, torch.float32 if copies_weights else None)
+                loaded_fp32 = copies_weights
         if tokenizer is None:
             tok_spec = spec or (ModelSpec(model=recipe.student.model) if recipe.student.model else None)
             if tok_spec is None:
@@ -116,6 +120,8 @@ class CausalLM:
         student = build_student(recipe.student, teacher if teacher is not None or not cached
                                 else teacher_architecture(spec), recipe.seed,
                                 calibration=blocks[0].ids if blocks is not None else None)
+        if loaded_fp32:
+            teacher = hold_teacher_weights(teacher, spec)
         check_seq_len(recipe.data.seq_len, {"teacher": teacher, "student": student})
         if recipe.student.init == "pretrained":
             check_student_tokenizer(recipe.student.model, tokenizer)
