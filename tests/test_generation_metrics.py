@@ -141,3 +141,21 @@ def test_kdforge_eval_of_a_student_with_its_own_tokenizer(tiny_recipe, tmp_path)
     pg = res["prompt_generation"]
     assert len(pg["teacher"]) == len(pg["student"]) == 4 and "rougeL_teacher" in pg["figures"]["student"]
     assert any("its own tokenizer" in n for n in res["notes"])
+
+
+def test_bench_tables_add_the_generation_table_for_prompt_response_matrices():
+    from kdforge.bench import results_tables
+
+    def cell(**m):
+        return {"seeds": 2, "failed": 0, "metrics": {k: {"mean": v, "std": 0.01, "n": 2} for k, v in m.items()}}
+
+    summary = {"default": {"ce": cell(perplexity=300.0, rougeL_reference=0.12, rougeL_teacher=0.2, distinct_1=0.5,
+                                      distinct_2=0.8, mean_response_tokens=40.0),
+                           "kd": cell(perplexity=280.0, rougeL_reference=0.15, rougeL_teacher=0.3, distinct_1=0.45,
+                                      distinct_2=0.75, mean_response_tokens=42.0)}}
+    tables = {title: (header, rows) for title, header, rows in results_tables(summary, "ce")}
+    header, rows = tables["default: generation on held-out prompts"]
+    assert header[2:] == ["ROUGE-L vs real", "ROUGE-L vs teacher", "distinct-1", "distinct-2", "mean length (tokens)"]
+    assert rows[1][:4] == ["kd", "2/2", "0.15 ± 0.01", "0.3 ± 0.01"]
+    plain = {"default": {"ce": cell(perplexity=300.0)}}
+    assert all("generation" not in title for title, _, _ in results_tables(plain, "ce"))
