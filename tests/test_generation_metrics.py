@@ -125,6 +125,14 @@ def test_kdforge_eval_and_report_score_generations_on_held_out_prompts(tiny_reci
     page = html.read_text()
     assert "Generations on held-out prompts" in page and "ROUGE-L vs teacher" in page
     assert "real continuation" in page
+    from typer.testing import CliRunner
+
+    from kdforge.cli import app
+
+    cli = CliRunner().invoke(app, ["eval", str(run), "--ood", "none", "--no-cka", "--new-tokens", "4",
+                                   "--prompt-generations", "2", "--out", str(tmp_path / "e2")])
+    assert cli.exit_code == 0, cli.output
+    assert len(json.loads((tmp_path / "e2" / "eval.json").read_text())["prompt_generation"]["student"]) == 2
 
 
 def test_kdforge_eval_of_a_student_with_its_own_tokenizer(tiny_recipe, tmp_path):

@@ -239,6 +239,9 @@ def eval_(
     new_tokens: int = typer.Option(16, help="Greedy tokens generated per prompt."),
     cka: bool = typer.Option(True, "--cka/--no-cka", help="Layer-by-layer linear CKA against the teacher."),
     generation: bool = typer.Option(True, "--generation/--no-generation", help="Greedy-generation agreement."),
+    prompt_generations: int = typer.Option(16, "--prompt-generations", min=0, help="Held-out prompts answered by "
+                                           "the student and the teacher and scored (ROUGE-L, distinct-n, length) "
+                                           "for a run on prompt–response data; 0 skips."),
     baseline: Optional[Path] = typer.Option(None, help="A second student (e.g. the CE baseline) shown beside it."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write eval.json and cka.json/png here (default: the "
                                        "run directory when given one)."),
@@ -264,7 +267,7 @@ def eval_(
                 raise FileNotFoundError(f"prompt file '{prompts}' not found")
             prompt_list = [line for line in prompts.read_text().splitlines() if line.strip()]
         spec = EvalSpec(ood=None if ood.lower() == "none" else ood, prompts=prompt_list, new_tokens=new_tokens,
-                        cka=cka, generation=generation)
+                        cka=cka, generation=generation, prompt_generations=prompt_generations)
         tasks = [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else None
         res = run_eval(student, teacher=teacher, corpus=corpus, seq_len=seq_len, max_tokens=max_tokens, spec=spec,
                        baseline=baseline, out_dir=out, lm_eval_tasks=tasks, lm_eval_include=lm_eval_include,
