@@ -136,6 +136,8 @@ def test_kdforge_eval_and_report_score_generations_on_held_out_prompts(tiny_reci
 
 
 def test_kdforge_eval_of_a_student_with_its_own_tokenizer(tiny_recipe, tmp_path):
+    import json
+
     from kdforge.evaluate.suite import run_eval
     from kdforge.recipe import EvalSpec, parse_recipe
     from kdforge.train import train
@@ -146,6 +148,9 @@ def test_kdforge_eval_of_a_student_with_its_own_tokenizer(tiny_recipe, tmp_path)
     held = res["heldout"]
     assert held["student"]["bits_per_char"] > 0 and held["teacher"]["bits_per_char"] > 0
     assert "top1_agreement" not in held["student"] and "cka" not in res
+    final = json.loads((run / "final.json").read_text())  # the same blocks of each model as final.json measured
+    assert held["teacher"]["perplexity"] == pytest.approx(final["teacher"]["perplexity"], rel=1e-5)
+    assert held["student"]["perplexity"] == pytest.approx(final["student"]["perplexity"], rel=1e-5)
     pg = res["prompt_generation"]
     assert len(pg["teacher"]) == len(pg["student"]) == 4 and "rougeL_teacher" in pg["figures"]["student"]
     assert any("its own tokenizer" in n for n in res["notes"])

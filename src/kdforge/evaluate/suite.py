@@ -380,8 +380,11 @@ def run_eval(target: str | Path, *, teacher: str | None = None, corpus: str | No
         out_dir = target
     res = evaluator.evaluate(model, student_dir=folder, out_dir=out_dir, baseline=base_model)
     if cross:
-        t_val = encode_records(held, t_tok, data.seq_len, data.max_prompt_tokens, data.max_eval_tokens,
-                               "held-out prompt set")[0]
+        from ..cross_tokenizer import encode_pairs
+
+        # the teacher's blocks of the records paired with the student's, as final.json measured them
+        t_val = encode_pairs(held, tok, t_tok, data.seq_len, data.max_prompt_tokens, data.max_eval_tokens,
+                             "held-out prompt set").teacher
         res.setdefault("heldout", {})["teacher"] = evaluate_models(
             {"teacher": t_model}, t_val, batch_size=evaluator.spec.batch_size, bf16={"teacher": t_bf16},
             progress="teacher: held-out evaluation")["teacher"]
