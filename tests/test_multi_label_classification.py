@@ -162,3 +162,15 @@ def test_bad_input_is_refused_in_one_line(tmp_path):
         assert "\n" not in str(err.value)
     setup = prepare(parse_recipe({**base, "data": {"corpus": str(_npz(tmp_path / "ok.npz", labels))}}))
     assert len(setup.train_blocks) == 30 and len(setup.val_blocks) == 10
+
+
+def test_the_bench_matrices_resolve_with_their_own_supervised_baseline(tmp_path):
+    from kdforge.bench import load_matrix, plan_cells
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    for name, baseline, methods in (("multilabel_matrix", "bce", 4), ("detection_matrix", "iou", 3)):
+        spec, base = load_matrix(benchmarks / f"{name}.yaml")
+        cells, chosen = plan_cells(spec, base, tmp_path / name)
+        assert chosen == baseline  # no cross-entropy cell is added to a task that has no cross_entropy loss
+        assert len(cells) == methods * len(spec.seeds) and all(c.recipe is not None for c in cells), \
+            [c.error for c in cells]
