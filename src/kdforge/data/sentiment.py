@@ -166,10 +166,10 @@ def held_out(text: str, fraction: float) -> bool:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "big") < fraction * 2**64
 
 
-def hash_split(n_texts: list[str], fraction: float) -> tuple[list[int], list[int]]:
-    """(training indices, held-out indices) of `n_texts` by held_out(); both in source order."""
+def hash_split(texts: list[str], fraction: float) -> tuple[list[int], list[int]]:
+    """(training indices, held-out indices) of `texts` by held_out(); both in source order."""
     train, val = [], []
-    for i, t in enumerate(n_texts):
+    for i, t in enumerate(texts):
         (val if held_out(t, fraction) else train).append(i)
     return train, val
 

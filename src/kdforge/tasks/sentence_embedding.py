@@ -307,7 +307,8 @@ def evaluate_encoders(student: nn.Module, teacher: nn.Module, data: TextSet) -> 
                         "parameters": count_parameters(student)},
             "teacher": {"sentences_per_s": t_speed, "parameters": count_parameters(teacher)},
             "heldout_setup": {"sentences": len(data), "pairs": len(data) * (len(data) - 1) // 2,
-                              "batch_size": EVAL_BATCH, "neighbours": NEIGHBOURS}}
+                              "batch_size": EVAL_BATCH, "neighbours": NEIGHBOURS,
+                              "teacher_precision": "float32"}}  # both encoders evaluated without autocast
 
 
 # --------------------------------------------------------------------------- export

@@ -239,6 +239,7 @@ def evaluate_classifiers(student: nn.Module, teacher: nn.Module | None, data: Te
     res["student"] = {**classification_metrics(s_logits, data.labels, t_logits), "examples_per_s": s_speed,
                       "parameters": count_parameters(student)}
     res["heldout_setup"] = {"examples": len(data), "batch_size": EVAL_BATCH,
+                            "teacher_precision": "float32" if teacher is not None else None,  # evaluated unautocast
                             "majority_class_accuracy": float(torch.bincount(data.labels).max() / len(data))}
     return res
 
