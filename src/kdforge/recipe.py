@@ -454,6 +454,7 @@ class GenerateSpec(_Strict):
     max_prompts: int | None = Field(None, ge=1)
     """Answer at most the first this many prompts of the split; null: all."""
 
+
 class AdaptiveSpec(_Strict):
     """DistiLLM's adaptive off-policy schedule (Ko et al., ICML 2024; the authors' finetune.py and distillm/buffer.py
     of jongwooko/distillm, whose defaults these are). A threshold θ (the student-generation probability) starts at
@@ -506,7 +507,6 @@ class OnPolicySpec(_Strict):
     (the authors' 0.2); 0: the student alone."""
     adaptive: AdaptiveSpec | None = None
     """DistiLLM's adaptive schedule and replay buffer instead of a fixed lambda."""
-
 
 
 class Term(BaseModel):

@@ -318,9 +318,6 @@ def run_report(run: Path, rep: Report) -> None:
     from .prompt_generations import from_eval
 
     from_eval(rep, ev)  # a run on prompt–response data: answers to held-out prompts, side by side, and their scores
-    from .prompt_generations import from_eval
-
-    from_eval(rep, ev)  # a run on prompt–response data: answers to held-out prompts, side by side, and their scores
 
 
 def _measured_on(setup: dict | None) -> str:
@@ -517,16 +514,6 @@ def bench_report(bench: Path, rep: Report) -> None:
         elif not any((d / "eval.json").is_file() for ds in methods.values() for d in ds):
             # cells evaluated without generations (a classifier's eval.json, eval.generation false) miss nothing
             rep.missing.append(f"generations ({student}): no cell has an eval.json yet")
-        from .prompt_generations import from_cells
-
-        evals = {}  # answers to held-out prompts (prompt–response matrices): first seed with eval.json per method
-        for m in order:
-            for d in sorted(methods[m], key=_seed):
-                ev = _read_json(d / "eval.json")
-                if ev and ev.get("prompt_generation"):
-                    evals[f"{m} (CE baseline)" if m == baseline else m] = ev
-                    break
-        from_cells(rep, evals)
         from .prompt_generations import from_cells
 
         evals = {}  # answers to held-out prompts (prompt–response matrices): first seed with eval.json per method
