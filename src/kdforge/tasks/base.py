@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sized
+from typing import Any, Callable, Protocol, Sized
 
 import torch
 from torch import nn
 
 from ..distiller import Distiller
+from ..io import atomic_write_dir, disk_full_as_error
 from ..recipe import Recipe
 
 
@@ -71,3 +72,14 @@ class Task(Protocol):
     def run_eval(self, run_dir: Path, recipe: Recipe, *, out_dir: Path | None = None) -> dict[str, Any]:
         """`kdforge eval` of a finished run of this task: the held-out figures, written to eval.json."""
         ...
+
+
+def write_student_folder(out: Path, save: Callable[[Path], None], card: str) -> None:
+    """``out/student``, written atomically: what ``save(folder)`` writes there (the model's files) and ``card`` as
+    README.md. A full disk is one line naming the fix (KDForgeError)."""
+    def fill(tmp: Path) -> None:
+        save(tmp)
+        (tmp / "README.md").write_text(card)
+
+    with disk_full_as_error(out / "student", "use an --out on a larger disk"):
+        atomic_write_dir(out / "student", fill)

@@ -37,7 +37,7 @@ from ..models import cache_dir, count_parameters
 from ..progress import phase
 from ..recipe import CNNSpec, CNNTeacherSpec, Recipe
 from ..teachers.live import LiveTeacher, TeacherOutput
-from .base import Setup
+from .base import Setup, write_student_folder
 
 log = logging.getLogger("kdforge")
 
@@ -579,12 +579,7 @@ class ImageClassification:
 
     def export(self, setup: Setup, out: Path, final: dict[str, Any]) -> None:
         """out/student: config.json, model.safetensors (CNN.from_pretrained reads it) and a README.md."""
-        def fill(tmp: Path) -> None:
-            setup.student.save_pretrained(tmp)
-            (tmp / "README.md").write_text(_card(setup.recipe, final))
-
-        with disk_full_as_error(out / "student", "use an --out on a larger disk"):
-            atomic_write_dir(out / "student", fill)
+        write_student_folder(out, setup.student.save_pretrained, _card(setup.recipe, final))
 
     def run_eval(self, run_dir: Path, recipe: Recipe, *, out_dir: Path | None = None) -> dict[str, Any]:
         """`kdforge eval RUN`: the exported student (and the teacher) on the run's held-out images; eval.json is

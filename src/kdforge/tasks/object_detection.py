@@ -44,14 +44,14 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import KDForgeError
-from ..io import atomic_write_dir, atomic_write_json, disk_full_as_error
+from ..io import atomic_write_json
 from ..losses.cam import binary_kd
 from ..losses.lad import (Assignment, box_iou, decode_boxes, detection_loss, flatten_head_outputs, iou_assign,
                           lad_assign, make_anchors)
 from ..models import count_parameters
 from ..progress import phase
 from ..recipe import DetectorSpec, DetectorTeacherSpec, Recipe
-from .base import Setup
+from .base import Setup, write_student_folder
 from .canvases import (EVAL_BATCH, CanvasObjective, CanvasSet, CanvasTerm, StoredTeacher, bind_terms, cached_teacher,
                        check_fits, conv_blocks, epoch_batches, forward_speed, load_folder, load_split,
                        read_folder_config, save_folder)
@@ -435,12 +435,7 @@ class ObjectDetection:
 
     def export(self, setup: Setup, out: Path, final: dict[str, Any]) -> None:
         """out/student: config.json, model.safetensors (Detector.from_pretrained reads it) and a README.md."""
-        def fill(tmp: Path) -> None:
-            setup.student.save_pretrained(tmp)
-            (tmp / "README.md").write_text(_card(setup.recipe, final))
-
-        with disk_full_as_error(out / "student", "use an --out on a larger disk"):
-            atomic_write_dir(out / "student", fill)
+        write_student_folder(out, setup.student.save_pretrained, _card(setup.recipe, final))
 
     def run_eval(self, run_dir: Path, recipe: Recipe, *, out_dir: Path | None = None) -> dict[str, Any]:
         """`kdforge eval RUN`: the exported student (and the teacher) on the run's held-out canvases; eval.json is

@@ -40,11 +40,11 @@ from transformers.utils import ModelOutput
 
 from ..distiller import Distiller
 from ..errors import KDForgeError
-from ..io import atomic_write_dir, atomic_write_json, disk_full_as_error
+from ..io import atomic_write_json
 from ..losses.registry import lookup
 from ..models import count_parameters
 from ..recipe import Recipe
-from .base import Setup
+from .base import Setup, write_student_folder
 from .text_encoders import (TextSet, build_text_student, encoder_folder, fingerprint, first_by_hash, load_tokenizer,
                             text_batch, tokenize)
 
@@ -401,12 +401,9 @@ class SentenceEmbedding:
 
     def export(self, setup: Setup, out: Path, final: dict[str, Any]) -> None:
         """out/student: a sentence-transformers folder (save_sentence_transformer) and a README.md."""
-        def fill(tmp: Path) -> None:
-            save_sentence_transformer(setup.student, setup.tokenizer, tmp, setup.recipe.data.seq_len)
-            (tmp / "README.md").write_text(_card(setup.recipe, final))
-
-        with disk_full_as_error(out / "student", "use an --out on a larger disk"):
-            atomic_write_dir(out / "student", fill)
+        write_student_folder(out, lambda tmp: save_sentence_transformer(setup.student, setup.tokenizer, tmp,
+                                                                        setup.recipe.data.seq_len),
+                             _card(setup.recipe, final))
 
     def run_eval(self, run_dir: Path, recipe: Recipe, *, out_dir: Path | None = None) -> dict[str, Any]:
         """`kdforge eval RUN`: the exported student folder against the recipe's teacher on the held-out sentences;

@@ -40,7 +40,7 @@ from ..io import atomic_write_dir, atomic_write_json, disk_full_as_error
 from ..models import cache_dir, count_parameters
 from ..progress import Progress, phase
 from ..recipe import Recipe, TextTeacherSpec
-from .base import Setup
+from .base import Setup, write_student_folder
 from .image_classification import classification_metrics
 from .text_encoders import (TextSet, build_text_student, encoder_folder, fingerprint, first_by_hash, folder_identity,
                             load_tokenizer, text_batch, tokenize)
@@ -310,13 +310,11 @@ class SequenceClassification:
     def export(self, setup: Setup, out: Path, final: dict[str, Any]) -> None:
         """out/student: the transformers classifier (config.json with id2label, model.safetensors), the tokenizer and a
         README.md."""
-        def fill(tmp: Path) -> None:
+        def save(tmp: Path) -> None:
             setup.student.save_pretrained(tmp)
             setup.tokenizer.save_pretrained(tmp)
-            (tmp / "README.md").write_text(_card(setup.recipe, final))
 
-        with disk_full_as_error(out / "student", "use an --out on a larger disk"):
-            atomic_write_dir(out / "student", fill)
+        write_student_folder(out, save, _card(setup.recipe, final))
 
     def run_eval(self, run_dir: Path, recipe: Recipe, *, out_dir: Path | None = None) -> dict[str, Any]:
         """`kdforge eval RUN`: the exported student and the recipe's (cached) teacher on the run's held-out texts;
