@@ -402,3 +402,53 @@ def forward_speed(model: nn.Module, images: Tensor, batch_size: int = EVAL_BATCH
     seconds = time.perf_counter() - start
     model.train(was_training)
     return passes * len(images) / seconds
+
+
+class CanvasTask:
+    """What the two digit-canvas tasks share (kdforge.tasks.base.Task): their data fingerprint, final metrics,
+    export and `kdforge eval` of an exported student. A subclass names its task, its model class (``model``:
+    ``from_pretrained`` of an exported folder) and three functions of its own module: ``is_model_folder(path)``,
+    ``build_teacher(recipe, train)`` and ``evaluate(student, teacher, data)`` (the held-out figures:
+    {"student": ..., "teacher": ..., "heldout_setup": ...}), plus ``card(recipe, final)`` for the model card."""
+
+    name: str
+    model: type
+
+    def fingerprint(self, train: CanvasSet, val: CanvasSet) -> str:
+        return train.fingerprint() + val.fingerprint()
+
+    def final_metrics(self, setup, *, progress: bool = True) -> dict[str, Any]:
+        from ..models import count_parameters
+
+        res = self.evaluate(setup.student, setup.teacher, setup.val_blocks)
+        return {"step": setup.recipe.train.steps, "student": res["student"], "teacher": res["teacher"],
+                "student_parameters": count_parameters(setup.student), "heldout_setup": res["heldout_setup"]}
+
+    def export(self, setup, out: Path, final: dict[str, Any]) -> None:
+        """out/student: config.json, model.safetensors (``model.from_pretrained`` reads it) and a README.md."""
+        from .base import write_student_folder
+
+        write_student_folder(out, setup.student.save_pretrained, self.card(setup.recipe, final))
+
+    def run_eval(self, run_dir: Path, recipe: Recipe, *, out_dir: Path | None = None) -> dict[str, Any]:
+        """`kdforge eval RUN`: the exported student (and the teacher) on the run's held-out canvases; eval.json is
+        written to out_dir (default: the run folder). KDForgeError for a run with no exported student yet."""
+        from ..io import atomic_write_json
+
+        folder = Path(run_dir) / "student"
+        if not self.is_model_folder(folder):
+            raise KDForgeError(f"run '{run_dir}' has not finished, so it has no exported student yet; rerun "
+                               "`kdforge distill` with the same recipe and --out to finish it, then evaluate")
+        train, val = self.data(recipe)
+        student = self.model.from_pretrained(folder)
+        check_fits(val, student.config, "student")
+        teacher = self.build_teacher(recipe, train)
+        res = self.evaluate(student, teacher, val)
+        heldout = {"student": res["student"], **({"teacher": res["teacher"]} if teacher is not None else {})}
+        out = {"task": self.name, "heldout": heldout, "heldout_setup": res["heldout_setup"],
+               "summary": dict(res["student"]), "student_path": str(folder),
+               "teacher": recipe.teacher.model_dump() if recipe.teacher else None, "data": recipe.data.model_dump(),
+               "notes": []}
+        atomic_write_json(Path(out_dir or run_dir) / "eval.json", out)
+        return out
+

@@ -36,12 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import KDForgeError
-from ..io import atomic_write_json
 from ..losses.cam import binary_kd, cat_kd, classwise_cam_kd
 from ..models import count_parameters
 from ..recipe import CanvasCNNSpec, CanvasCNNTeacherSpec, Recipe
-from .base import Setup, write_student_folder
-from .canvases import (EVAL_BATCH, CanvasObjective, CanvasSet, CanvasTerm, StoredTeacher, bind_terms, cached_teacher,
+from .base import Setup
+from .canvases import (EVAL_BATCH, CanvasObjective, CanvasSet, CanvasTask, CanvasTerm, StoredTeacher, bind_terms, cached_teacher,
                        check_fits, conv_blocks, epoch_batches, forward_speed, load_folder, load_split,
                        read_folder_config, save_folder)
 
@@ -268,11 +267,16 @@ def _card(recipe: Recipe, final: dict[str, Any]) -> str:
             f"| held-out | student | teacher |\n|---|---|---|\n{rows}\n")
 
 
-class MultiLabelClassification:
+class MultiLabelClassification(CanvasTask):
     """The multi-label classification task (kdforge.tasks.base.Task)."""
 
     name = "multi_label_classification"
     unit = "examples"
+    model = CAMNet
+    is_model_folder = staticmethod(is_camnet_folder)
+    build_teacher = staticmethod(build_teacher)
+    evaluate = staticmethod(evaluate_models)
+    card = staticmethod(_card)
 
     def data(self, recipe: Recipe) -> tuple[CanvasSet, CanvasSet]:
         return load_split(recipe, with_boxes=False)
@@ -305,38 +309,6 @@ class MultiLabelClassification:
         return {"inputs": data.images[index], "labels": data.labels[index],
                 "index": torch.as_tensor(index, dtype=torch.long)}
 
-    def fingerprint(self, train: CanvasSet, val: CanvasSet) -> str:
-        return train.fingerprint() + val.fingerprint()
-
     def periodic_metrics(self, setup: Setup) -> dict[str, float]:
         res = multilabel_metrics(predict(setup.student, setup.val_blocks.images), setup.val_blocks.labels)
         return {"eval/map": res["map"], "eval/macro_f1": res["macro_f1"]}
-
-    def final_metrics(self, setup: Setup, *, progress: bool = True) -> dict[str, Any]:
-        res = evaluate_models(setup.student, setup.teacher, setup.val_blocks)
-        return {"step": setup.recipe.train.steps, "student": res["student"], "teacher": res["teacher"],
-                "student_parameters": count_parameters(setup.student), "heldout_setup": res["heldout_setup"]}
-
-    def export(self, setup: Setup, out: Path, final: dict[str, Any]) -> None:
-        """out/student: config.json, model.safetensors (CAMNet.from_pretrained reads it) and a README.md."""
-        write_student_folder(out, setup.student.save_pretrained, _card(setup.recipe, final))
-
-    def run_eval(self, run_dir: Path, recipe: Recipe, *, out_dir: Path | None = None) -> dict[str, Any]:
-        """`kdforge eval RUN`: the exported student (and the teacher) on the run's held-out canvases; eval.json is
-        written to out_dir (default: the run folder)."""
-        folder = Path(run_dir) / "student"
-        if not is_camnet_folder(folder):
-            raise KDForgeError(f"run '{run_dir}' has not finished, so it has no exported student yet; rerun "
-                               "`kdforge distill` with the same recipe and --out to finish it, then evaluate")
-        train, val = self.data(recipe)
-        student = CAMNet.from_pretrained(folder)
-        check_fits(val, student.config, "student")
-        teacher = build_teacher(recipe, train)
-        res = evaluate_models(student, teacher, val)
-        heldout = {"student": res["student"], **({"teacher": res["teacher"]} if teacher is not None else {})}
-        out = {"task": self.name, "heldout": heldout, "heldout_setup": res["heldout_setup"],
-               "summary": dict(res["student"]), "student_path": str(folder),
-               "teacher": recipe.teacher.model_dump() if recipe.teacher else None, "data": recipe.data.model_dump(),
-               "notes": []}
-        atomic_write_json(Path(out_dir or run_dir) / "eval.json", out)
-        return out

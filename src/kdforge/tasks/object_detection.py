@@ -44,15 +44,14 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import KDForgeError
-from ..io import atomic_write_json
 from ..losses.cam import binary_kd
 from ..losses.lad import (Assignment, box_iou, decode_boxes, detection_loss, flatten_head_outputs, iou_assign,
                           lad_assign, make_anchors)
 from ..models import count_parameters
 from ..progress import phase
 from ..recipe import DetectorSpec, DetectorTeacherSpec, Recipe
-from .base import Setup, write_student_folder
-from .canvases import (EVAL_BATCH, CanvasObjective, CanvasSet, CanvasTerm, StoredTeacher, bind_terms, cached_teacher,
+from .base import Setup
+from .canvases import (EVAL_BATCH, CanvasObjective, CanvasSet, CanvasTask, CanvasTerm, StoredTeacher, bind_terms, cached_teacher,
                        check_fits, conv_blocks, epoch_batches, forward_speed, load_folder, load_split,
                        read_folder_config, save_folder)
 
@@ -367,11 +366,16 @@ def _card(recipe: Recipe, final: dict[str, Any]) -> str:
             f"| held-out | student | teacher |\n|---|---|---|\n| mAP@0.5 | {s['map50']:.4g} | {t_map} |\n")
 
 
-class ObjectDetection:
+class ObjectDetection(CanvasTask):
     """The object-detection task (kdforge.tasks.base.Task)."""
 
     name = "object_detection"
     unit = "examples"
+    model = Detector
+    is_model_folder = staticmethod(is_detector_folder)
+    build_teacher = staticmethod(build_teacher)
+    evaluate = staticmethod(evaluate_models)
+    card = staticmethod(_card)
 
     def data(self, recipe: Recipe) -> tuple[CanvasSet, CanvasSet]:
         return load_split(recipe, with_boxes=True)
@@ -419,40 +423,8 @@ class ObjectDetection:
         return {"inputs": data.images[index], "labels": data.labels[index], "boxes": data.boxes[index],
                 "box_classes": data.box_classes[index], "index": torch.as_tensor(index, dtype=torch.long)}
 
-    def fingerprint(self, train: CanvasSet, val: CanvasSet) -> str:
-        return train.fingerprint() + val.fingerprint()
-
     def periodic_metrics(self, setup: Setup) -> dict[str, float]:
         val = setup.val_blocks
         m, _ = voc_average_precision(predict(setup.student, val.images), [val.objects(i) for i in range(len(val))],
                                      setup.student.config["num_classes"])
         return {"eval/map50": m}
-
-    def final_metrics(self, setup: Setup, *, progress: bool = True) -> dict[str, Any]:
-        res = evaluate_models(setup.student, setup.teacher, setup.val_blocks)
-        return {"step": setup.recipe.train.steps, "student": res["student"], "teacher": res["teacher"],
-                "student_parameters": count_parameters(setup.student), "heldout_setup": res["heldout_setup"]}
-
-    def export(self, setup: Setup, out: Path, final: dict[str, Any]) -> None:
-        """out/student: config.json, model.safetensors (Detector.from_pretrained reads it) and a README.md."""
-        write_student_folder(out, setup.student.save_pretrained, _card(setup.recipe, final))
-
-    def run_eval(self, run_dir: Path, recipe: Recipe, *, out_dir: Path | None = None) -> dict[str, Any]:
-        """`kdforge eval RUN`: the exported student (and the teacher) on the run's held-out canvases; eval.json is
-        written to out_dir (default: the run folder)."""
-        folder = Path(run_dir) / "student"
-        if not is_detector_folder(folder):
-            raise KDForgeError(f"run '{run_dir}' has not finished, so it has no exported student yet; rerun "
-                               "`kdforge distill` with the same recipe and --out to finish it, then evaluate")
-        train, val = self.data(recipe)
-        student = Detector.from_pretrained(folder)
-        check_fits(val, student.config, "student")
-        teacher = build_teacher(recipe, train)
-        res = evaluate_models(student, teacher, val)
-        heldout = {"student": res["student"], **({"teacher": res["teacher"]} if teacher is not None else {})}
-        out = {"task": self.name, "heldout": heldout, "heldout_setup": res["heldout_setup"],
-               "summary": dict(res["student"]), "student_path": str(folder),
-               "teacher": recipe.teacher.model_dump() if recipe.teacher else None, "data": recipe.data.model_dump(),
-               "notes": []}
-        atomic_write_json(Path(out_dir or run_dir) / "eval.json", out)
-        return out
