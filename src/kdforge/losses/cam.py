@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import KDForgeError
+from .logits import _reduce  # masked mean / sum / none over counted positions, as every logit loss
 
 __all__ = ["class_activation_maps", "cat_kd", "classwise_cam_kd", "binary_kd"]
 
@@ -271,13 +272,7 @@ def classwise_cam_kd(
                 f"{tuple(per_map.shape)}; pass one multi-hot row per sample"
             )
         counted = labels.to(device=per_map.device).bool()
-    per_map = torch.where(counted, per_map, torch.zeros_like(per_map))
-    if reduction == "none":
-        return per_map
-    total = per_map.sum()
-    if reduction == "sum":
-        return total
-    return total / counted.sum().clamp_min(1).to(total.dtype)
+    return _reduce(per_map, counted, reduction)
 
 
 # --------------------------------------------------------------------------- binary KD (multi-label logits)
@@ -335,11 +330,4 @@ def binary_kd(
     log_p, log_1mp = F.logsigmoid(zt), F.logsigmoid(-zt)
     log_q, log_1mq = F.logsigmoid(zs), F.logsigmoid(-zs)
     per_class = log_p.exp() * (log_p - log_q) + log_1mp.exp() * (log_1mp - log_1mq)
-    per_position = per_class.sum(dim=-1) * temperature**2
-    per_position = torch.where(valid, per_position, torch.zeros_like(per_position))
-    if reduction == "none":
-        return per_position
-    total = per_position.sum()
-    if reduction == "sum":
-        return total
-    return total / valid.sum().clamp_min(1).to(total.dtype)
+    return _reduce(per_class.sum(dim=-1) * temperature**2, valid, reduction)
