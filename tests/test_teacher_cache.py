@@ -201,6 +201,7 @@ def test_fused_build_never_makes_the_whole_batch_of_logits(tiny, tmp_path, monke
             pytest.skip("no C compiler: the native kernel is not built here")
         monkeypatch.setattr(cache_mod, "_TILE_ROWS", 40)  # tiles of 40 rows x 100 of the vocabulary's columns
         monkeypatch.setattr(cache_mod, "_TILE_COLS", 100)
+        rows = 40 * torch.get_num_threads()  # the build's tile rows: 40 per thread (read before, not after, it)
         update = cache_mod.native.TopKStream.update
 
         def one_tile_at_a_time(stream, tile, col0):
@@ -228,8 +229,8 @@ def test_fused_build_never_makes_the_whole_batch_of_logits(tiny, tmp_path, monke
         if kernel == "torch":
             handle.remove()
     if kernel == "native":  # 5 batches of 128 rows, each in tiles covering every column
-        rows = 40 * torch.get_num_threads()
-        assert sum(r * c for r, c in seen) == 5 * 4 * 32 * vocab and max(r for r, _ in seen) == min(rows, 128)
+        assert sum(r * c for r, c in seen) == 5 * 4 * 32 * vocab, seen
+        assert max(r for r, _ in seen) == min(rows, 128), (rows, seen)
     else:
         assert chunk_rows == 48 and seen.count(48) == 5 * (4 * 32 // 48)  # 5 batches of 128 rows: fused path ran
     monkeypatch.undo()
