@@ -14,8 +14,11 @@ data.seq_len tokens): logit terms compare class logits [B, K]; feature terms tap
 Models: the teacher (teacher.model, e.g. the embedded `all-minilm-l6-v2`) gets a class head and is fine-tuned once on
 the training split (kdforge.recipe.TextTeacherSpec; `kdforge finetune-teacher RECIPE`), cached under
 KDFORGE_CACHE/text_teachers/<hash of model, settings, classes and training data> (written atomically, reused by every
-later run). The student is that fine-tuned model with only student.layers kept (DistilBERT-style, init
-from_teacher) or a fresh model of the teacher's config with student.config overrides (init config). Metrics:
+later run). With teacher.crossfit {folds: K, seed} K more teachers are fine-tuned (and cached) the same way, teacher k
+without fold k of stratified, seeded folds of the training texts, and each training text's logits and tapped features
+come from the teacher that never saw it (FoldRoutedTeacher, Dao et al. 2021); held-out figures use the full teacher.
+The student is that fine-tuned model with only student.layers kept (DistilBERT-style, init from_teacher) or a fresh
+model of the teacher's config with student.config overrides (init config). Metrics:
 accuracy, macro-F1, ECE (15 bins), NLL, top-1 agreement with the teacher and KL(teacher || student) on the held-out
 texts, and examples/s of the held-out forward passes (the only wall-clock figure).
 """
@@ -40,6 +43,7 @@ from ..io import atomic_write_dir, atomic_write_json, disk_full_as_error
 from ..models import cache_dir, count_parameters
 from ..progress import Progress, phase
 from ..recipe import Recipe, TextTeacherSpec
+from ..teachers.live import LiveTeacher, TeacherOutput
 from .base import Setup, write_student_folder
 from .image_classification import classification_metrics
 from .text_encoders import (TextSet, build_text_student, encoder_folder, fingerprint, first_by_hash, folder_identity,
@@ -114,23 +118,36 @@ def is_classifier_folder(folder: Path, classes: list[str]) -> bool:
 def teacher_cache_folder(recipe: Recipe, train: TextSet) -> Path:
     """KDFORGE_CACHE/text_teachers/<sha256 of the base model's identity, the fine-tuning settings, the classes, the
     training texts' token ids and labels (after teacher.config.max_examples) and seq_len; 16 hex digits>."""
+    return _cache_folder(recipe, _finetune_slice(train, TextTeacherSpec.model_validate(recipe.teacher.config)))
+
+
+def _cache_folder(recipe: Recipe, seen: TextSet, fold: dict[str, int] | None = None) -> Path:
+    """The cache folder of the teacher fine-tuned on exactly `seen`; a fold teacher's key also holds its `fold`
+    ({fold, folds, seed})."""
     spec = TextTeacherSpec.model_validate(recipe.teacher.config)
-    folder = encoder_folder(recipe.teacher.model)
-    key = {"model": recipe.teacher.model, "identity": folder_identity(folder), "config": spec.model_dump(),
-           "classes": train.label_names, "data": fingerprint(_finetune_slice(train, spec)),
+    key = {"model": recipe.teacher.model, "identity": folder_identity(encoder_folder(recipe.teacher.model)),
+           "config": spec.model_dump(), "classes": seen.label_names, "data": fingerprint(seen),
            "seq_len": recipe.data.seq_len}
+    if fold is not None:
+        key["crossfit"] = fold
     return cache_dir() / "text_teachers" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _finetune_index(train: TextSet, spec: TextTeacherSpec) -> list[int]:
+    """The positions in `train` of the texts the teacher is fine-tuned on (teacher.config.max_examples of them)."""
+    return first_by_hash(train.texts, list(range(len(train))), spec.max_examples)
+
+
 def _finetune_slice(train: TextSet, spec: TextTeacherSpec) -> TextSet:
-    return train.subset(first_by_hash(train.texts, list(range(len(train))), spec.max_examples))
+    return train.subset(_finetune_index(train, spec))
 
 
-def finetune(base: Path, train: TextSet, spec: TextTeacherSpec, *, progress: bool = True) -> nn.Module:
+def finetune(base: Path, train: TextSet, spec: TextTeacherSpec, *, progress: bool = True,
+             name: str = "the teacher") -> nn.Module:
     """`base` (an encoder folder) with a fresh class head for train.label_names, fine-tuned on `train` with
     cross-entropy: `epochs` passes of AdamW (lr, weight decay on matrices), linear warm-up over warmup_ratio of the
     steps then linear decay to 0, gradients clipped to norm 1, batches of `batch_size` in an order seeded by `seed`
-    (the global RNG is left as it was). Returns the model in eval mode, frozen."""
+    (the global RNG is left as it was). Returns the model in eval mode, frozen. `name` labels the progress bar."""
     from transformers import AutoModelForSequenceClassification
 
     names = train.label_names
@@ -149,7 +166,7 @@ def finetune(base: Path, train: TextSet, spec: TextTeacherSpec, *, progress: boo
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
         g = torch.Generator().manual_seed(spec.seed)
-        bar = Progress(f"fine-tuning the teacher ({len(train)} texts, {spec.epochs} epoch(s))", total,
+        bar = Progress(f"fine-tuning {name} ({len(train)} texts, {spec.epochs} epoch(s))", total,
                        enabled=progress)
         model.train()
         done = 0
@@ -180,26 +197,135 @@ def finetuned_teacher(recipe: Recipe, train: TextSet, tokenizer, *, progress: bo
     base = encoder_folder(recipe.teacher.model)
     if is_classifier_folder(base, train.label_names):
         return AutoModelForSequenceClassification.from_pretrained(str(base)).eval().requires_grad_(False), base
-    folder = teacher_cache_folder(recipe, train)
-    if not (folder / TEACHER_INFO).is_file():
-        spec = TextTeacherSpec.model_validate(recipe.teacher.config)
-        part = _finetune_slice(train, spec)
-        start = time.perf_counter()
-        model = finetune(base, part, spec, progress=progress)
-        info = {"base": recipe.teacher.model, "settings": spec.model_dump(), "classes": train.label_names,
-                "train_texts": len(part), "train_balance": balance([train.label_names[int(i)] for i in part.labels]),
-                "data_fingerprint": fingerprint(part), "seconds": time.perf_counter() - start}
+    spec = TextTeacherSpec.model_validate(recipe.teacher.config)
+    return _cached_finetune(recipe, _finetune_slice(train, spec), tokenizer, progress=progress)
 
-        def fill(tmp: Path) -> None:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            (tmp / TEACHER_INFO).write_text(json.dumps(info, indent=2))
 
-        with disk_full_as_error(folder, "set KDFORGE_CACHE to a folder on a larger disk"):
-            atomic_write_dir(folder, fill)
-        log.info("fine-tuned teacher cached in %s (%.0f s)", folder, info["seconds"])
-        return model, folder
-    return AutoModelForSequenceClassification.from_pretrained(str(folder)).eval().requires_grad_(False), folder
+def _cached_finetune(recipe: Recipe, seen: TextSet, tokenizer, *, fold: dict[str, int] | None = None,
+                     progress: bool = True, name: str = "the teacher") -> tuple[nn.Module, Path]:
+    """(teacher.model with a class head fine-tuned on exactly `seen`, its cache folder _cache_folder(recipe, seen,
+    fold)): read from the cache, else fine-tuned now and written there atomically (model, tokenizer, TEACHER_INFO)."""
+    from transformers import AutoModelForSequenceClassification
+
+    folder = _cache_folder(recipe, seen, fold)
+    if (folder / TEACHER_INFO).is_file():
+        return AutoModelForSequenceClassification.from_pretrained(str(folder)).eval().requires_grad_(False), folder
+    spec = TextTeacherSpec.model_validate(recipe.teacher.config)
+    start = time.perf_counter()
+    model = finetune(encoder_folder(recipe.teacher.model), seen, spec, progress=progress, name=name)
+    info = {"base": recipe.teacher.model, "settings": spec.model_dump(), "classes": seen.label_names,
+            "train_texts": len(seen), "train_balance": balance([seen.label_names[int(i)] for i in seen.labels]),
+            "data_fingerprint": fingerprint(seen), "seconds": time.perf_counter() - start,
+            **({"crossfit": fold} if fold is not None else {})}
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / TEACHER_INFO).write_text(json.dumps(info, indent=2))
+
+    with disk_full_as_error(folder, "set KDFORGE_CACHE to a folder on a larger disk"):
+        atomic_write_dir(folder, fill)
+    log.info("%s fine-tuned and cached in %s (%.0f s)", name, folder, info["seconds"])
+    return model, folder
+
+
+# --------------------------------------------------------------------------- cross-fitting
+
+
+def crossfit_folds(train: TextSet, folds: int, seed: int) -> Tensor:
+    """[N] fold ids (0..folds-1) of the training texts (after data.max_train_examples), stratified by class and fixed
+    by `seed` (kdforge.crossfit.stratified_folds). Raises KDForgeError (one line) when `folds` exceeds the smallest
+    class count of those texts, naming that class and the valid range (the recipe cannot know the counts)."""
+    from ..crossfit import stratified_folds
+
+    counts = torch.bincount(train.labels, minlength=len(train.label_names))
+    present = counts.nonzero().flatten()
+    smallest = int(present[counts[present].argmin()])
+    if folds > counts[smallest]:
+        raise KDForgeError(f"teacher.crossfit.folds={folds} exceeds the smallest class count of the training texts "
+                           f"(class {train.label_names[smallest]!r} has {int(counts[smallest])} of the "
+                           f"{len(train)} used from {train.source}); use 2..{int(counts[smallest])}, or raise "
+                           "data.max_train_examples")
+    return stratified_folds(train.labels, folds, seed=seed)
+
+
+def fold_teachers(recipe: Recipe, train: TextSet, folds: Tensor, tokenizer, *,
+                  progress: bool = True) -> list[tuple[nn.Module, Path]]:
+    """[(teacher k, its cache folder)] for k = 0..max(folds): teacher.model with a class head fine-tuned as the full
+    teacher is (teacher.config) on the full teacher's texts (teacher.config.max_examples of `train`) minus those of
+    fold k, so teacher k never saw a text of fold k. Each is cached like the full teacher, keyed by the model, the
+    settings, the texts it saw and its fold ({fold, folds, seed}), and fine-tuned only when absent. Raises KDForgeError
+    when teacher.model already is a classifier (it cannot be refitted without a fold)."""
+    if is_classifier_folder(encoder_folder(recipe.teacher.model), train.label_names):
+        raise KDForgeError(f"teacher.crossfit fine-tunes K teachers from an encoder, but teacher.model "
+                           f"'{recipe.teacher.model}' already is a classifier of these classes (it may have seen every "
+                           "fold); give its base encoder, or remove teacher.crossfit")
+    spec = TextTeacherSpec.model_validate(recipe.teacher.config)
+    seen = torch.tensor(_finetune_index(train, spec), dtype=torch.long)
+    n, seed = int(folds.max()) + 1, recipe.teacher.crossfit.seed
+    return [_cached_finetune(recipe, train.subset(seen[folds[seen] != k]), tokenizer,
+                             fold={"fold": k, "folds": n, "seed": seed}, progress=progress,
+                             name=f"fold teacher {k + 1} of {n} (without fold {k})") for k in range(n)]
+
+
+def _put_rows(into: Any, part: Any, rows: Tensor, n: int) -> Any:
+    """`part` ([b, ...] tensor, or a list of them) written into rows `rows` of `into` ([n, ...], made when None)."""
+    if isinstance(part, (list, tuple)):
+        return [_put_rows(into[i] if into is not None else None, p, rows, n) for i, p in enumerate(part)]
+    if into is None:
+        into = part.new_empty((n, *part.shape[1:]))
+    into[rows] = part
+    return into
+
+
+class FoldRoutedTeacher:
+    """Cross-fitted teacher outputs for text batches (Dao et al., "Knowledge Distillation as Semiparametric
+    Inference", ICLR 2021): the rows of a training batch whose texts lie in fold k go through fold teacher k (fine-
+    tuned without fold k) in one sub-batch, and its logits [b_k, K] and tapped tensors [b_k, ...] are put back in the
+    batch's row order, so every text's soft label and features come from the teacher that never saw it.
+
+    Why routed and not stored like the image task's PrecomputedTeacher: a text batch is padded to its own longest
+    text, so a tapped tensor's length (hidden states [B, T, D], attentions [B, H, T, T]) depends on the batch; routing
+    needs no storage, keeps feature terms, and runs the B rows through the teachers once per step, the teacher work
+    of plain KD's live teacher (K smaller forward calls instead of one). The sub-batches keep the batch's padding (T),
+    which the attention mask hides, so a row's outputs are the fold teacher's own on that text.
+
+    `batch["index"]` [B] holds the rows' positions in the training texts that `folds` [N] (0..K-1) labels; a batch
+    without `index` runs the full teacher (`model`, fine-tuned on all training texts; what held-out metrics use). Each
+    fold teacher gets Taps of the same specs as the taps it is called with, and runs at the full teacher's dtype."""
+
+    def __init__(self, full: nn.Module, fold_models: list[nn.Module], folds: Tensor, dtype: str = "float32"):
+        self.live = LiveTeacher(full, dtype)
+        self.model, self.dtype, self.autocast = full, self.live.dtype, self.live.autocast
+        self.fold_teachers = [LiveTeacher(m, self.dtype) for m in fold_models]
+        self.folds = folds.cpu()
+        self._taps: tuple[Any, list[Any]] | None = None  # (the taps called with, the fold teachers' copies)
+
+    def _fold_taps(self, taps) -> list[Any]:
+        from ..taps import Taps
+
+        if taps is None:
+            return [None] * len(self.fold_teachers)
+        if self._taps is None or self._taps[0] is not taps:
+            specs = {n: s.raw for n, s in taps.specs.items()}
+            self._taps = (taps, [Taps(t.model, specs, clone=taps.clone) for t in self.fold_teachers])
+        return self._taps[1]
+
+    def __call__(self, batch: dict[str, Tensor], taps=None) -> TeacherOutput:
+        if "index" not in batch:
+            return self.live(batch, taps)
+        index = batch["index"]
+        fold = self.folds[index.cpu()]
+        fold_taps = self._fold_taps(taps)
+        logits, features = None, {}
+        for k in torch.unique(fold).tolist():
+            rows = (fold == k).nonzero().flatten().to(index.device)
+            teacher = self.fold_teachers[k]
+            teacher.model.to(index.device)  # train.py moves only the full teacher (`model`) to the device
+            out = teacher({name: v[rows] for name, v in batch.items()}, fold_taps[k])
+            logits = _put_rows(logits, out.logits, rows, len(index))
+            features = {name: _put_rows(features.get(name), v, rows, len(index)) for name, v in out.features.items()}
+        return TeacherOutput(logits, features)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -275,6 +401,8 @@ class SequenceClassification:
             self.facts = blocks[2] if len(blocks) > 2 else {}
         else:
             train, val, self.facts = self.data(recipe, tokenizer)
+        crossfit = recipe.teacher.crossfit
+        folds = crossfit_folds(train, crossfit.folds, crossfit.seed) if crossfit is not None else None
         if teacher is None:
             teacher, _ = finetuned_teacher(recipe, train, tokenizer)
         if teacher.config.num_labels != len(train.label_names):
@@ -286,8 +414,19 @@ class SequenceClassification:
                                f"train.batch_size={recipe.train.batch_size}; lower train.batch_size")
         student = build_text_student(recipe.student, teacher, recipe.seed)
         example = text_batch(train, torch.arange(min(4, len(train))))
-        distiller = Distiller(teacher, student, recipe.objective, teacher_dtype=recipe.teacher.dtype,
+        source: nn.Module | FoldRoutedTeacher = teacher
+        self.crossfit = None
+        if folds is not None:  # every training text labelled by the teacher fine-tuned without its fold
+            fitted = fold_teachers(recipe, train, folds, tokenizer)
+            source = FoldRoutedTeacher(teacher, [m for m, _ in fitted], folds, recipe.teacher.dtype)
+            self.crossfit = {"folds": crossfit.folds, "seed": crossfit.seed,
+                             "fold_sizes": torch.bincount(folds).tolist(),
+                             "fold_teachers": [str(folder) for _, folder in fitted]}
+        distiller = Distiller(source, student, recipe.objective, teacher_dtype=recipe.teacher.dtype,
                               seq_len=recipe.data.seq_len, example_batch=example)
+        if folds is not None and len(distiller.stepping_stones):
+            raise KDForgeError("teacher.crossfit serves each training text the outputs of its fold's teacher, but a "
+                               "block_kd term runs the full teacher's own blocks; remove block_kd or teacher.crossfit")
         return Setup(recipe, tokenizer, teacher, student, distiller, train, val, self)
 
     def make_batch(self, data: TextSet, index: Tensor) -> dict[str, Tensor]:
@@ -305,7 +444,8 @@ class SequenceClassification:
         res = evaluate_classifiers(setup.student, setup.teacher, setup.val_blocks)
         return {"step": setup.recipe.train.steps, "student": res["student"], "teacher": res["teacher"],
                 "student_parameters": count_parameters(setup.student), "heldout_setup": res["heldout_setup"],
-                "data": getattr(self, "facts", {})}
+                "data": getattr(self, "facts", {}),
+                **({"teacher_crossfit": self.crossfit} if getattr(self, "crossfit", None) else {})}
 
     def export(self, setup: Setup, out: Path, final: dict[str, Any]) -> None:
         """out/student: the transformers classifier (config.json with id2label, model.safetensors), the tokenizer and a
@@ -339,14 +479,23 @@ class SequenceClassification:
 
 
 def finetune_teacher_command(recipe: Recipe, *, progress: bool = True) -> tuple[Path, dict[str, Any]]:
-    """`kdforge finetune-teacher RECIPE`: fine-tune (or find cached) the recipe's teacher; returns its folder and its
-    held-out figures (accuracy, macro-F1, ECE, NLL, examples/s)."""
+    """`kdforge finetune-teacher RECIPE`: fine-tune (or find cached) the recipe's teacher, and with teacher.crossfit
+    its K fold teachers too (fold_teachers); returns the full teacher's folder and its held-out figures (accuracy,
+    macro-F1, ECE, NLL, examples/s; with crossfit also `fold_teachers`, their folders). Raises KDForgeError for
+    another task or a bad teacher.crossfit.folds (crossfit_folds)."""
     if recipe.task != "sequence_classification":
         raise KDForgeError(f"finetune-teacher fine-tunes a text classifier's teacher; task {recipe.task} has none to "
                            "fine-tune (set task: sequence_classification)")
     with phase("reading and tokenising the texts", enabled=progress):
         tokenizer = load_tokenizer(encoder_folder(recipe.teacher.model))
         train, val, _ = SequenceClassification().data(recipe, tokenizer)
+    crossfit = recipe.teacher.crossfit
+    folds = crossfit_folds(train, crossfit.folds, crossfit.seed) if crossfit is not None else None
     teacher, folder = finetuned_teacher(recipe, train, tokenizer, progress=progress)
     logits, speed = predict(teacher, val)
-    return folder, {**classification_metrics(logits, val.labels), "examples_per_s": speed, "heldout": len(val)}
+    figures = {**classification_metrics(logits, val.labels), "examples_per_s": speed, "heldout": len(val)}
+    if folds is not None:
+        figures["fold_teachers"] = [str(f) for _, f in fold_teachers(recipe, train, folds, tokenizer,
+                                                                     progress=progress)]
+        log.info("%d fold teachers cached: %s", len(folds.unique()), ", ".join(figures["fold_teachers"]))
+    return folder, figures
