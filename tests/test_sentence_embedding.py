@@ -208,3 +208,28 @@ def test_bad_input_is_refused_in_one_line(tmp_path, assets):
         se.pooling_settings(cls_pooled)
     with pytest.raises(KDForgeError, match="task sentence_embedding reads only texts"):
         parse_recipe({**recipe, "data": {**recipe["data"], "label_field": "sentiment"}})
+
+
+def test_an_embedding_bench_has_the_untrained_student_as_its_reference_row(tmp_path, assets):
+    """No labels, so no cross-entropy baseline is added: the matrix's first method is the reference row, and a
+    zero-weight term without weight decay (benchmarks/embedding_matrix.yaml's before_training) leaves the copied
+    layers as they were; the tables show the embedding metrics."""
+    from kdforge.bench import run_bench
+
+    base = embedding_recipe("embedding_cosine", assets["encoder"], tmp_path / "unused", steps=2, save_every=0)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    cosine = [{"loss": "hidden_cosine", "name": "embedding_cosine", "student": "normalize", "teacher": "normalize"}]
+    matrix = {"name": "emb", "base": "base.yaml", "seeds": [0, 1], "methods": {
+        "before_training": {"objective": [{**cosine[0], "weight": 0.0}], "train.steps": 1, "train.warmup_steps": 0,
+                            "train.weight_decay": 0.0},
+        "embedding_cosine": {"objective": cosine}}}
+    (tmp_path / "matrix.yaml").write_text(yaml.safe_dump(matrix))
+    data = run_bench(tmp_path / "matrix.yaml", tmp_path / "out")
+    assert data["baseline"] == "before_training" and not data["failed"]
+    assert data["methods"] == ["before_training", "embedding_cosine"]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| before_training (reference) | 2/2 |" in md and "Spearman (cosines)" in md and "top-10 overlap" in md
+    copied = prepare(parse_recipe({**base, "objective": cosine})).student
+    exported = se.load_encoder(tmp_path / "out" / "cells" / "default" / "before_training" / "seed0" / "student")
+    for (name, a), b in zip(copied.state_dict().items(), exported.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)

@@ -72,6 +72,14 @@ DETECTION_QUALITY_COLUMNS = [
 CLASSIFIER_COST_COLUMNS = [
     ("examples_per_s", "eval examples/s", False), ("parameters", "params", True), ("train_seconds", "wall s", True),
 ]
+# sentence-embedding matrices (task sentence_embedding: no labels; the student's embeddings against the teacher's)
+EMBEDDING_QUALITY_COLUMNS = [
+    ("spearman_cosine", "Spearman (cosines)", False), ("top10_overlap", "top-10 overlap", False),
+    ("teacher_cosine", "cos(S, T)", False),
+]
+EMBEDDING_COST_COLUMNS = [
+    ("sentences_per_s", "eval sentences/s", False), ("parameters", "params", True), ("train_seconds", "wall s", True),
+]
 
 
 @dataclass
@@ -170,7 +178,8 @@ def is_ce_only(recipe: Recipe) -> bool:
 
 
 def plan_cells(spec: MatrixSpec, base: dict[str, Any], out: Path) -> tuple[list[Cell], str]:
-    """All cells, and the name of the cross-entropy baseline method (added when the matrix has none)."""
+    """All cells, and the name of the cross-entropy baseline method (added when the matrix has none). A task without
+    labels (sentence_embedding) has no cross-entropy to train: its matrix's first method is the reference row."""
     students = spec.students or {DEFAULT_STUDENT: {}}
     methods = dict(spec.methods)
 
@@ -194,6 +203,8 @@ def plan_cells(spec: MatrixSpec, base: dict[str, Any], out: Path) -> tuple[list[
         if probe.recipe is not None and is_ce_only(parse_recipe(probe.recipe)):
             baseline = name
             break
+    if baseline is None and base.get("task") == "sentence_embedding":
+        baseline = next(iter(methods))
     if baseline is None:
         baseline = BASELINE
         methods = {BASELINE: {"objective": [{"loss": "cross_entropy"}]}, **methods}
@@ -492,6 +503,9 @@ def results_tables(summary: dict, baseline: str,
         for key, columns in (("map", MULTILABEL_QUALITY_COLUMNS), ("map50", DETECTION_QUALITY_COLUMNS)):
             if any(key in row["metrics"] for row in methods.values()):
                 kinds = (("quality", columns), ("cost", CLASSIFIER_COST_COLUMNS))
+        embedding = any("spearman_cosine" in row["metrics"] for row in methods.values())
+        if embedding:
+            kinds = (("quality", EMBEDDING_QUALITY_COLUMNS), ("cost", EMBEDDING_COST_COLUMNS))
         if any("rougeL_reference" in row["metrics"] for row in methods.values()):
             kinds = (*kinds, ("generation on held-out prompts", GENERATION_COLUMNS))
         for title, columns in kinds:
@@ -499,7 +513,8 @@ def results_tables(summary: dict, baseline: str,
             rows = []
             for method in names:
                 row = methods[method]
-                name = f"{method} (CE baseline)" if method == baseline else method
+                name = (f"{method} ({'reference' if embedding else 'CE baseline'})" if method == baseline
+                        else method)
                 ok = f"{row['seeds'] - row['failed']}/{row['seeds']}"
                 rows.append([name, ok] + [_fmt(row["metrics"].get(k), k) for k, _, _ in columns])
             tables.append((f"{student}: {title}", header, rows))
