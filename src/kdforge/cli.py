@@ -169,7 +169,37 @@ def cache_teacher(
                 else f"k={opts['k']}, {opts['values']} values")
         typer.echo(f"cached {meta['data']['n_blocks']} blocks x {meta['data']['seq_len']} tokens to {path}: "
                    f"{index['bytes_per_token']:.1f} bytes/token ({what}, {opts['ids']} ids)")
-        typer.echo(f"train from it with: teacher: {{kind: cache, path: {path}, model: {r.teacher.model}}}")
+        if "crossfit" in meta:
+            typer.echo(f"cross-fitted: block i from the teacher of its fold (fold sizes "
+                       f"{meta['crossfit']['fold_sizes']}); train from it with teacher.path: {path}")
+        else:
+            typer.echo(f"train from it with: teacher: {{kind: cache, path: {path}, model: {r.teacher.model}}}")
+
+    _run(body)
+
+
+@app.command("crossfit-split")
+def crossfit_split(
+    recipe: Path = typer.Argument(..., help="Recipe YAML with task causal_lm and teacher.crossfit: {folds: K}."),
+    out: Path = typer.Option(..., "--out", help="Folder for teacher_<k>.jsonl, fold_<k>.jsonl and manifest.json "
+                             "(written whole, atomically; an earlier split there is replaced)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key, e.g. "
+                                             "--set teacher.crossfit.seed=1."),
+) -> None:
+    """Deal the recipe's training blocks into teacher.crossfit's K seeded folds and write, for each k, the text
+    teacher k may be fine-tuned on (every block but fold k) and fold k's own text; then list the K fine-tuned
+    teachers in teacher.crossfit.models and run `kdforge cache-teacher RECIPE`."""
+    from .recipe import load_recipe
+
+    def body():
+        r = load_recipe(recipe, set_ or [])
+        from .tasks.causal_lm import crossfit_split as write_split
+
+        manifest = write_split(r, out)
+        typer.echo(f"{manifest['n_blocks']} blocks of {manifest['seq_len']} tokens in {manifest['folds']} folds "
+                   f"(seed {manifest['seed']}, sizes {manifest['fold_sizes']}) written to {out}")
+        typer.echo(f"fine-tune teacher k on {out}/teacher_<k>.jsonl (its held-out text: {out}/fold_<k>.jsonl), "
+                   "list them in teacher.crossfit.models, then run: kdforge cache-teacher " + str(recipe))
 
     _run(body)
 
@@ -257,7 +287,7 @@ def eval_(
     layer-wise CKA; optionally lm-evaluation-harness tasks."""
 
     def body():
-        from .evaluate.suite import run_eval
+        from .tasks import evaluate_target as run_eval
         from .io import atomic_write_json
         from .recipe import EvalSpec
 

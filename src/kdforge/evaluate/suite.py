@@ -303,7 +303,8 @@ def run_eval(target: str | Path, *, teacher: str | None = None, corpus: str | No
              baseline: str | Path | None = None, out_dir: str | Path | None = None,
              lm_eval_tasks: list[str] | None = None, lm_eval_include: str | Path | None = None,
              lm_eval_limit: float | None = None) -> dict[str, Any]:
-    """`kdforge eval`: evaluate a student folder or a run directory.
+    """The causal-LM evaluation of a student folder or a run directory (`kdforge eval` reaches it through
+    kdforge.tasks.evaluate_target, which sends the other tasks' runs to their own task).
 
     For a run directory, the teacher and held-out data default to those of its manifest's recipe, and eval.json,
     cka.json and cka.png are written into it (or into out_dir). teacher='' evaluates without a teacher.
@@ -321,15 +322,9 @@ def run_eval(target: str | Path, *, teacher: str | None = None, corpus: str | No
     folder = _student_folder(target)
     is_run = (target / "manifest.json").is_file()
     recipe = parse_recipe(json.loads((target / "manifest.json").read_text())["recipe"]) if is_run else None
-    if recipe is not None and recipe.task != "causal_lm":  # the task's own held-out figures (kdforge.tasks)
-        from ..tasks import task_for
-
-        return task_for(recipe).run_eval(target, recipe, out_dir=Path(out_dir) if out_dir is not None else None)
-    from ..tasks.image_classification import ImageClassification, folder_recipe, is_cnn_folder
-
-    if recipe is None and is_cnn_folder(folder):  # an image-classification student folder (RUN/student)
-        return ImageClassification().evaluate_folder(folder, folder_recipe(folder, corpus=corpus, teacher=teacher),
-                                                     out_dir=Path(out_dir) if out_dir is not None else None)
+    if recipe is not None and recipe.task != "causal_lm":
+        raise KDForgeError(f"'{target}' is a {recipe.task} run and this is the causal-LM evaluation; evaluate it "
+                           "with `kdforge eval` (kdforge.tasks.evaluate_target picks the task)")
     # the teacher: as given, else the run's, else the embedded default
     if teacher is None:
         teacher_spec = recipe.teacher if recipe else ModelSpec(model="smollm2-135m")

@@ -30,3 +30,32 @@ def get_task(name: str):
 def task_for(recipe):
     """The task of a recipe (its `task:`, default causal_lm)."""
     return get_task(recipe.task)
+
+
+def evaluate_target(target, *, corpus: str | None = None, teacher: str | None = None, out_dir=None,
+                    **lm_options) -> dict:
+    """`kdforge eval TARGET`: a run directory is evaluated by its recipe's task (`Task.run_eval`); a bare student
+    folder by the task its files name (an image-classification CNN folder, else a causal LM). `lm_options` go to
+    kdforge.evaluate.suite.run_eval, the causal-LM evaluation (spec, seq_len, max_tokens, baseline, lm_eval_*).
+    Raises KDForgeError (one line) for a missing target or an unfinished run."""
+    import json
+    from pathlib import Path
+
+    from ..recipe import parse_recipe
+
+    target = Path(target)
+    out = Path(out_dir) if out_dir is not None else None
+    if (target / "manifest.json").is_file():
+        recipe = parse_recipe(json.loads((target / "manifest.json").read_text())["recipe"])
+        if recipe.task != "causal_lm":
+            return task_for(recipe).run_eval(target, recipe, out_dir=out)
+    else:
+        from .image_classification import ImageClassification, folder_recipe, is_cnn_folder
+
+        folder = target / "student" if (target / "student" / "config.json").is_file() else target
+        if is_cnn_folder(folder):
+            return ImageClassification().evaluate_folder(folder, folder_recipe(folder, corpus=corpus, teacher=teacher),
+                                                         out_dir=out)
+    from ..evaluate.suite import run_eval
+
+    return run_eval(target, corpus=corpus, teacher=teacher, out_dir=out, **lm_options)
