@@ -166,7 +166,7 @@ def test_bad_crossfit_and_correction_settings_are_one_line_refusals(tmp_path, mo
              lambda: parse_recipe({**base, "teacher": {"model": "runs/x/student", "crossfit": {"folds": 3}}}))
     one_line("needs a live teacher", lambda: parse_recipe(
         {**base, "teacher": {**base["teacher"], "kind": "cache", "path": "c", "crossfit": {"folds": 3}}}))
-    one_line("teacher.crossfit is supported for task image_classification .*not task causal_lm",
+    one_line("teacher.crossfit for task causal_lm reads every block's top-k .*set teacher.kind: cache",
              lambda: parse_recipe({"teacher": {"model": "tiny-llama", "crossfit": {"folds": 3}}}))
     # corrections: a loss without one, an unknown one, eps and smoothing out of range, no labels, a top-k teacher
     kd = {"loss": "forward_kl", "temperature": 4.0}

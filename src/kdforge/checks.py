@@ -39,8 +39,11 @@ def check_seq_len(seq_len: int, models: dict[str, nn.Module | None]) -> None:
                                f"({type(model).__name__}); set data.seq_len to at most {limit}")
 
 
-def check_student_tokenizer(student_model: str | None, teacher_tokenizer) -> None:
-    """Refuse a pretrained student whose own tokenizer differs from the teacher's (ids, or special tokens)."""
+def check_student_tokenizer(student_model: str | None, teacher_tokenizer, *, role: str = "student.model",
+                            fix: str = "use a student with the teacher's tokenizer (or a fresh student: student.init "
+                                       "config)") -> None:
+    """Refuse a pretrained student whose own tokenizer differs from the teacher's (ids, or special tokens); `role`
+    names the model in the message (e.g. a fold teacher of teacher.crossfit.models) and `fix` says what to do."""
     if not student_model or teacher_tokenizer is None:
         return
     from .models import load_tokenizer
@@ -55,17 +58,17 @@ def check_student_tokenizer(student_model: str | None, teacher_tokenizer) -> Non
     except KDForgeError:
         return  # no tokenizer of its own
     ours, theirs = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    who = "student" if role == "student.model" else role
     if ours == theirs and teacher_tokenizer.all_special_tokens == student_tokenizer.all_special_tokens:
         return
     if ours == theirs:
         why = (f"special tokens differ (teacher {teacher_tokenizer.all_special_tokens}, "
-               f"student {student_tokenizer.all_special_tokens})")
+               f"{who} {student_tokenizer.all_special_tokens})")
     else:
         by_id = {i: t for t, i in theirs.items()}
-        diff = next((f"id {i} is {t!r} for the teacher but {by_id.get(i)!r} for the student"
+        diff = next((f"id {i} is {t!r} for the teacher but {by_id.get(i)!r} for the {who}"
                      for t, i in sorted(ours.items(), key=lambda x: x[1]) if by_id.get(i) != t),
-                    f"the student's has {len(theirs)} entries, the teacher's {len(ours)}")
+                    f"the {who}'s has {len(theirs)} entries, the teacher's {len(ours)}")
         why = f"{len(ours)} vs {len(theirs)} entries; {diff}"
-    raise KDForgeError(f"student.model '{student_model}' has its own tokenizer, which differs from the teacher's "
-                       f"({why}); kdforge trains on the teacher's token ids, so use a student with the teacher's "
-                       "tokenizer (or a fresh student: student.init config)")
+    raise KDForgeError(f"{role} '{student_model}' has its own tokenizer, which differs from the teacher's "
+                       f"({why}); kdforge trains on the teacher's token ids, so {fix}")

@@ -8,7 +8,16 @@ on every fold but k, and labels fold k with teacher k, so no example's soft
 label comes from a teacher that saw it. (The authors' tabular runs use
 ``split_mode: crossfit`` with 10 folds; microsoft/semiparametric-distillation.)
 
-The teacher is anything with the scikit-learn classifier protocol:
+Causal LMs (issue 13: "for causal LMs where a user supplies K teachers"): the unit of a fold is a training block
+(data.seq_len packed tokens, what a student step and the offline teacher cache index). :func:`block_folds` deals
+the blocks into K seeded folds; :func:`write_crossfit_split` (``kdforge crossfit-split``) writes the text each
+teacher may be fine-tuned on (every block but its fold's), and ``kdforge cache-teacher`` on a recipe with
+``teacher.crossfit.models`` caches every block's top-k (or samples) from the teacher of its fold
+(:mod:`kdforge.teachers.cache`). kdforge departs from the classification setting on purpose here: it does not
+train the K teachers (a user fine-tunes them with any trainer), and folds are by block, not by document, so a
+document longer than a block spreads over folds (each block the student trains on is still unseen by its teacher).
+
+The classification teacher is anything with the scikit-learn classifier protocol:
 ``fit(X, y)`` and ``predict_proba(X) -> [n, classes]`` (``predict_log_proba``
 is used when present). A torch model fits the protocol through a small wrapper
 whose ``fit`` trains it and whose ``predict_proba`` returns softmax outputs.
@@ -20,12 +29,14 @@ their ``correction``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-__all__ = ["CrossFit", "crossfit_teacher_logits", "stratified_folds", "teacher_log_probs"]
+__all__ = ["CrossFit", "block_folds", "crossfit_teacher_logits", "stratified_folds", "teacher_log_probs",
+           "write_crossfit_split"]
 
 
 @dataclass
@@ -93,6 +104,22 @@ def stratified_folds(y, n_folds: int, *, seed: int = 0) -> torch.Tensor:
         folds[idx] = (dealt + np.arange(len(idx))) % k
         dealt += len(idx)
     return torch.from_numpy(folds)
+
+
+def block_folds(n_blocks: int, n_folds: int, *, seed: int = 0) -> torch.Tensor:
+    """Seeded fold ids ``[n_blocks]`` (int64, 0..K-1) of a causal LM's training blocks.
+
+    The blocks are shuffled (numpy ``default_rng(seed)``) and dealt round-robin, as :func:`stratified_folds` deals a
+    single class: the folds partition the blocks, their sizes differ by at most one, and the assignment depends only
+    on (n_blocks, K, seed), never on the batch size or where a run resumed. Raises ``KDForgeError`` (one line) for
+    K < 2 or K above the number of blocks.
+    """
+    from .errors import KDForgeError
+
+    if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2 or n_folds > n_blocks:
+        raise KDForgeError(f"teacher.crossfit.folds={n_folds!r} must be an integer from 2 up to the {n_blocks} "
+                           "training blocks; lower folds or add training text")
+    return stratified_folds(np.zeros(n_blocks, dtype=np.int64), int(n_folds), seed=seed)
 
 
 def teacher_log_probs(teacher, X, num_classes: int, *, min_prob: float = 1e-12) -> torch.Tensor:
@@ -174,3 +201,64 @@ def crossfit_teacher_logits(
         full_logits = teacher_log_probs(full_teacher, X, C)
     return CrossFit(logits=logits, folds=folds, teachers=teachers, full_teacher=full_teacher,
                     full_logits=full_logits)
+
+
+SPLIT_FORMAT = "kdforge-crossfit-split"
+
+
+def write_crossfit_split(blocks_ids: torch.Tensor, folds: torch.Tensor, tokenizer, out, *,
+                         info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the text each of K causal-LM teachers may be fine-tuned on; returns the manifest.
+
+    blocks_ids: ``[N, T]`` training blocks (token ids); folds: ``[N]`` their fold ids (:func:`block_folds`). In
+    ``out`` (built in a temporary folder, then swapped in whole): ``teacher_<k>.jsonl``, one ``{"text", "block"}``
+    record per block outside fold k in block order (what teacher k may see), ``fold_<k>.jsonl``, fold k's blocks
+    (what it must never see, e.g. its held-out set), and ``manifest.json``: folds, the fold sizes, each file's
+    blocks, tokens and sha256, plus ``info`` (the recipe's seed, data fingerprint, tokenizer). The text is each
+    block's tokens decoded (special tokens kept); a trainer re-tokenizes it, which may split a word cut at a block
+    edge differently, but no character of fold k is ever in teacher k's file.
+
+    Raises ``KDForgeError`` (one line) when ``out`` exists and is not an earlier split (it would be replaced).
+    """
+    import hashlib
+    import json
+
+    from .errors import KDForgeError
+    from .io import atomic_write_dir
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_split(out / "manifest.json"))):
+        raise KDForgeError(f"--out '{out}' exists and is not a crossfit split (no {SPLIT_FORMAT} manifest.json); "
+                           "it would be replaced: choose a new folder")
+    fold_of = folds.tolist()
+    k_folds = int(folds.max()) + 1
+    texts = tokenizer.batch_decode(blocks_ids.tolist(), skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+    lines = [json.dumps({"text": text, "block": i}, ensure_ascii=False) + "\n" for i, text in enumerate(texts)]
+    manifest: dict[str, Any] = {"format": SPLIT_FORMAT, "version": 1, **(info or {}), "folds": k_folds,
+                                "n_blocks": len(fold_of), "seq_len": int(blocks_ids.shape[1]),
+                                "fold_sizes": [fold_of.count(k) for k in range(k_folds)], "files": {}}
+
+    def fill(tmp: Path) -> None:
+        for k in range(k_folds):
+            for name, keep in ((f"teacher_{k}.jsonl", lambda f: f != k), (f"fold_{k}.jsonl", lambda f: f == k)):
+                body = "".join(line for line, f in zip(lines, fold_of) if keep(f)).encode("utf-8")
+                (tmp / name).write_bytes(body)
+                blocks = sum(keep(f) for f in fold_of)
+                manifest["files"][name] = {
+                    "fold": k, "holds": f"every block but fold {k}" if name.startswith("teacher") else f"fold {k}",
+                    "blocks": blocks, "tokens": blocks * int(blocks_ids.shape[1]),
+                    "sha256": hashlib.sha256(body).hexdigest()}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+    atomic_write_dir(out, fill)
+    return manifest
+
+
+def _is_split(path: Path) -> bool:
+    import json
+
+    try:
+        return json.loads(path.read_text()).get("format") == SPLIT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False

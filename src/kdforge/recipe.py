@@ -231,22 +231,36 @@ class CurriculumSpec(_Strict):
 
 class CrossfitSpec(_Strict):
     """Cross-fitted teachers (Dao et al., "Knowledge Distillation as Semiparametric Inference", ICLR 2021): the
-    training split is cut into `folds` stratified folds, teacher k is trained without fold k, and every training
+    training split is cut into `folds` seeded folds, teacher k is trained without fold k, and every training
     example's soft label (and tapped features) comes from the teacher that never saw it (kdforge.crossfit).
-    task image_classification with `teacher.model: cnn` only; held-out metrics use the teacher trained on all of it."""
+    task image_classification (`teacher.model: cnn`): kdforge trains the K teachers on stratified folds; held-out
+    metrics use the teacher trained on all of it. task sequence_classification: kdforge fine-tunes the K teacher
+    encoders (kdforge.tasks.sequence_classification). task causal_lm: the folds are of the training blocks, the user
+    supplies the K teachers (`models`, each fine-tuned on what `kdforge crossfit-split RECIPE --out DIR` writes for
+    it), `kdforge cache-teacher RECIPE` caches every block's top-k from its fold's teacher and training reads that
+    cache (teacher.kind: cache); teacher.model is the teacher of the held-out metrics."""
 
     folds: int
-    """K, the number of folds and of fold teachers (2 up to the smallest class count of the training split)."""
+    """K, the number of folds and of fold teachers (2 up to the smallest class count of the training split; causal_lm:
+    up to the number of training blocks)."""
     seed: int = 0
     """Seeds the fold assignment (the same folds for every recipe seed, so a bench's seeds share the K teachers)."""
+    models: list[str] | None = None
+    """task causal_lm: the K teachers in fold order (embedded names, local folders or hub ids), teacher k fine-tuned
+    without fold k; they must share teacher.model's tokenizer and vocabulary. null for the tasks that train their
+    fold teachers themselves."""
 
     @field_validator("folds", mode="before")
     @classmethod
     def _at_least_two(cls, v: Any) -> Any:
         if isinstance(v, bool) or not isinstance(v, int) or v < 2:
             raise ValueError(f"teacher.crossfit.folds must be an integer from 2 up to the smallest class count of the "
-                             f"training split, got {v!r}")
+                             f"training split (causal_lm: the number of training blocks), got {v!r}")
         return v
+
+    def identity(self) -> dict[str, Any]:
+        """What a cross-fitted offline cache records and a run must match: folds, seed and the K teachers."""
+        return {"folds": self.folds, "seed": self.seed, "models": list(self.models or [])}
 
 
 class TeacherSpec(ModelSpec):
@@ -751,6 +765,29 @@ def _text_task_fields(recipe: "Recipe") -> "Recipe":
     return recipe
 
 
+def _crossfit_causal_lm(recipe: "Recipe") -> "Recipe":
+    """task causal_lm with teacher.crossfit: served from the offline cache (kdforge.teachers.cache builds it per fold)
+    of K distinct teachers listed in teacher.crossfit.models. models may still be missing (`kdforge crossfit-split`
+    runs first, to write the text the teachers are fine-tuned on); cache-teacher and distill then refuse the recipe.
+    The teachers' tokenizers and vocabularies are checked when the cache is built."""
+    t = recipe.teacher
+    k, models = t.crossfit.folds, t.crossfit.models
+    if t.kind != "cache":
+        raise ValueError("teacher.crossfit for task causal_lm reads every block's top-k from its fold's teacher in "
+                         "the offline cache; set teacher.kind: cache and teacher.path, and build it with "
+                         "`kdforge cache-teacher RECIPE`")
+    if models is None:
+        return recipe
+    if len(models) != k:
+        raise ValueError(f"teacher.crossfit.models lists {len(models)} teacher(s) but teacher.crossfit.folds is {k}; "
+                         "list one teacher per fold, teacher k fine-tuned without fold k")
+    twice = next((m for i, m in enumerate(models) if m in models[:i]), None)
+    if twice is not None:
+        raise ValueError(f"teacher.crossfit.models names '{twice}' twice; each fold needs its own teacher, fine-tuned "
+                         "without that fold")
+    return recipe
+
+
 class Recipe(_Strict):
     name: str = "run"
     """The run's name (in reports and the manifest)."""
@@ -890,13 +927,22 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _crossfit_teacher(self) -> "Recipe":
-        """teacher.crossfit trains K teachers from teacher.config, so it needs a teacher kdforge can refit."""
+        """teacher.crossfit: image_classification trains K teachers from teacher.config, so it needs a teacher kdforge
+        can refit; sequence_classification fine-tunes them (kdforge.tasks.sequence_classification); causal_lm reads
+        the K teachers the user lists from one offline cache."""
         crossfit = self.teacher.crossfit if self.teacher is not None else None
         if crossfit is None:
             return self
+        if self.task == "causal_lm":
+            return _crossfit_causal_lm(self)
+        if crossfit.models is not None:
+            raise ValueError(f"teacher.crossfit.models lists trained fold teachers, which only task causal_lm takes; "
+                             f"task {self.task} trains its K fold teachers itself: remove teacher.crossfit.models")
+        if self.task == "sequence_classification":
+            return self
         if self.task != "image_classification":
-            raise ValueError(f"teacher.crossfit is supported for task image_classification (teacher.model: cnn), "
-                             f"not task {self.task}; remove teacher.crossfit")
+            raise ValueError(f"teacher.crossfit is supported for tasks image_classification (teacher.model: cnn), "
+                             f"sequence_classification and causal_lm, not task {self.task}; remove teacher.crossfit")
         if self.teacher.model != "cnn":
             raise ValueError(f"teacher.crossfit retrains the teacher on K-1 folds, which a trained folder "
                              f"('{self.teacher.model}') cannot be; set teacher.model: cnn (with teacher.config), or "
@@ -970,6 +1016,8 @@ class Recipe(_Strict):
             data["teacher"].pop("config", None)
         if data["teacher"] is not None and data["teacher"].get("crossfit") is None:  # and from before crossfit
             data["teacher"].pop("crossfit", None)
+        elif data["teacher"] is not None and data["teacher"]["crossfit"].get("models") is None:  # and crossfit.models
+            data["teacher"]["crossfit"].pop("models", None)
         data.pop("generate", None)  # only `kdforge generate` reads it
         if data.get("onpolicy") is None:  # recipes from before onpolicy keep their hash
             data.pop("onpolicy", None)

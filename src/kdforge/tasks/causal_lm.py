@@ -32,7 +32,7 @@ from ..teachers.cache import cached_teacher_for, teacher_architecture
 from ..teachers.curriculum import CurriculumTeacher
 from .base import Setup
 
-__all__ = ["CausalLM", "data_fingerprint", "model_card", "tokenize_corpus"]
+__all__ = ["CausalLM", "crossfit_split", "data_fingerprint", "model_card", "tokenize_corpus"]
 
 DISK_HINT = "use an --out on a larger disk"
 
@@ -44,6 +44,32 @@ def data_fingerprint(train_blocks: TokenBlocks, val_blocks: TokenBlocks) -> str:
         digest.update(str(tuple(blocks.ids.shape)).encode())
         digest.update(blocks.ids.to(torch.int64).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def crossfit_split(recipe: Recipe, out: str | Path) -> dict[str, Any]:
+    """`kdforge crossfit-split RECIPE --out DIR`: the recipe's training blocks dealt into teacher.crossfit's folds
+    (kdforge.crossfit.block_folds), and for each fold k the text teacher k may be fine-tuned on, written to DIR
+    (kdforge.crossfit.write_crossfit_split). The manifest records the folds, the seed, the blocks' sha256 and the
+    tokenizer, the same fingerprints the offline cache of the K teachers records. Returns the manifest.
+
+    Raises KDForgeError for a recipe without teacher.crossfit, another task, or data.prompts (padded prompt–response
+    blocks, which the offline cache does not store)."""
+    from ..crossfit import block_folds, write_crossfit_split
+    from ..teachers.cache import data_sha256, tokenizer_fingerprint
+
+    crossfit = recipe.teacher.crossfit if recipe.teacher is not None else None
+    if recipe.task != "causal_lm" or crossfit is None or recipe.data.prompts is not None:
+        raise KDForgeError(f"crossfit-split writes the folds of a causal_lm recipe with teacher.crossfit over a packed "
+                           f"corpus; this recipe has task {recipe.task}, teacher.crossfit "
+                           f"{'set' if crossfit is not None else 'unset'}, data.prompts {recipe.data.prompts!r}: set "
+                           "teacher.crossfit: {folds: K, models: [...]} (and no data.prompts)")
+    tokenizer = load_tokenizer(recipe.teacher)
+    with phase(f"tokenizing {recipe.data.corpus}"):
+        train_blocks, _ = tokenize_corpus(recipe, tokenizer)
+    folds = block_folds(len(train_blocks), crossfit.folds, seed=crossfit.seed)
+    info = {"seed": crossfit.seed, "data_sha256": data_sha256(train_blocks.ids),
+            "tokenizer": tokenizer_fingerprint(tokenizer), "models": list(crossfit.models or [])}
+    return write_crossfit_split(train_blocks.ids, folds, tokenizer, out, info=info)
 
 
 def model_card(recipe: Recipe, final: dict[str, Any]) -> str:

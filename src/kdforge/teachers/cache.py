@@ -44,6 +44,12 @@ Bytes per token at k=64, V=49152 (the measured figure is in index.json, "bytes_p
 "bytes_per_token_parts"): packed + int6 = 148.1 (the default, within 150); packed + int8 = 164.1; plain (uint16) +
 int8 = 200.1; plain + fp16 = 260.1 (each with a float16 logsumexp; float32 adds 2). (uint16 ids alone take 128 bytes at k=64, which is why the default packs them.)
 
+A cross-fitted cache (a recipe with ``teacher.crossfit.models``, task causal_lm; Dao et al. 2021, kdforge.crossfit)
+is one such folder per fold, ``fold_<k>/``, a complete cache of teacher k over the blocks of fold k (in block order),
+under a top-level ``index.json`` whose meta adds ``crossfit`` (folds, seed, the K teachers, the fold sizes) and which
+lists each block's fold (``block_folds``); :class:`CachedTeacher` reads block i from its fold's folder, so every
+training block gets the outputs of the teacher that never saw it, at the cost of a plain cache read.
+
 Writing is atomic and resumable: each shard is written to a temporary file, fsync'd and renamed, and only then listed
 in the index (itself rewritten atomically), so a killed or out-of-disk run leaves only valid shards behind and a rerun
 skips them. Reading refuses a cache that is incomplete, whose shard checksums or sizes do not match, or that was built
@@ -269,6 +275,9 @@ def _meta_options(options: CacheOptions, k: int) -> dict[str, Any]:
 def _differences(cached: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Human-readable names of what differs, most telling first."""
     out = []
+    if cached.get("crossfit") != current.get("crossfit"):
+        out.append(f"teacher.crossfit (cache {describe_crossfit(cached.get('crossfit'))}, this run "
+                   f"{describe_crossfit(current.get('crossfit'))})")
     ct, rt = cached.get("tokenizer", {}), current.get("tokenizer", {})
     if ct.get("sha256") != rt.get("sha256") or ct.get("size") != rt.get("size"):
         out.append(f"tokenizer (cache: '{ct.get('name')}' with {ct.get('size')} tokens, "
@@ -288,6 +297,14 @@ def _differences(cached: Mapping[str, Any], current: Mapping[str, Any]) -> list[
             if a != b:
                 out.append(f"{'teacher.' if key == 'teacher' else ''}{sub} (cache {a!r}, this run {b!r})")
     return out
+
+
+def describe_crossfit(crossfit: Mapping[str, Any] | None) -> str:
+    """A cache's or a recipe's cross-fitting in words: 'none', or its folds, seed and teachers."""
+    if not crossfit:
+        return "none"
+    return (f"{{folds: {crossfit['folds']}, seed: {crossfit['seed']}, models: "
+            f"[{', '.join(map(str, crossfit['models']))}]}}")
 
 
 def _read_index(out: Path) -> dict[str, Any] | None:
@@ -793,7 +810,10 @@ class CachedTeacher:
         self.seq_len, self.n_blocks = int(meta["data"]["seq_len"]), int(meta["data"]["n_blocks"])
         self.shard_blocks = int(opts["shard_blocks"])
         self.shards = sorted(index["shards"], key=lambda e: e["start"])
-        expected = math.ceil(self.n_blocks / self.shard_blocks)
+        self._parts: list[CachedTeacher] | None = None  # a cross-fitted cache: one cache per fold
+        if meta.get("crossfit") is not None:
+            self._open_folds(verify)
+        expected = 0 if self._parts is not None else math.ceil(self.n_blocks / self.shard_blocks)
         if len(self.shards) != expected or any(e["start"] != i * self.shard_blocks for i, e in enumerate(self.shards)):
             raise KDForgeError(f"teacher cache '{self.path}' lists {len(self.shards)} shards, expected {expected}; "
                                "rebuild it with kdforge cache-teacher")
@@ -804,6 +824,25 @@ class CachedTeacher:
         if blocks_ids is not None or tokenizer is not None or vocab_size is not None:
             self.check_matches(blocks_ids=blocks_ids, tokenizer=tokenizer, vocab_size=vocab_size)
         self._files: dict[int, Any] = {}
+
+    def _open_folds(self, verify: bool) -> None:
+        """A cross-fitted cache: open each fold's cache and map every block to (its fold, its place in that fold)."""
+        folds = torch.tensor(self.index.get("block_folds", []), dtype=torch.int64)
+        entries = self.index.get("folds", [])
+        if folds.numel() != self.n_blocks or len(entries) != self.meta["crossfit"]["folds"]:
+            raise KDForgeError(f"teacher cache '{self.path}' lists {folds.numel()} block folds for {self.n_blocks} "
+                               f"blocks and {len(entries)} fold caches; rebuild it with kdforge cache-teacher")
+        self._parts, self._local = [], torch.empty_like(folds)
+        for k, entry in enumerate(entries):
+            part = CachedTeacher(self.path / entry["dir"], verify=verify)
+            mine = (folds == k).nonzero().squeeze(-1)
+            if part.n_blocks != mine.numel() or part.meta["options"] != self.meta["options"]:
+                raise KDForgeError(f"teacher cache '{self.path}': fold {k}'s cache ({entry['dir']}) holds "
+                                   f"{part.n_blocks} blocks for {mine.numel()} in the fold, or other options; "
+                                   "rebuild it with kdforge cache-teacher")
+            self._local[mine] = torch.arange(mine.numel())
+            self._parts.append(part)
+        self._fold_of = folds.tolist()
 
     def check_matches(self, *, blocks_ids: torch.Tensor | None = None, tokenizer=None,
                       vocab_size: int | None = None) -> None:
@@ -833,6 +872,8 @@ class CachedTeacher:
     def _read(self, block: int, names: list[str]) -> dict[str, torch.Tensor]:
         if not 0 <= block < self.n_blocks:
             raise KDForgeError(f"block index {block} is outside the cache's {self.n_blocks} blocks")
+        if self._parts is not None:  # cross-fitted: the block's outputs come from its fold's teacher
+            return self._parts[self._fold_of[block]]._read(int(self._local[block]), names)
         shard, local = divmod(block, self.shard_blocks)
         f = self._file(shard)
         return {name: f.get_slice(name)[local:local + 1] for name in names}
@@ -961,6 +1002,13 @@ def cached_teacher_for(recipe, tokenizer, train_blocks, student: torch.nn.Module
     spec = recipe.teacher
     vocab = None if student is None or recipe.truncate_to_shared_vocab else vocab_size(student)
     cached = CachedTeacher(spec.path, blocks_ids=train_blocks.ids, tokenizer=tokenizer, vocab_size=vocab)
+    want = spec.crossfit.identity() if fold_teachers(spec) is not None else None
+    have = cached.meta.get("crossfit")
+    have = {key: have.get(key) for key in ("folds", "seed", "models")} if have is not None else None
+    if want != have:
+        raise KDForgeError(f"teacher cache '{spec.path}' was built with teacher.crossfit {describe_crossfit(have)} "
+                           f"but the recipe has {describe_crossfit(want)}; rebuild it with `kdforge cache-teacher "
+                           "RECIPE` (another teacher.path keeps this one)")
     if cached.meta["teacher"].get("model") != spec.model:
         log.warning("teacher cache %s was built from teacher '%s', the recipe names '%s' (used for evaluation)",
                     spec.path, cached.meta["teacher"].get("model"), spec.model)
@@ -994,7 +1042,8 @@ def cache_recipe_teacher(recipe, *, out: str | Path | None = None, options: Cach
     """`kdforge cache-teacher`: run the recipe's teacher over its training blocks once and write the cache.
 
     The folder defaults to ``teacher.path``, else ``<output_dir>/teacher_cache``; the temperature to the
-    objective's (see :func:`recipe_temperature`) unless ``options`` sets another.
+    objective's (see :func:`recipe_temperature`) unless ``options`` sets another. With ``teacher.crossfit`` each
+    block is cached from the teacher of its fold (:func:`build_crossfit_cache`).
     """
     from ..models import load_teacher, load_tokenizer
     from ..data.corpus_blocks import tokenize_corpus
@@ -1004,12 +1053,100 @@ def cache_recipe_teacher(recipe, *, out: str | Path | None = None, options: Cach
         raise KDForgeError("the recipe has no teacher to cache; set teacher.model")
     if spec.curriculum is not None:
         raise KDForgeError("a teacher curriculum runs several teachers; cache-teacher caches one (drop curriculum)")
+    fold_teachers(spec)  # a cross-fitted recipe lists its K teachers
     out = Path(out or spec.path or Path(recipe.output_dir) / "teacher_cache")
     if options is None:
         options = CacheOptions(temperature=recipe_temperature(recipe), batch_size=recipe.train.batch_size)
     tokenizer = load_tokenizer(spec)
     train_blocks, _ = tokenize_corpus(recipe, tokenizer)
+    if spec.crossfit is not None:
+        return out, build_crossfit_cache(spec, tokenizer, train_blocks.ids, out, options=options, progress=progress)
     teacher = load_teacher(spec)
     index = build_cache(teacher, tokenizer, train_blocks.ids, out, teacher_spec=spec.model_dump(), options=options,
                         progress=progress)
     return out, index
+
+
+def fold_teachers(spec) -> list[str] | None:
+    """The K fold teachers of a cross-fitted recipe (teacher.crossfit.models), None without teacher.crossfit;
+    KDForgeError (one line) when the recipe does not list them yet."""
+    if spec.crossfit is None:
+        return None
+    if not spec.crossfit.models:
+        raise KDForgeError(f"teacher.crossfit.models lists no teachers: fine-tune teacher k on DIR/teacher_k.jsonl "
+                           f"(written by `kdforge crossfit-split RECIPE --out DIR`) for k = 0..{spec.crossfit.folds - 1} "
+                           "and list them in fold order")
+    return list(spec.crossfit.models)
+
+
+def build_crossfit_cache(spec, tokenizer, blocks_ids: torch.Tensor, out: str | Path, *,
+                         options: CacheOptions | None = None,
+                         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Write (or finish) a cross-fitted cache in ``out`` and return its index (layout: the module docstring).
+
+    spec: the recipe's TeacherSpec with ``crossfit.models`` (teacher k fine-tuned without fold k); blocks_ids: the
+    training blocks [N, T]; folds: :func:`kdforge.crossfit.block_folds` (crossfit.folds, crossfit.seed). Each fold's
+    folder is an ordinary cache built by :func:`build_cache` (atomic and resumable), so a rerun skips the folds that
+    are complete without loading their teachers. Refused in one line, before any teacher loads: a fold teacher
+    whose tokenizer or vocabulary size differs from ``spec.model``'s (which the student shares), more folds than
+    blocks, and a folder holding another cache.
+    """
+    from ..checks import check_student_tokenizer
+    from ..crossfit import block_folds
+    from ..models import load_teacher
+    from ..models import vocab_size as model_vocab
+    from ..recipe import ModelSpec
+
+    options = options or CacheOptions()
+    options.check()
+    out, crossfit = Path(out), spec.crossfit
+    fold_specs = [ModelSpec(model=m, dtype=spec.dtype) for m in fold_teachers(spec)]
+    folds = block_folds(blocks_ids.shape[0], crossfit.folds, seed=crossfit.seed)
+    vocab = model_vocab(teacher_architecture(spec))
+    for k, fold_spec in enumerate(fold_specs):
+        role = f"teacher.crossfit.models[{k}]"
+        check_student_tokenizer(fold_spec.model, tokenizer, role=role,
+                                fix="fine-tune every fold teacher from a model with teacher.model's tokenizer")
+        fold_vocab = model_vocab(teacher_architecture(fold_spec))
+        if fold_vocab != vocab:
+            raise KDForgeError(f"{role} '{fold_spec.model}' has {fold_vocab} output ids but teacher.model "
+                               f"'{spec.model}' has {vocab}; the fold teachers must share teacher.model's vocabulary "
+                               "(the student's): fine-tune each from the same base")
+    meta = cache_meta(spec.model_dump(), tokenizer, blocks_ids, vocab, options)
+    meta["crossfit"] = {**crossfit.identity(), "fold_sizes": torch.bincount(folds, minlength=crossfit.folds).tolist()}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise KDForgeError(f"cannot create cache folder '{out}' ({err.strerror}); choose another with --out") from None
+    index = _read_index(out)
+    if index is not None and index["meta"] != meta:
+        raise KDForgeError(f"cache folder '{out}' holds a teacher cache of something else: "
+                           f"{'; '.join(_differences(index['meta'], meta)) or 'settings differ'}; use another --out "
+                           "or delete it")
+    remove_temporaries(out)
+    index = {"format": FORMAT, "version": VERSION, "meta": meta, "complete": False, "shards": [],
+             "folds": [{"fold": k, "dir": f"fold_{k}", "model": m, "blocks": n}
+                       for k, (m, n) in enumerate(zip(crossfit.models, meta["crossfit"]["fold_sizes"]))],
+             "block_folds": folds.tolist()}
+    atomic_write_json(out / INDEX, index)
+    say = progress or (lambda msg: log.info("%s", msg))
+    parts = []
+    for k, fold_spec in enumerate(fold_specs):
+        fold_ids = blocks_ids[folds == k]
+        fold_out = out / f"fold_{k}"
+        fold_meta = cache_meta(fold_spec.model_dump(), tokenizer, fold_ids, vocab, options)
+        part = _read_index(fold_out) if fold_out.is_dir() else None
+        if part is None or not part.get("complete") or part["meta"] != fold_meta or any(
+                _shard_ok(fold_out, e) for e in part["shards"]):
+            say(f"fold {k + 1}/{crossfit.folds}: caching teacher {fold_spec.model} over the {len(fold_ids)} blocks "
+                "it never saw")
+            teacher = load_teacher(fold_spec)
+            part = build_cache(teacher, tokenizer, fold_ids, fold_out, teacher_spec=fold_spec.model_dump(),
+                               options=options, progress=progress)
+            del teacher
+        parts.append(part)
+    index["complete"] = True
+    index["bytes_per_token"] = sum(e["bytes"] for p in parts for e in p["shards"]) / blocks_ids.numel()
+    index["bytes_per_token_parts"] = parts[0]["bytes_per_token_parts"]
+    atomic_write_json(out / INDEX, index)
+    return index
