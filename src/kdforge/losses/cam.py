@@ -100,17 +100,24 @@ def class_activation_maps(features: Tensor, weight: Tensor) -> Tensor:
     is left out, as in CAT-KD's converted head (its spatial mean plus the bias is the logit). Gradients flow to
     both inputs.
 
-    Raises ``KDForgeError`` when ``features`` is not 4-D, ``weight`` is not ``[K, C]`` / ``[K, C, 1, 1]``, or the
-    channel counts differ (both named).
+    A flatten + linear head (no pooling: one weight per channel *and position*) is given as its weight reshaped to
+    ``[K, C, H, W]`` (the feature map's H x W): ``A[b, k, h, w] = sum_c weight[k, c, h, w] * features[b, c, h, w]``,
+    each position's contribution to the logit, whose spatial *sum* plus the bias is the logit (the same
+    decomposition, with weights that vary by position; not from the CAT-KD paper, whose heads all pool).
+
+    Raises ``KDForgeError`` when ``features`` is not 4-D, ``weight`` is not ``[K, C]`` / ``[K, C, 1, 1]`` /
+    ``[K, C, H, W]`` of the features' size, or the channel counts differ (both named).
     """
     if features.dim() != 4:
         raise KDForgeError(f"class_activation_maps: features must be [B, C, H, W], got {tuple(features.shape)}")
     if weight.dim() == 4 and weight.shape[-2:] == (1, 1):
         weight = weight.flatten(1)
+    if weight.dim() == 4 and weight.shape[1:] == features.shape[1:]:
+        return torch.einsum("kchw,bchw->bkhw", weight.to(features.dtype), features)
     if weight.dim() != 2:
         raise KDForgeError(
-            f"class_activation_maps: weight must be a linear [K, C] or 1x1-conv [K, C, 1, 1] weight, "
-            f"got {tuple(weight.shape)}"
+            f"class_activation_maps: weight must be a linear [K, C], 1x1-conv [K, C, 1, 1] or position-wise "
+            f"[K, {features.shape[1]}, {features.shape[2]}, {features.shape[3]}] weight, got {tuple(weight.shape)}"
         )
     if weight.shape[1] != features.shape[1]:
         raise KDForgeError(
@@ -130,6 +137,7 @@ def cat_kd(
     reduction: str = "mean",
     pool_size: int = 2,
     normalize: bool = True,
+    binarize: bool = False,
     convention: str = "kdforge",
     eps: float = 1e-12,
 ) -> Tensor:
@@ -144,9 +152,15 @@ def cat_kd(
     each class's pooled map is divided by its L2 norm over the grid cells, and the maps are compared with squared
     error. Channel counts of the underlying features may differ (the maps have K channels on both sides).
 
+    ``binarize=True`` (the authors' ``IF_BINARIZE``, their "CAT_Binarization" ablation): before pooling, each of the
+    *teacher's* full-resolution maps becomes 1 where it exceeds its own mean absolute value (its L1 norm over the
+    H*W positions / H*W) and 0 elsewhere, so only where the teacher attends is transferred, not how strongly; the
+    student's maps are left as they are.
+
     The authors' defaults (``mdistiller/engine/cfg.py``): ``CAM_RESOLUTION = 2`` (``pool_size``),
     ``IF_NORMALIZE = True``, ``CAT_loss_weight = 400`` (β: the term's ``weight``), ``CE_WEIGHT = 1``,
-    ``onlyCAT = False`` (CAT-KD keeps the cross-entropy term; ``onlyCAT`` drops it), ``IF_BINARIZE = False``.
+    ``onlyCAT = False`` (CAT-KD keeps the cross-entropy term and adds no logit KD; ``onlyCAT`` drops the
+    cross-entropy), ``IF_BINARIZE = False`` (``binarize``).
     Their per-pair configs (``configs/cifar100/CAT_KD/*.yaml``) tune β from 0.7 to 600, ``CAM_RESOLUTION`` 2 or 4
     and ``IF_NORMALIZE`` per pair (e.g. ResNet32x4 -> ResNet8x4: β = 15, 2x2, no normalisation; ImageNet
     ResNet34 -> ResNet18: β = 0.5, 4x4, no normalisation). Their README asks to tune β so the loss sits roughly in
@@ -163,8 +177,8 @@ def cat_kd(
     Factor: ``kdforge = pool_size**2 * authors`` exactly (e.g. 4x at the default 2x2 grid): a published β is
     ``β / pool_size**2`` here, or use ``convention="authors"``. Reduction over samples: ``"mean"`` (default),
     ``"sum"``, ``"none"`` -> ``[B]``. Deliberate departures: the scale above; a ``pool_size`` larger than either
-    map is refused (adaptive pooling would duplicate cells); the authors' optional binarisation and top-n class
-    selection are not offered here.
+    map is refused (adaptive pooling would duplicate cells); the authors' optional top-n class selection
+    (``IF_OnlyTransferPartialCAMs``) is not offered here.
 
     Properties: 0 when the pooled maps agree; with ``normalize=True`` invariant to a positive rescaling of any
     class's map on either side (only where a class attends counts, not how strongly).
@@ -186,7 +200,10 @@ def cat_kd(
         _log_resize_once(name, student_cams, teacher_cams,
                          f"both are adaptive-average-pooled to {pool_size}x{pool_size} (the method's own pooling)")
     s = F.adaptive_avg_pool2d(student_cams.float(), pool_size)
-    t = F.adaptive_avg_pool2d(teacher_cams.detach().float(), pool_size)
+    t = teacher_cams.detach().float()
+    if binarize:  # 1 where the teacher's map exceeds its mean absolute value, else 0 (before pooling)
+        t = (t > t.abs().mean(dim=(2, 3), keepdim=True)).float()
+    t = F.adaptive_avg_pool2d(t, pool_size)
     if normalize:
         s, t = _unit_maps(s, eps), _unit_maps(t, eps)
     per_map = (s - t).pow(2).flatten(2).sum(dim=2)  # [B, K]

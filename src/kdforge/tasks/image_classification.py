@@ -5,14 +5,17 @@ to 0..1), or an .npz file holding `images` [N, H, W] or [N, C, H, W] (uint8 scal
 integer `labels` [N]. The held-out split is stratified: every class gives round(data.validation_split x its count)
 images (at least one when it has two), drawn once with data.split_seed, so every seed of a bench sees the same
 held-out images. A batch is {inputs [B, C, H, W], labels [B]}: the Distiller compares class logits [B, K] (nothing
-is shifted) and feature terms tap the CNNs' blocks `features.0`, `features.1`, ... ([B, C_i, H_i, W_i]).
+is shifted) and feature terms tap the CNNs' blocks `features.0`, `features.1`, ... ([B, C_i, H_i, W_i]) and their
+class activation maps `cam` ([B, K, H, W]: the linear head applied at every position of the last block's map, what
+CAT-KD compares; CNN.class_maps). Block-KD's stepping stones run the teacher's own blocks and head
+(kdforge.teachers.stepping_stones: a CNN's stages are `features`, its head `classifier`).
 
 Models: `CNN` built from `student.config` / `teacher.config` (kdforge.recipe.CNNSpec). The teacher `cnn` is trained
 once on the training split with plain cross-entropy (Adam) and cached as safetensors under
 KDFORGE_CACHE/image_teachers/<hash of its config and the training data>; a teacher folder written by an earlier run
 (`RUN/student`) loads as well. In training the teacher's logits and tapped features on every training image are
-computed once (PrecomputedTeacher: the images never change between epochs), unless a Block-KD term needs the live
-teacher's blocks. Metrics: accuracy, macro-F1, ECE (15 bins), NLL, top-1 agreement with the teacher and
+computed once (PrecomputedTeacher: the images never change between epochs); a Block-KD term still reads the teacher's
+logits from there and runs the live teacher's blocks for its stepping stones. Metrics: accuracy, macro-F1, ECE (15 bins), NLL, top-1 agreement with the teacher and
 KL(teacher || student), and held-out examples/s (the only wall-clock figure).
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ from ..distiller import Distiller
 from ..errors import KDForgeError
 from ..evaluate.metrics import expected_calibration_error, reliability_bins
 from ..io import atomic_write_dir, atomic_write_json, disk_full_as_error
+from ..losses.cam import class_activation_maps
 from ..models import cache_dir, count_parameters
 from ..progress import phase
 from ..recipe import CNNSpec, CNNTeacherSpec, Recipe
@@ -161,12 +165,30 @@ def fingerprint(*sets: ImageSet) -> str:
 # --------------------------------------------------------------------------- models
 
 
+class ClassMaps(nn.Module):
+    """The tap point `cam` of a CNN: called with the last feature map and the head's weight, it returns the class
+    activation maps [B, K, H, W] (kdforge.losses.cam.class_activation_maps). It holds no parameters, so a CNN's
+    state dict and logits are the same with or without it; the CNN calls it only while something hooks it (a tap),
+    so an untapped forward costs nothing more."""
+
+    def forward(self, features: Tensor, weight: Tensor) -> Tensor:
+        return class_activation_maps(features, weight)
+
+    @property
+    def tapped(self) -> bool:
+        return bool(self._forward_hooks or self._forward_pre_hooks)
+
+
 class CNN(nn.Module):
     """conv3x3 -> BatchNorm -> ReLU blocks (`features.i`, a 2x2 max-pool after the blocks in `pool_after`) and a
     linear head (`classifier`) on the flattened or globally average-pooled last map.
 
     Input [B, in_channels, H, W]; output class logits [B, num_classes]. Raises KDForgeError on an input of another
-    channel count. `save_pretrained` / `from_pretrained` read and write a folder (config.json, model.safetensors)."""
+    channel count. `save_pretrained` / `from_pretrained` read and write a folder (config.json, model.safetensors).
+    A tap on `cam` captures the class activation maps of each forward (class_maps); `kdforge_stages` names the
+    blocks and head that Block-KD's stepping stones run (kdforge.teachers.stepping_stones)."""
+
+    kdforge_stages = ("features", "classifier")
 
     def __init__(self, config: dict[str, Any], image_size: tuple[int, int]):
         super().__init__()
@@ -190,6 +212,7 @@ class CNN(nn.Module):
             self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, c["num_classes"]))
         else:
             self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(channels * h * w, c["num_classes"]))
+        self.cam = ClassMaps()
 
     @property
     def in_channels(self) -> int:
@@ -203,7 +226,23 @@ class CNN(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise KDForgeError(f"this CNN takes images [B, {self.in_channels}, H, W], got {tuple(x.shape)}; convert "
                                f"the images to {self.in_channels} channel(s) or set config.in_channels")
-        return self.classifier(self.features(x))
+        features = self.features(x)
+        if self.cam.tapped:
+            self.cam(features, self.head_weight(features))
+        return self.classifier(features)
+
+    def head_weight(self, features: Tensor) -> Tensor:
+        """The linear head's weight as class_activation_maps takes it: [K, C] for the avgpool head (the paper's
+        GAP + FC), [K, C, H, W] for the flatten head (one weight per channel and position of `features`)."""
+        weight = self.classifier[-1].weight
+        return weight if self.config["head"] == "avgpool" else weight.view(len(weight), *features.shape[1:])
+
+    def class_maps(self, x: Tensor) -> Tensor:
+        """Class activation maps [B, K, H, W] of images x [B, C, H', W'] on the last block's H x W grid: the head
+        applied at every position, bias left out (kdforge.losses.cam.class_activation_maps). Their spatial mean
+        (avgpool head) or sum (flatten head) plus the head's bias is exactly forward(x)'s logits."""
+        features = self.features(x)
+        return self.cam(features, self.head_weight(features))
 
     def save_pretrained(self, folder: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
         """config.json and model.safetensors in `folder` (what kdforge's checkpoints and export write)."""
@@ -541,7 +580,10 @@ class ImageClassification:
                               teacher_dtype=recipe.teacher.dtype if recipe.teacher else "float32",
                               example_batch=example)
         source = distiller.teacher_source
-        if isinstance(source, LiveTeacher) and not len(distiller.stepping_stones):  # Block-KD runs teacher blocks
+        if folds is not None and len(distiller.stepping_stones):
+            raise KDForgeError("teacher.crossfit serves each training image the outputs of its fold's teacher, but "
+                               "a block_kd term runs the teacher's own blocks; remove block_kd or teacher.crossfit")
+        if isinstance(source, LiveTeacher):  # Block-KD's stones keep running the live teacher's blocks themselves
             taps = distiller.teacher_taps if distiller.teacher_taps is not None and len(distiller.feature_terms) \
                 else None
             if folds is not None:  # every training image labelled by the teacher that did not see it
@@ -549,9 +591,6 @@ class ImageClassification:
                     source, fold_teachers(recipe.teacher.config, train, folds), folds, train, taps)
             else:
                 distiller.teacher_source = PrecomputedTeacher.build(source, train, taps) or source
-        elif folds is not None and source is not None:
-            raise KDForgeError("teacher.crossfit serves each training image the outputs of its fold's teacher, but "
-                               "a block_kd term runs the teacher's own blocks; remove block_kd or teacher.crossfit")
         return Setup(recipe, None, teacher, student, distiller, train, val, self)
 
     def make_batch(self, data: ImageSet, index: Tensor) -> dict[str, Tensor]:

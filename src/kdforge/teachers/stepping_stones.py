@@ -32,7 +32,9 @@ Supported model shapes (the `blocks_of` adapters):
     forward runs them (rotary position embeddings, causal / sliding-window masks per layer type).
   * Sequential-stage models (CNNs): a model with a `stages` attribute (nn.Sequential or nn.ModuleList of blocks run in
     order) and a `head` (module from the last stage's output to logits), whose forward is
-    head(stages[-1](...stages[0](x))). Connectors are 1x1 convs; a spatial-size mismatch is bridged by
+    head(stages[-1](...stages[0](x))); a model whose blocks and head go by other names declares them in a
+    `kdforge_stages = (blocks attribute, head attribute)` class attribute (kdforge's image CNN: `("features",
+    "classifier")`). Connectors are 1x1 convs; a spatial-size mismatch is bridged by
     adaptive average pooling (student larger) or bilinear interpolation (student smaller).
 
 Cost: every stepping stone runs part of the teacher and its head (a full [B, T, V] logit tensor for an LM), so an
@@ -119,15 +121,25 @@ class DecoderBlocks:
         return head_logits(self.model, self.base.norm(hidden))  # with the model's soft-cap / logit scale
 
 
+def stage_names(model: nn.Module) -> tuple[str, str] | None:
+    """(blocks attribute, head attribute) of a sequential-stage model: its `kdforge_stages`, else ("stages", "head");
+    None when the model lacks either."""
+    names = tuple(getattr(model, "kdforge_stages", ("stages", "head")))
+    return names if len(names) == 2 and all(hasattr(model, n) for n in names) else None
+
+
 class StageBlocks:
-    """Runs slices of a sequential-stage model (`model.stages`, then `model.head`)."""
+    """Runs slices of a sequential-stage model (its blocks, e.g. `model.stages`, then its head, e.g. `model.head`;
+    stage_names)."""
 
     kind = "stages"
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.stages = list(model.stages)
-        self.head_module = model.head
+        blocks, head = stage_names(model)
+        self.path = blocks
+        self.stages = list(getattr(model, blocks))
+        self.head_module = getattr(model, head)
 
     def __len__(self) -> int:
         return len(self.stages)
@@ -153,15 +165,17 @@ def blocks_of(model: nn.Module, role: str = "model") -> DecoderBlocks | StageBlo
             raise KDForgeError(f"the {role} is a '{model_type}' model; stepping stones / truncated teachers support "
                                f"the decoder types {', '.join(DECODER_TYPES)} and models with `stages` + `head`")
         return DecoderBlocks(model)
-    if hasattr(model, "stages") and hasattr(model, "head"):
+    if stage_names(model) is not None:
         return StageBlocks(model)
     raise KDForgeError(f"the {role} ({type(model).__name__}) has no blocks kdforge can address: use a Llama-family "
-                       "HF decoder or give the model a `stages` list of blocks and a `head`")
+                       "HF decoder or give the model a `stages` list of blocks and a `head` (or name them in "
+                       "`kdforge_stages`)")
 
 
 def student_block_tap(student: nn.Module) -> str:
     """The tap spec that captures every block's output of the student, in order."""
-    return "model.layers.*" if blocks_of(student, "student").kind == "decoder" else "stages.*"
+    blocks = blocks_of(student, "student")
+    return "model.layers.*" if blocks.kind == "decoder" else f"{blocks.path}.*"
 
 
 def _match_size(x: Tensor, size: tuple[int, ...]) -> Tensor:
