@@ -96,17 +96,23 @@ def test_the_teacher_cnn_is_trained_once_then_read_from_its_cache(cache, monkeyp
     assert ic.teacher_cache_folder(other, train_set) != folder
 
 
+# CAT-KD at the authors' default beta (400) spends its first steps matching the class maps: its cross-entropy halves
+# only after about 60 steps, so it gets 90 here (the others 30).
+STEPS = {"digits_cat_kd": 90}
+
+
 @pytest.mark.parametrize("path", DIGITS, ids=lambda p: p.stem)
 def test_each_digits_recipe_trains_a_student_well_above_chance(path, tmp_path):
-    recipe = parse_recipe(digits_recipe(path.stem, tmp_path / path.stem))
+    steps = STEPS.get(path.stem, TRAIN["steps"])
+    recipe = parse_recipe(digits_recipe(path.stem, tmp_path / path.stem, steps=steps, save_every=steps // 2))
     out = train(recipe, progress=False)
     rows = [r for r in rows_of(out) if "loss" in r]
     assert {k[len("loss/"):] for k in rows[-1] if k.startswith("loss/")} == {t.label for t in recipe.objective}
     assert rows[-1]["loss/cross_entropy"] < 0.5 * rows[0]["loss/cross_entropy"], "the student learns"
-    assert rows[-1]["tokens"] == 30 * 64  # the loop counts examples for this task
+    assert rows[-1]["tokens"] == steps * 64  # the loop counts examples for this task
     final = json.loads((out / "final.json").read_text())
     s, t = final["student"], final["teacher"]
-    assert s["accuracy"] > 0.7, f"{path.stem}: held-out accuracy {s['accuracy']:.3f} after 30 steps (chance 0.1)"
+    assert s["accuracy"] > 0.7, f"{path.stem}: held-out accuracy {s['accuracy']:.3f} after {steps} steps (chance 0.1)"
     assert t["accuracy"] > 0.95 and final["heldout_setup"]["examples"] == 450
     for key in ("accuracy", "macro_f1", "ece", "top1_agreement"):
         assert 0.0 <= s[key] <= 1.0
