@@ -40,6 +40,11 @@ def lm(tiny_assets, tmp_path_factory):
         tiny_llama(vocab_size=vocab, hidden=32, layers=2, heads=4, seed=100 + k).save_pretrained(folder)
         tok.save_pretrained(folder)
         models.append(str(folder))
+    other = AutoTokenizer.from_pretrained(str(tiny_assets["teacher"]))  # one more entry: another tokenizer
+    other.add_special_tokens({"additional_special_tokens": ["<sep>"]})
+    tiny_llama(vocab_size=len(tok), hidden=32, layers=2, heads=4, seed=99).save_pretrained(root / "other_tok")
+    other.save_pretrained(root / "other_tok")
+    models.append(str(root / "other_tok"))
     recipe = {
         "seed": 0, "output_dir": str(root / "run"),
         "teacher": {"model": str(tiny_assets["teacher"]), "kind": "cache", "path": str(root / "cache"),
@@ -165,13 +170,20 @@ def test_each_block_is_cached_from_its_fold_teacher(lm, crossfit_cache):
 def test_a_sampled_crossfit_cache_draws_from_the_fold_teacher(lm, tmp_path):
     """mode sampled: block i's draws are the inverse-transform draws of its fold teacher's distribution at T, from
     the uniforms of its place in its fold (the documented per-block generator)."""
+    from typer.testing import CliRunner
+
+    from kdforge.cli import app
     from kdforge.data.packing import TokenBlocks, make_batch
-    from kdforge.recipe import parse_recipe
-    from kdforge.teachers.cache import CacheOptions, CachedTeacher, _uniforms, cache_recipe_teacher
+    from kdforge.teachers.cache import CacheOptions, CachedTeacher, _uniforms
 
     recipe = {**lm["recipe"], "data": {**lm["recipe"]["data"], "max_train_tokens": 512}}  # 16 blocks
-    options = CacheOptions(mode="sampled", samples=6, ids="plain", temperature=T, batch_size=4, seed=3)
-    path, _ = cache_recipe_teacher(parse_recipe(recipe), out=tmp_path / "sampled", options=options)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    path = tmp_path / "sampled"
+    result = CliRunner().invoke(app, ["cache-teacher", str(tmp_path / "r.yaml"), "--mode", "sampled", "--samples",
+                                      "6", "--ids", "plain", "--seed", "3", "--out", str(path)])
+    assert result.exit_code == 0 and "cross-fitted: block i from the teacher of its fold" in result.output, \
+        result.output
+    options = CacheOptions(mode="sampled", samples=6, seed=3)  # what the draws' uniforms depend on
     blocks = train_blocks(recipe, lm["tokenizer"])
     folds = block_folds(len(blocks), K, seed=SEED)
     cached = CachedTeacher(path)
@@ -183,6 +195,18 @@ def test_a_sampled_crossfit_cache_draws_from_the_fold_teacher(lm, tmp_path):
         cdf = log_p[0].exp().cumsum(-1)
         u = _uniforms(options, place, 1, blocks.shape[1]) * cdf[:, -1:]
         assert torch.equal(drawn[block], torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1))
+
+
+def test_a_rerun_of_a_complete_crossfit_cache_loads_no_teacher(lm, crossfit_cache, monkeypatch):
+    from kdforge import models
+    from kdforge.recipe import parse_recipe
+    from kdforge.teachers.cache import CacheOptions, cache_recipe_teacher
+
+    path, index = crossfit_cache
+    monkeypatch.setattr(models, "load_teacher", lambda *a, **k: pytest.fail("a complete fold was recomputed"))
+    again = cache_recipe_teacher(parse_recipe(lm["recipe"]), options=CacheOptions(
+        k=TOP_K, values="fp16", ids="plain", lse_dtype="float32", temperature=T, shard_blocks=8, batch_size=8))[1]
+    assert again == index
 
 
 def test_distilling_from_the_crossfit_cache_end_to_end(lm, crossfit_cache, tmp_path):
@@ -236,6 +260,9 @@ def test_cache_teacher_refusals(lm, tmp_path):
     wide = [models[0], models[K]]  # the last teacher has 8 more output ids
     one_line(rf"teacher.crossfit.models\[1\] '{models[K]}' has 136 output ids but teacher.model .* has 128",
              cache(with_teacher(recipe, crossfit={"folds": 2, "models": wide})))
+    one_line(rf"teacher.crossfit.models\[0\] '{models[K + 1]}' has its own tokenizer, which differs from the "
+             r"teacher's \(128 vs 129 entries; .*fine-tune every fold teacher from a model with teacher.model's",
+             cache(with_teacher(recipe, crossfit={"folds": 2, "models": [models[K + 1], models[0]]})))
     assert not (tmp_path / "c").exists()  # refused before anything was written
 
 
