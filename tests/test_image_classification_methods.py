@@ -141,3 +141,13 @@ def test_block_kd_with_crossfit_is_refused_in_one_line(tmp_path):
     with pytest.raises(KDForgeError, match="a block_kd term runs the teacher's own blocks") as err:
         prepare(parse_recipe(r))
     assert "\n" not in str(err.value)
+
+
+def test_pwkd_is_refused_for_images_in_one_line(tmp_path):
+    # PWKD's teacher curriculum: depth-truncated sub-networks exist for decoder LMs only (a CNN's head does not fit
+    # an earlier block's output), and the paper's width sub-networks need a jointly trained slimmable teacher
+    r = _recipe("digits_kd", tmp_path / "r")
+    r["teacher"]["curriculum"] = {"stages": [{"layers": 2}, {}]}
+    with pytest.raises(KDForgeError, match="no curriculum") as err:
+        parse_recipe(r)
+    assert "\n" not in str(err.value)
