@@ -15,8 +15,9 @@ once on the training split with plain cross-entropy (Adam) and cached as safeten
 KDFORGE_CACHE/image_teachers/<hash of its config and the training data>; a teacher folder written by an earlier run
 (`RUN/student`) loads as well. In training the teacher's logits and tapped features on every training image are
 computed once (PrecomputedTeacher: the images never change between epochs); a Block-KD term still reads the teacher's
-logits from there and runs the live teacher's blocks for its stepping stones. Metrics: accuracy, macro-F1, ECE (15 bins), NLL, top-1 agreement with the teacher and
-KL(teacher || student), and held-out examples/s (the only wall-clock figure).
+logits from there and runs the live teacher's blocks for its stepping stones. Metrics: accuracy, macro-F1, ECE (15
+bins), NLL, top-1 agreement with the teacher and KL(teacher || student), and held-out examples/s (the only wall-clock
+figure).
 """
 from __future__ import annotations
 
