@@ -209,6 +209,36 @@ def test_a_rerun_of_a_complete_crossfit_cache_loads_no_teacher(lm, crossfit_cach
     assert again == index
 
 
+def test_a_killed_crossfit_build_resumes_with_the_folds_left(lm, crossfit_cache, tmp_path, monkeypatch):
+    import shutil
+
+    from kdforge import models
+    from kdforge.recipe import parse_recipe
+    from kdforge.teachers.cache import CacheOptions, CachedTeacher, cache_recipe_teacher
+
+    path = tmp_path / "cache"
+    shutil.copytree(crossfit_cache[0], path)
+    index = json.loads((path / "index.json").read_text())
+    (path / "index.json").write_text(json.dumps({**index, "complete": False}))
+    shutil.rmtree(path / "fold_1")  # killed before fold 1 was cached
+    one_line(r"is incomplete \(not every fold cached\); rerun `kdforge cache-teacher`", lambda: CachedTeacher(path))
+    loaded = []
+    real = models.load_teacher
+    monkeypatch.setattr(models, "load_teacher", lambda spec, *a: loaded.append(spec.model) or real(spec, *a))
+    cache_recipe_teacher(parse_recipe(lm["recipe"]), out=path, options=CacheOptions(
+        k=TOP_K, values="fp16", ids="plain", lse_dtype="float32", temperature=T, shard_blocks=8, batch_size=8))
+    assert loaded == [lm["models"][1]]
+    from safetensors.torch import load_file
+
+    shards = sorted((crossfit_cache[0] / "fold_1").glob("shard_*"))
+    assert shards and [f.name for f in shards] == sorted(f.name for f in (path / "fold_1").glob("shard_*"))
+    for f in shards:  # the same entries (up to float32 rounding of the teacher's forward)
+        old, new = load_file(f), load_file(path / "fold_1" / f.name)
+        assert old.keys() == new.keys() and torch.equal(old["ids"], new["ids"])
+        for key in old:
+            torch.testing.assert_close(new[key].float(), old[key].float(), rtol=1e-3, atol=1e-3)
+
+
 def test_distilling_from_the_crossfit_cache_end_to_end(lm, crossfit_cache, tmp_path):
     from kdforge.recipe import parse_recipe
     from kdforge.train import prepare, train

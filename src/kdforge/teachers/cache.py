@@ -795,8 +795,9 @@ class CachedTeacher:
             raise KDForgeError(f"no teacher cache at '{self.path}' ({INDEX} missing); build it with "
                                "`kdforge cache-teacher RECIPE.yaml`")
         if not index.get("complete"):
-            raise KDForgeError(f"teacher cache '{self.path}' is incomplete ({len(index['shards'])} shard(s) written); "
-                               "rerun `kdforge cache-teacher` to finish it")
+            done = "not every fold cached" if "folds" in index else f"{len(index['shards'])} shard(s) written"
+            raise KDForgeError(f"teacher cache '{self.path}' is incomplete ({done}); rerun `kdforge cache-teacher` "
+                               "to finish it")
         self.index = index
         meta = index["meta"]
         self.meta = meta
@@ -1087,7 +1088,9 @@ def build_crossfit_cache(spec, tokenizer, blocks_ids: torch.Tensor, out: str | P
     spec: the recipe's TeacherSpec with ``crossfit.models`` (teacher k fine-tuned without fold k); blocks_ids: the
     training blocks [N, T]; folds: :func:`kdforge.crossfit.block_folds` (crossfit.folds, crossfit.seed). Each fold's
     folder is an ordinary cache built by :func:`build_cache` (atomic and resumable), so a rerun skips the folds that
-    are complete without loading their teachers. Refused in one line, before any teacher loads: a fold teacher
+    are complete without loading their teachers. In a sampled cache the draws of a block derive from the cache seed
+    and the block's place in its fold (what :func:`build_cache` sees). Refused in one line, before any teacher loads:
+    a fold teacher
     whose tokenizer or vocabulary size differs from ``spec.model``'s (which the student shares), more folds than
     blocks, and a folder holding another cache.
     """
