@@ -265,8 +265,9 @@ def test_bad_crossfit_recipes_are_one_line_refusals(lm, tiny_assets):
         with_teacher(recipe, crossfit={"folds": 2, "models": [models[0], models[0]]})))
     one_line("set teacher.kind: cache and teacher.path, and build it with `kdforge cache-teacher RECIPE`",
              lambda: parse_recipe(with_teacher(recipe, kind="live", path=None)))
-    one_line("teacher.crossfit.models lists trained fold teachers, which only task causal_lm takes", lambda: parse_recipe(
-        {"task": "image_classification", "teacher": {"model": "cnn", "crossfit": {"folds": 3, "models": models[:3]}}}))
+    one_line("teacher.crossfit.models lists trained fold teachers, which only task causal_lm takes",
+             lambda: parse_recipe({"task": "image_classification",
+                                   "teacher": {"model": "cnn", "crossfit": {"folds": 3, "models": models[:3]}}}))
     # sequence_classification cross-fits its own fine-tuned teachers (kdforge.tasks.sequence_classification)
     seq = parse_recipe({"task": "sequence_classification", "teacher": {"model": "all-minilm-l6-v2",
                                                                         "crossfit": {"folds": 3}}})

@@ -147,7 +147,8 @@ def cache_teacher(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key, e.g. --set data.seq_len=256."),
 ) -> None:
     """Run the recipe's teacher once over its training blocks and store top-k logits (or samples of its distribution)
-    for `teacher.kind: cache`."""
+    for `teacher.kind: cache`; with teacher.crossfit, each block from the teacher of its fold
+    (teacher.crossfit.models)."""
     from .recipe import load_recipe
 
     def body():

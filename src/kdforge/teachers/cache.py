@@ -323,6 +323,24 @@ def _read_index(out: Path) -> dict[str, Any] | None:
     return index
 
 
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise KDForgeError(f"cannot create cache folder '{out}' ({err.strerror}); choose another with --out") from None
+
+
+def _existing_index(out: Path, meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The index of the cache already in ``out`` (None: there is none), refused (one line, naming what differs) when
+    it was built for something else than ``meta`` says."""
+    index = _read_index(out)
+    if index is not None and index["meta"] != meta:
+        diff = _differences(index["meta"], meta)
+        raise KDForgeError(f"cache folder '{out}' holds a teacher cache of something else: "
+                           f"{'; '.join(diff) or 'settings differ'}; use another --out or delete it")
+    return index
+
+
 def _shard_ok(out: Path, entry: Mapping[str, Any], check_sha: bool = True) -> str | None:
     """None if the shard file matches its index entry, else why not."""
     path = out / entry["file"]
@@ -670,19 +688,12 @@ def build_cache(teacher: torch.nn.Module, tokenizer, blocks_ids: torch.Tensor, o
     options = options or CacheOptions()
     options.check()
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise KDForgeError(f"cannot create cache folder '{out}' ({err.strerror}); choose another with --out") from None
+    _make_folder(out)
     from ..models import vocab_size as model_vocab
 
     vocab = model_vocab(teacher)
     meta = cache_meta(teacher_spec, tokenizer, blocks_ids, vocab, options)
-    index = _read_index(out)
-    if index is not None and index["meta"] != meta:
-        diff = _differences(index["meta"], meta)
-        raise KDForgeError(f"cache folder '{out}' holds a teacher cache of something else: "
-                           f"{'; '.join(diff) or 'settings differ'}; use another --out or delete it")
+    index = _existing_index(out, meta)
     remove_temporaries(out)  # shards and index a killed build was writing
     n_blocks = blocks_ids.shape[0]
     ranges = [(s, min(s + options.shard_blocks, n_blocks)) for s in range(0, n_blocks, options.shard_blocks)]
@@ -1075,8 +1086,8 @@ def fold_teachers(spec) -> list[str] | None:
         return None
     if not spec.crossfit.models:
         raise KDForgeError(f"teacher.crossfit.models lists no teachers: fine-tune teacher k on DIR/teacher_k.jsonl "
-                           f"(written by `kdforge crossfit-split RECIPE --out DIR`) for k = 0..{spec.crossfit.folds - 1} "
-                           "and list them in fold order")
+                           "(written by `kdforge crossfit-split RECIPE --out DIR`) for k = "
+                           f"0..{spec.crossfit.folds - 1} and list them in fold order")
     return list(spec.crossfit.models)
 
 
@@ -1090,9 +1101,8 @@ def build_crossfit_cache(spec, tokenizer, blocks_ids: torch.Tensor, out: str | P
     folder is an ordinary cache built by :func:`build_cache` (atomic and resumable), so a rerun skips the folds that
     are complete without loading their teachers. In a sampled cache the draws of a block derive from the cache seed
     and the block's place in its fold (what :func:`build_cache` sees). Refused in one line, before any teacher loads:
-    a fold teacher
-    whose tokenizer or vocabulary size differs from ``spec.model``'s (which the student shares), more folds than
-    blocks, and a folder holding another cache.
+    a fold teacher whose tokenizer or vocabulary size differs from ``spec.model``'s (which the student shares), more
+    folds than blocks, and a folder holding another cache.
     """
     from ..checks import check_student_tokenizer
     from ..crossfit import block_folds
@@ -1117,15 +1127,8 @@ def build_crossfit_cache(spec, tokenizer, blocks_ids: torch.Tensor, out: str | P
                                "(the student's): fine-tune each from the same base")
     meta = cache_meta(spec.model_dump(), tokenizer, blocks_ids, vocab, options)
     meta["crossfit"] = {**crossfit.identity(), "fold_sizes": torch.bincount(folds, minlength=crossfit.folds).tolist()}
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise KDForgeError(f"cannot create cache folder '{out}' ({err.strerror}); choose another with --out") from None
-    index = _read_index(out)
-    if index is not None and index["meta"] != meta:
-        raise KDForgeError(f"cache folder '{out}' holds a teacher cache of something else: "
-                           f"{'; '.join(_differences(index['meta'], meta)) or 'settings differ'}; use another --out "
-                           "or delete it")
+    _make_folder(out)
+    _existing_index(out, meta)
     remove_temporaries(out)
     index = {"format": FORMAT, "version": VERSION, "meta": meta, "complete": False, "shards": [],
              "folds": [{"fold": k, "dir": f"fold_{k}", "model": m, "blocks": n}
