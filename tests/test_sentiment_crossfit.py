@@ -193,3 +193,13 @@ def test_a_crossfit_recipe_distils_and_evaluates_from_the_command_line(tmp_path,
     for key in ("accuracy", "nll", "top1_agreement", "kl_teacher_student"):  # both against the full teacher
         assert evaluated["student"][key] == pytest.approx(final["student"][key], abs=1e-5)
     assert evaluated["teacher"]["nll"] == pytest.approx(final["teacher"]["nll"], abs=1e-5)
+
+
+def test_the_semiparametric_sentiment_matrix_resolves_its_five_arms(tmp_path):
+    from kdforge.bench import load_matrix, plan_cells
+
+    spec, base = load_matrix(Path(__file__).resolve().parents[1] / "benchmarks" / "sentiment_semiparametric.yaml")
+    cells, baseline = plan_cells(spec, base, tmp_path / "plan")
+    assert baseline == "ce" and len(cells) == 5 * 5, [c.error for c in cells if c.recipe is None]
+    crossfit = {c.method: (c.recipe["teacher"].get("crossfit") or {}).get("folds") for c in cells}
+    assert crossfit == {"ce": None, "kd": None, "crossfit_kd": 3, "kd_orthogonal": None, "crossfit_orthogonal": 3}
