@@ -161,7 +161,7 @@ def test_bad_crossfit_settings_are_one_line_refusals(tmp_path, assets):
         assert f"use 2..{smallest}" in res.output
     sliced = recipe_dict(assets, tmp_path / "run", crossfit={"folds": 5})
     sliced["data"]["max_train_examples"] = 9  # the count is of the texts the recipe trains on
-    with pytest.raises(KDForgeError, match=r"folds=5 exceeds .* of the 9 used"):
+    with pytest.raises(KDForgeError, match=r"folds=5 exceeds .* of the 9 training texts used"):
         prepare(parse_recipe(sliced))
     with pytest.raises(KDForgeError, match="teacher.crossfit.folds must be an integer from 2"):
         parse_recipe(recipe_dict(assets, tmp_path / "run", crossfit={"folds": 1}))

@@ -106,6 +106,24 @@ def stratified_folds(y, n_folds: int, *, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(folds)
 
 
+def label_folds(labels: torch.Tensor, n_folds: int, *, seed: int, where: str, unit: str = "examples",
+                class_names=None, fix: str = "") -> torch.Tensor:
+    """:func:`stratified_folds` of a task's training labels ``[N]`` behind ``teacher.crossfit``, refusing K above the
+    smallest class count with a KDForgeError (one line) that names the class (``class_names[c]`` when given), its
+    count of `unit` in `where` (e.g. "the training split (digits)") and the valid range, plus `fix` (e.g. ", or raise
+    data.max_train_examples"). The recipe cannot check this: it does not know the counts."""
+    from .errors import KDForgeError
+
+    counts = torch.bincount(labels, minlength=len(class_names) if class_names is not None else 0)
+    present = counts.nonzero().flatten()
+    smallest = int(present[counts[present].argmin()])
+    if n_folds > counts[smallest]:
+        name = repr(class_names[smallest]) if class_names is not None else smallest
+        raise KDForgeError(f"teacher.crossfit.folds={n_folds} exceeds the smallest class count of {where} (class "
+                           f"{name} has {int(counts[smallest])} {unit}); use 2..{int(counts[smallest])}{fix}")
+    return stratified_folds(labels, n_folds, seed=seed)
+
+
 def block_folds(n_blocks: int, n_folds: int, *, seed: int = 0) -> torch.Tensor:
     """Seeded fold ids ``[n_blocks]`` (int64, 0..K-1) of a causal LM's training blocks.
 

@@ -329,18 +329,12 @@ def cached_teacher(config: dict[str, Any], train: ImageSet) -> CNN:
 
 def crossfit_folds(train: ImageSet, folds: int, seed: int) -> Tensor:
     """[N] fold ids (0..folds-1) of the training images, stratified by class and fixed by `seed`
-    (kdforge.crossfit.stratified_folds). Raises KDForgeError (one line) when `folds` exceeds the smallest class
-    count of the training split, naming that class and the valid range."""
-    from ..crossfit import stratified_folds
+    (kdforge.crossfit.label_folds). Raises KDForgeError (one line) when `folds` exceeds the smallest class count
+    of the training split, naming that class and the valid range."""
+    from ..crossfit import label_folds
 
-    counts = torch.bincount(train.labels)
-    present = counts.nonzero().flatten()
-    smallest = int(present[counts[present].argmin()])
-    if folds > counts[smallest]:
-        raise KDForgeError(f"teacher.crossfit.folds={folds} exceeds the smallest class count of the training split "
-                           f"(class {smallest} has {int(counts[smallest])} images in {train.source}); use 2.."
-                           f"{int(counts[smallest])}")
-    return stratified_folds(train.labels, folds, seed=seed)
+    return label_folds(train.labels, folds, seed=seed, where=f"the training split ({train.source})",
+                       unit="images")
 
 
 def fold_teachers(config: dict[str, Any], train: ImageSet, folds: Tensor) -> list[CNN]:

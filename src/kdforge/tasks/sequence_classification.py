@@ -234,19 +234,13 @@ def _cached_finetune(recipe: Recipe, seen: TextSet, tokenizer, *, fold: dict[str
 
 def crossfit_folds(train: TextSet, folds: int, seed: int) -> Tensor:
     """[N] fold ids (0..folds-1) of the training texts (after data.max_train_examples), stratified by class and fixed
-    by `seed` (kdforge.crossfit.stratified_folds). Raises KDForgeError (one line) when `folds` exceeds the smallest
-    class count of those texts, naming that class and the valid range (the recipe cannot know the counts)."""
-    from ..crossfit import stratified_folds
+    by `seed` (kdforge.crossfit.label_folds). Raises KDForgeError (one line) when `folds` exceeds the smallest
+    class count of those texts, naming that class and the valid range."""
+    from ..crossfit import label_folds
 
-    counts = torch.bincount(train.labels, minlength=len(train.label_names))
-    present = counts.nonzero().flatten()
-    smallest = int(present[counts[present].argmin()])
-    if folds > counts[smallest]:
-        raise KDForgeError(f"teacher.crossfit.folds={folds} exceeds the smallest class count of the training texts "
-                           f"(class {train.label_names[smallest]!r} has {int(counts[smallest])} of the "
-                           f"{len(train)} used from {train.source}); use 2..{int(counts[smallest])}, or raise "
-                           "data.max_train_examples")
-    return stratified_folds(train.labels, folds, seed=seed)
+    return label_folds(train.labels, folds, seed=seed, unit="texts", class_names=train.label_names,
+                       where=f"the {len(train)} training texts used from {train.source}",
+                       fix=", or raise data.max_train_examples")
 
 
 def fold_teachers(recipe: Recipe, train: TextSet, folds: Tensor, tokenizer, *,
