@@ -1,9 +1,13 @@
 """task image_classification, the methods that reach into the CNNs beyond their logits: CAT-KD's class activation
 maps (tap `cam`: the linear head applied as a 1x1 conv, or per position for a flatten head) pinned on a hand-computed
 case and against a direct computation, and Block-KD's stepping stones running the live teacher's blocks while its
-logits come from the once-computed store. The recipes themselves run end to end in test_image_classification.py."""
+logits come from the once-computed store; PWKD's slimmable teacher (its width sub-networks against plain CNNs of the
+sliced weights), its stages and learning-rate restarts. The recipes themselves run end to end in
+test_image_classification.py (PWKD's here)."""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -143,11 +147,126 @@ def test_block_kd_with_crossfit_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_pwkd_is_refused_for_images_in_one_line(tmp_path):
-    # PWKD's teacher curriculum: depth-truncated sub-networks exist for decoder LMs only (a CNN's head does not fit
-    # an earlier block's output), and the paper's width sub-networks need a jointly trained slimmable teacher
-    r = _recipe("digits_kd", tmp_path / "r")
-    r["teacher"]["curriculum"] = {"stages": [{"layers": 2}, {}]}
-    with pytest.raises(KDForgeError, match="no curriculum") as err:
+# --------------------------------------------------------------------------- PWKD: a slimmable teacher CNN
+
+
+def _slimmable(head: str, widths=(0.3, 0.5, 1.0)) -> ic.SlimmableCNN:
+    torch.manual_seed(0)
+    model = ic.SlimmableCNN({"channels": [3, 5], "pool_after": [1], "head": head, "num_classes": 4,
+                             "widths": list(widths)}, (6, 6))
+    for m in model.modules():  # BatchNorms with statistics and affine weights of their own, not the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            for t in (m.running_mean, m.running_var, m.weight, m.bias):
+                t.data = torch.rand_like(t) + 0.5
+    return model.eval()
+
+
+@pytest.mark.parametrize("head", ["avgpool", "flatten"])
+@pytest.mark.parametrize("width", [0.3, 0.5])
+def test_a_width_sub_network_is_a_plain_cnn_of_the_first_channels(head, width):
+    model = _slimmable(head)
+    kept = [ic.slim_channels(c, width) for c in (3, 5)]
+    assert kept == ([1, 2] if width == 0.3 else [2, 3])  # ceil(w x C), 0.3 x 5 = 1.5 -> 2
+    small = ic.CNN({"channels": kept, "pool_after": [1], "head": head, "num_classes": 4}, (6, 6)).eval()
+    c_in = 1
+    with torch.no_grad():
+        for i, c in enumerate(kept):  # the sliced conv weights and the width's own BatchNorm
+            small.features[i][0].weight.copy_(model.features[i][0].weight[:c, :c_in])
+            small.features[i][0].bias.copy_(model.features[i][0].bias[:c])
+            small.features[i][1].load_state_dict(model.slim_norms[f"{width:g}".replace(".", "_")][i].state_dict())
+            c_in = c
+        w = model.classifier[-1].weight
+        head_weight = w[:, :c_in] if head == "avgpool" else w.view(4, 5, 3, 3)[:, :c_in].reshape(4, -1)
+        small.classifier[-1].weight.copy_(head_weight)
+        small.classifier[-1].bias.copy_(model.classifier[-1].bias)
+        x = torch.randn(7, 1, 6, 6)
+        torch.testing.assert_close(model(x, width=width), small(x))
+    with pytest.raises(KDForgeError, match="has widths \\[0.3, 0.5, 1.0\\], not 0.75"):
+        model(x, width=0.75)
+
+
+@pytest.mark.parametrize("head", ["avgpool", "flatten"])
+def test_the_full_width_is_the_plain_cnn_with_the_same_weights(head):
+    model = _slimmable(head)
+    plain = ic.CNN({"channels": [3, 5], "pool_after": [1], "head": head, "num_classes": 4}, (6, 6)).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("slim_norms.")})
+    x = torch.randn(5, 1, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x))
+        torch.testing.assert_close(model(x, width=1.0), plain(x))
+    torch.manual_seed(0)  # the same seed draws the plain CNN's initial weights (BatchNorms draw nothing)
+    fresh = ic.CNN({"channels": [3, 5], "pool_after": [1], "head": head, "num_classes": 4}, (6, 6))
+    assert torch.equal(fresh.features[0][0].weight, _slimmable(head).features[0][0].weight)
+
+
+def _pwkd(out: Path, steps: int = 8) -> dict:
+    r = _recipe("digits_pwkd", out, steps=steps)
+    # a tiny teacher, trained fast
+    r["teacher"]["config"].update(channels=[4, 8], pool_after=[1], epochs=1, widths=[0.5, 1.0])
+    r["teacher"]["curriculum"]["stages"] = [{"width": 0.5}, {"width": 1.0}]
+    return r
+
+
+def test_pwkd_stages_restart_the_learning_rate_and_distil_from_each_width(tmp_path):
+    from kdforge.train import lr_lambda, stage_boundaries
+
+    r = _pwkd(tmp_path / "r")
+    r["teacher"]["curriculum"]["stages"] = [{"width": 0.5, "steps": 3}, {"width": 1.0}]
+    r["train"]["warmup_steps"] = 2
+    recipe = parse_recipe(r)
+    assert "widths" not in parse_recipe(_recipe("digits_kd", tmp_path / "k")).teacher.config  # its cache key of old
+    setup = prepare(recipe)
+    source = setup.distiller.teacher_source
+    assert isinstance(source, ic.WidthCurriculum) and setup.distiller.teacher_takes_step
+    assert source.stages == [(0, 3, 0.5), (3, 8, 1.0)] and source.boundaries == stage_boundaries(recipe) == [3]
+    # each stage: warm-up over 2 steps, then cosine from the peak to m over what is left of it (steps 2; 5, 6, 7)
+    m = recipe.train.min_lr_ratio
+    lr = [lr_lambda(s, 2, 8, m, stage_boundaries(recipe)) for s in range(8)]
+    cosine = [m + (1 - m) * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in range(3)]
+    assert lr == pytest.approx([0.5, 1.0, 1.0, 0.5, 1.0, *cosine])
+    batch = setup.task.make_batch(setup.train_blocks, torch.arange(5, 21))
+    with torch.no_grad():
+        for step, width in ((0, 0.5), (2, 0.5), (3, 1.0), (7, 1.0)):
+            expected = setup.teacher(batch["inputs"], width=width)
+            torch.testing.assert_close(source(batch, step=step).logits.float(), expected.float(),
+                                       atol=0.05, rtol=0.02)  # the teacher's dtype (auto: bf16 on such CPUs)
+        assert not torch.allclose(setup.teacher(batch["inputs"], width=0.5), setup.teacher(batch["inputs"]))
+
+
+def test_pwkd_recipe_runs_end_to_end(tmp_path):
+    from kdforge.train import train
+
+    train(parse_recipe(_pwkd(tmp_path / "r", steps=4)), progress=False, out=tmp_path / "r")
+    final = json.loads((tmp_path / "r" / "final.json").read_text())
+    assert final["step"] == 4 and all(0 <= final[m]["accuracy"] <= 1 for m in ("student", "teacher"))
+    assert ic.is_cnn_folder(tmp_path / "r" / "student")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r["teacher"]["config"].pop("widths"), "set teacher.model: cnn and teacher.config.widths"),
+    (lambda r: r["teacher"]["curriculum"].update(stages=[{"layers": 2}, {}]), "layers / model cut or swap a decoder"),
+    (lambda r: r["teacher"]["curriculum"].update(stages=[{"width": 0.25}, {}]), "width 0.25, which teacher.config"),
+    (lambda r: r["teacher"]["config"].update(widths=[0.5, 0.25, 1.0]), "must ascend strictly within"),
+    (lambda r: r["teacher"]["config"].update(widths=[0.5]), "end at 1.0"),
+    (lambda r: r["teacher"].update(crossfit={"folds": 2}), "remove one of them"),
+])
+def test_pwkd_misuse_is_refused_in_one_line(tmp_path, change, message):
+    r = _pwkd(tmp_path / "r")
+    change(r)
+    with pytest.raises(KDForgeError, match=message) as err:
         parse_recipe(r)
+    assert "\n" not in str(err.value)
+
+
+def test_pwkd_with_feature_terms_is_refused_in_one_line(tmp_path):
+    r = _pwkd(tmp_path / "r")
+    r["objective"].append({"loss": "attention_transfer", "student": "features.1", "teacher": "features.1"})
+    with pytest.raises(KDForgeError, match="logits only") as err:
+        prepare(parse_recipe(r))
+    assert "\n" not in str(err.value)
+
+
+def test_a_width_stage_is_refused_for_a_language_model_in_one_line():
+    with pytest.raises(KDForgeError, match="stage width slims a teacher CNN") as err:
+        parse_recipe({"teacher": {"model": "smollm2-135m", "curriculum": {"stages": [{"width": 0.5}, {}]}}})
     assert "\n" not in str(err.value)

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_serializer,
+                      model_validator)
 from pydantic import AliasChoices
 
 from .errors import KDForgeError
@@ -80,6 +81,28 @@ class CNNTeacherSpec(CNNSpec):
     """Images per step."""
     seed: int = 0
     """Seeds the teacher's initialisation and batch order (not the recipe's seed: every run shares one teacher)."""
+    widths: list[float] | None = None
+    """A slimmable teacher (PWKD's decomposed teacher; kdforge.tasks.image_classification.SlimmableCNN): the width
+    multipliers, ascending in (0, 1] and ending at 1.0, whose weight-sharing sub-networks (the first ceil(w x C)
+    channels of every conv, a BatchNorm of their own) are trained jointly; a teacher.curriculum's `width` stages
+    distil from them. null: a plain CNN (the cache key and training are then what they were without this key)."""
+
+    @field_validator("widths")
+    @classmethod
+    def _widths_ascend_to_one(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or v[-1] != 1.0 or any(not a < b for a, b in zip([0.0, *v], v))):
+            raise ValueError(f"widths {v} must ascend strictly within (0, 1] and end at 1.0 (the whole teacher), "
+                             "e.g. [0.25, 0.5, 0.75, 1.0]")
+        return v
+
+
+def teacher_cnn_config(config: dict[str, Any]) -> dict[str, Any]:
+    """teacher.config of task image_classification checked and filled in (CNNTeacherSpec), `widths` left out when
+    null, so a plain teacher's config (and cache key) is what it was before slimmable teachers existed."""
+    dumped = CNNTeacherSpec.model_validate(config).model_dump()
+    if dumped["widths"] is None:
+        del dumped["widths"]
+    return dumped
 
 
 class CanvasSpec(_Strict):
@@ -198,14 +221,27 @@ class ModelSpec(_Strict):
 
 
 class CurriculumStage(_Strict):
-    """One stage of a teacher curriculum (PWKD, kdforge.teachers.curriculum)."""
+    """One stage of a teacher curriculum (PWKD, kdforge.teachers.curriculum; task image_classification:
+    kdforge.tasks.image_classification.WidthCurriculum)."""
 
     layers: int | None = Field(None, ge=1)
     """Teacher sub-network depth: its first `layers` blocks, then the shared final norm and head; null: all."""
+    width: float | None = Field(None, gt=0, le=1)
+    """task image_classification: the slimmable teacher CNN's sub-network of this width (one of teacher.config.widths),
+    as in the paper; null: the whole teacher."""
     model: str | None = None
     """Another teacher for this stage (an embedded name, local folder or hub id); null: `teacher.model`."""
     steps: int | None = Field(None, ge=1)
     """Stage length in optimizer steps; stages without `steps` share what the others leave of train.steps."""
+
+    @model_serializer(mode="wrap")
+    def _width_only_when_set(self, handler) -> dict[str, Any]:
+        """`width` is left out of dumps while null, so a language model's curriculum (its manifest, its recipe hash)
+        reads as it did before width stages existed."""
+        out = handler(self)
+        if out.get("width", 0) is None:
+            del out["width"]
+        return out
 
 
 class CurriculumSpec(_Strict):
@@ -269,7 +305,8 @@ class TeacherSpec(ModelSpec):
     that did not see it. null: one teacher labels everything."""
     curriculum: CurriculumSpec | None = None
     """Learn from a sequence of teachers instead of one (partial to whole, PWKD): depth-truncated sub-networks of
-    this teacher and/or other models, one per stage."""
+    this teacher and/or other models, one per stage; task image_classification: the width sub-networks of a
+    slimmable teacher CNN (teacher.config.widths)."""
     kind: Literal["live", "cache"] = "live"
     """live: run `model` on every batch. cache: read its top-k logits from the offline cache at `path` (built once by
     `kdforge cache-teacher RECIPE`); `model` then only supplies the tokenizer, the student's base config and the
@@ -278,8 +315,8 @@ class TeacherSpec(ModelSpec):
     """The teacher cache folder (kind: cache)."""
     config: dict[str, Any] = Field(default_factory=dict)
     """task image_classification with `model: cnn`: the teacher CNN's architecture and training (kdforge.recipe
-    CNNTeacherSpec: channels, pool_after, head, num_classes, in_channels, epochs, lr, batch_size, seed); the defaults
-    are filled in when the recipe loads. task sequence_classification: how the teacher encoder's class head is
+    CNNTeacherSpec: channels, pool_after, head, num_classes, in_channels, epochs, lr, batch_size, seed, widths); the
+    defaults are filled in when the recipe loads. task sequence_classification: how the teacher encoder's class head is
     fine-tuned once (kdforge.recipe TextTeacherSpec: epochs, lr, batch_size, warmup_ratio, weight_decay, max_examples,
     seed). Unused by causal_lm."""
 
@@ -675,6 +712,24 @@ def _cnn_config(where: str, spec: type[CNNSpec], config: dict[str, Any]) -> dict
         raise ValueError(f"{where}{'.' + key if key else ''}: {e['msg'].removeprefix('Value error, ')}") from None
 
 
+def _width_curriculum_fits(t: "TeacherSpec") -> None:
+    """task image_classification: a teacher.curriculum is PWKD's, with `width` stages of a slimmable teacher CNN."""
+    widths = t.config.get("widths") if t.model == "cnn" else None
+    if widths is None:
+        raise ValueError("teacher.curriculum for task image_classification distils from a slimmable teacher's "
+                         "sub-networks; set teacher.model: cnn and teacher.config.widths (e.g. [0.25, 0.5, 1.0])")
+    if t.crossfit is not None:
+        raise ValueError("teacher.curriculum and teacher.crossfit each choose which teacher labels an image; "
+                         "remove one of them")
+    for k, stage in enumerate(t.curriculum.stages, 1):
+        if stage.layers is not None or stage.model is not None:
+            raise ValueError(f"teacher.curriculum stage {k}: layers / model cut or swap a decoder LM; for task "
+                             "image_classification give each stage a width from teacher.config.widths")
+        if stage.width is not None and stage.width not in widths:
+            raise ValueError(f"teacher.curriculum stage {k} has width {stage.width}, which teacher.config.widths "
+                             f"{widths} does not train; use one of them or add it there")
+
+
 def _canvas_task_fields(recipe: "Recipe") -> "Recipe":
     """multi_label_classification / object_detection: the models from student.config and teacher.config (model
     `cnn`: trained once and cached; or a folder an earlier run of the task exported), data.corpus `digit_canvases`
@@ -859,8 +914,8 @@ class Recipe(_Strict):
         if s.init != "config" or s.lora is not None or s.model is not None:
             raise ValueError("task image_classification builds the student CNN from student.config; remove "
                              "student.init / model / lora")
-        if t is not None and (t.kind != "live" or t.curriculum is not None):
-            raise ValueError("task image_classification needs a live teacher (teacher.kind: live, no curriculum)")
+        if t is not None and t.kind != "live":
+            raise ValueError("task image_classification needs a live teacher (teacher.kind: live)")
         if t is not None and t.config and t.model != "cnn":
             raise ValueError(f"teacher.config describes the CNN trained for teacher.model: cnn, not "
                              f"'{t.model}'; remove teacher.config or set teacher.model: cnn")
@@ -870,7 +925,10 @@ class Recipe(_Strict):
         self.train.logit_chunk_size = None
         s.config = _cnn_config("student.config", CNNSpec, s.config)
         if t is not None and t.model == "cnn":
-            t.config = _cnn_config("teacher.config", CNNTeacherSpec, t.config)
+            _cnn_config("teacher.config", CNNTeacherSpec, t.config)  # a bad key or value: one line
+            t.config = teacher_cnn_config(t.config)
+        if t is not None and t.curriculum is not None:
+            _width_curriculum_fits(t)
         if self.data.corpus == "shakespeare":
             self.data.corpus = "digits"
         if self.data.validation_split is None:
@@ -891,6 +949,10 @@ class Recipe(_Strict):
     def _curriculum_fits(self) -> "Recipe":
         if self.teacher is not None and self.teacher.curriculum is not None:
             self.teacher.curriculum.stage_steps(self.train.steps)
+            widths = [s.width for s in self.teacher.curriculum.stages if s.width is not None]
+            if self.task != "image_classification" and widths:
+                raise ValueError(f"teacher.curriculum stage width slims a teacher CNN (task image_classification); "
+                                 f"for task {self.task} use layers or model")
         return self
 
     @model_validator(mode="after")

@@ -18,12 +18,19 @@ computed once (PrecomputedTeacher: the images never change between epochs); a Bl
 logits from there and runs the live teacher's blocks for its stepping stones. Metrics: accuracy, macro-F1, ECE (15
 bins), NLL, top-1 agreement with the teacher and KL(teacher || student), and held-out examples/s (the only wall-clock
 figure).
+
+PWKD (Zhang, Zhang & Sun, arXiv 2109.12507), `teacher.curriculum` with `width` stages: the teacher CNN is made
+slimmable (`teacher.config.widths`; SlimmableCNN, trained jointly over its widths, train_teacher) and the student
+learns from its width sub-networks in stages, partial first and whole last (WidthCurriculum), the learning rate
+restarting at every stage (kdforge.train.lr_lambda).
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +47,7 @@ from ..io import atomic_write_dir, atomic_write_json, disk_full_as_error
 from ..losses.cam import class_activation_maps
 from ..models import cache_dir, count_parameters
 from ..progress import phase
-from ..recipe import CNNSpec, CNNTeacherSpec, Recipe
+from ..recipe import CNNSpec, CNNTeacherSpec, CurriculumSpec, Recipe, teacher_cnn_config
 from ..teachers.live import LiveTeacher, TeacherOutput
 from .base import Setup, write_student_folder
 
@@ -223,10 +230,13 @@ class CNN(nn.Module):
     def num_classes(self) -> int:
         return self.config["num_classes"]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise KDForgeError(f"this CNN takes images [B, {self.in_channels}, H, W], got {tuple(x.shape)}; convert "
                                f"the images to {self.in_channels} channel(s) or set config.in_channels")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
         features = self.features(x)
         if self.cam.tapped:
             self.cam(features, self.head_weight(features))
@@ -267,9 +277,69 @@ class CNN(nn.Module):
             raise KDForgeError(f"'{folder}' holds no kdforge CNN (config.json with {CONFIG_MARK} and "
                                "model.safetensors); give teacher.model: cnn, or the student/ folder of an "
                                "image_classification run")
-        model = cls(config, tuple(config["image_size"]))
+        model = (SlimmableCNN if config.get("widths") else cls)(config, tuple(config["image_size"]))
         model.load_state_dict(load_file(str(folder / "model.safetensors")))
         return model.eval()
+
+
+def slim_channels(channels: int, width: float) -> int:
+    """ceil(width x channels), the channels a width-`width` sub-network keeps (the float product's rounding noise
+    ignored: 0.1 x 30 keeps 3)."""
+    return max(1, math.ceil(round(width * channels, 9)))
+
+
+class SlimmableCNN(CNN):
+    """A CNN whose weight-sharing sub-networks of the same depth and smaller width run on their own (slimmable
+    networks, Yu et al. 2019; PWKD's decomposed teacher, Zhang, Zhang & Sun, arXiv 2109.12507).
+
+    `config["widths"]`: the width multipliers, ascending, ending at 1.0. The sub-network of width w keeps the first
+    ceil(w x C_i) output channels of every conv (and the matching input channels of the next conv and of the head: for
+    a flatten head, the columns of those channels at every position); each width < 1 has BatchNorms of its own
+    (`slim_norms`: switchable BatchNorm, since the statistics of a slice differ from those of the whole), while width 1
+    is exactly the plain CNN with the same weights (module paths, taps and state-dict keys of CNN, plus
+    `slim_norms.*`). forward(x [B, C, H, W], width=1.0) -> logits [B, K]; KDForgeError for a width it does not hold."""
+
+    def __init__(self, config: dict[str, Any], image_size: tuple[int, int]):
+        super().__init__(config, image_size)
+        self.config["widths"] = [float(w) for w in config["widths"]]
+        self.slim_norms = nn.ModuleDict({
+            self._key(w): nn.ModuleList(nn.BatchNorm2d(slim_channels(c, w)) for c in self.config["channels"])
+            for w in self.config["widths"] if w != 1.0})
+
+    @staticmethod
+    def _key(width: float) -> str:
+        return f"{width:g}".replace(".", "_")
+
+    def forward(self, x: Tensor, width: float = 1.0) -> Tensor:
+        if width == 1.0:
+            return super().forward(x)
+        if self._key(width) not in self.slim_norms:
+            raise KDForgeError(f"this slimmable CNN has widths {self.config['widths']}, not {width}; use one of them "
+                               "or retrain the teacher with it in teacher.config.widths")
+        self.check_input(x)
+        c_in = self.in_channels
+        for block, norm in zip(self.features, self.slim_norms[self._key(width)]):
+            conv, c_out = block[0], norm.num_features
+            x = F.relu(norm(F.conv2d(x, conv.weight[:c_out, :c_in], conv.bias[:c_out], padding=1)))
+            for pool in block[3:]:
+                x = pool(x)
+            c_in = c_out
+        linear = self.classifier[-1]
+        if self.config["head"] == "avgpool":
+            return F.linear(x.mean(dim=(2, 3)), linear.weight[:, :c_in], linear.bias)
+        weight = linear.weight.view(len(linear.weight), self.config["channels"][-1], -1)[:, :c_in]
+        return F.linear(x.flatten(1), weight.flatten(1), linear.bias)
+
+
+class WidthView(nn.Module):
+    """The width-`width` sub-network of a SlimmableCNN as a model of its own: forward(x [B, C, H, W]) -> [B, K]."""
+
+    def __init__(self, model: SlimmableCNN, width: float):
+        super().__init__()
+        self.model, self.width = model, width
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x, width=self.width)
 
 
 def is_cnn_folder(path: str | Path) -> bool:
@@ -288,17 +358,25 @@ def _batches(n: int, size: int, generator: torch.Generator) -> list[Tensor]:
 
 def train_teacher(config: dict[str, Any], train: ImageSet) -> CNN:
     """A teacher CNN trained from scratch on `train`: `epochs` passes of Adam (`lr`) on plain cross-entropy in
-    batches of `batch_size`, seeded by `seed` (the global RNG is left as it was)."""
+    batches of `batch_size`, seeded by `seed` (the global RNG is left as it was).
+
+    With `widths` (a SlimmableCNN, PWKD's decomposed teacher) the widths are trained jointly by slimmable networks'
+    rule (Yu et al. 2019, Algorithm 1): every step sums the cross-entropy of each width's sub-network on the same
+    batch, one backward and one Adam step, each width normalised by its own BatchNorms. Its initial weights are the
+    plain CNN's of the same seed (BatchNorms draw no random numbers)."""
     spec = CNNTeacherSpec.model_validate(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = CNN(spec.model_dump(), tuple(train.images.shape[-2:]))
+        model = (SlimmableCNN if spec.widths else CNN)(teacher_cnn_config(config), tuple(train.images.shape[-2:]))
         opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
         g = torch.Generator().manual_seed(spec.seed)
         model.train()
         for _ in range(spec.epochs):
             for idx in _batches(len(train), spec.batch_size, g):
-                loss = F.cross_entropy(model(train.images[idx]), train.labels[idx])
+                x, y = train.images[idx], train.labels[idx]
+                loss = F.cross_entropy(model(x), y)
+                for width in (spec.widths or [1.0])[:-1]:  # the full width (the last) is the line above
+                    loss = loss + F.cross_entropy(model(x, width=width), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -314,7 +392,7 @@ def teacher_cache_folder(config: dict[str, Any], train: ImageSet) -> Path:
 def cached_teacher(config: dict[str, Any], train: ImageSet) -> CNN:
     """The teacher CNN of `config` trained on `train`: read from its cache folder, else trained once and written
     there atomically (config.json, model.safetensors)."""
-    config = CNNTeacherSpec.model_validate(config).model_dump()
+    config = teacher_cnn_config(config)  # without widths: the plain teacher's key of old
     folder = teacher_cache_folder(config, train)
     if (folder / "model.safetensors").is_file():
         return CNN.from_pretrained(folder).requires_grad_(False)
@@ -419,6 +497,53 @@ class PrecomputedTeacher:
         device = batch["inputs"].device
         idx = batch["index"].to(self.logits.device)
         return TeacherOutput(self.logits[idx].to(device), {k: v[idx].to(device) for k, v in self.features.items()})
+
+
+class WidthCurriculum:
+    """PWKD's stages for images (Zhang, Zhang & Sun, arXiv 2109.12507): training steps [start, stop) of stage k learn
+    from the width-w_k sub-network of the slimmable teacher (SlimmableCNN), partial first, whole last. Each stage's
+    logits on every training image [N, K] are computed once when the stage begins (a PrecomputedTeacher of the
+    WidthView, at the live teacher's dtype; the previous stage's are dropped; above PrecomputedTeacher.MAX_BYTES the
+    sub-network runs live), so a step costs what plain KD costs. The learning-rate restarts at the stage boundaries
+    are kdforge.train's (stage_boundaries, lr_lambda). `model` is the whole teacher (what the training loop moves to
+    the device and the held-out metrics evaluate).
+
+    Call: (batch {inputs, labels, index}, taps=None, *, step) -> TeacherOutput, logits [B, K] only: `taps` are not
+    served (ImageClassification.prepare refuses feature terms with a curriculum, since a sub-network's features have
+    fewer channels than the whole teacher's)."""
+
+    def __init__(self, live: LiveTeacher, data: ImageSet, stages: list[tuple[int, int, float]]):
+        self.model, self.dtype, self.autocast = live.model, live.dtype, live.autocast
+        self.data, self.stages = data, stages
+        self._starts = [start for start, _, _ in stages]
+        self._current: tuple[int, PrecomputedTeacher | LiveTeacher] | None = None
+
+    @classmethod
+    def from_spec(cls, live: LiveTeacher, spec: CurriculumSpec, total_steps: int, data: ImageSet) -> "WidthCurriculum":
+        """From a recipe's `teacher.curriculum` (stages with `width`, null: 1.0) over `total_steps` steps."""
+        stages, start = [], 0
+        for stage, n in zip(spec.stages, spec.stage_steps(total_steps)):
+            stages.append((start, start + n, stage.width if stage.width is not None else 1.0))
+            start += n
+        log.info("teacher curriculum (PWKD): %s", "; ".join(f"steps {a}-{b - 1}: width {w:g}" for a, b, w in stages))
+        return cls(live, data, stages)
+
+    @property
+    def boundaries(self) -> list[int]:
+        """Steps at which a new stage begins (the first stage's start excluded)."""
+        return self._starts[1:]
+
+    def stage_index(self, step: int) -> int:
+        return max(0, bisect.bisect_right(self._starts, step) - 1)
+
+    def __call__(self, batch: dict[str, Tensor], taps=None, *, step: int = 0) -> TeacherOutput:
+        k = self.stage_index(step)
+        if self._current is None or self._current[0] != k:
+            width = self.stages[k][2]
+            log.info("teacher curriculum: stage %d/%d from step %d: width %g", k + 1, len(self.stages), step, width)
+            view = LiveTeacher(WidthView(self.model, width), self.dtype)
+            self._current = (k, PrecomputedTeacher.build(view, self.data, None) or view)  # too big: stays live
+        return self._current[1](batch)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -578,7 +703,17 @@ class ImageClassification:
         if folds is not None and len(distiller.stepping_stones):
             raise KDForgeError("teacher.crossfit serves each training image the outputs of its fold's teacher, but "
                                "a block_kd term runs the teacher's own blocks; remove block_kd or teacher.crossfit")
-        if isinstance(source, LiveTeacher):  # Block-KD's stones keep running the live teacher's blocks themselves
+        curriculum = recipe.teacher.curriculum if recipe.teacher is not None else None
+        if curriculum is not None and source is not None:  # PWKD: a slimmable teacher's widths, stage by stage
+            if not isinstance(teacher, SlimmableCNN):
+                raise KDForgeError("teacher.curriculum distils from a slimmable teacher's width sub-networks, but this "
+                                   "teacher is a plain CNN; set teacher.model: cnn with teacher.config.widths")
+            if len(distiller.feature_terms) or len(distiller.stepping_stones):
+                raise KDForgeError("PWKD's width stages give the teacher's logits only (a sub-network's features have "
+                                   "fewer channels); remove the feature and block_kd terms, or teacher.curriculum")
+            distiller.teacher_source = WidthCurriculum.from_spec(source, curriculum, recipe.train.steps, train)
+            distiller.teacher_takes_step = True
+        elif isinstance(source, LiveTeacher):  # Block-KD's stones keep running the live teacher's blocks themselves
             taps = distiller.teacher_taps if distiller.teacher_taps is not None and len(distiller.feature_terms) \
                 else None
             if folds is not None:  # every training image labelled by the teacher that did not see it

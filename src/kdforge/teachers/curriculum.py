@@ -3,8 +3,10 @@
 PWKD decomposes the teacher into sub-networks of increasing capacity and lets the student learn from them in stages,
 partial knowledge first and the whole teacher last, with a cyclic learning rate: the schedule restarts at every stage
 boundary (kdforge restarts its linear warm-up + cosine decay per stage; see kdforge.train.lr_lambda). The paper
-builds weight-sharing sub-networks of the same depth and increasing *width*, trained jointly beforehand; a pretrained
-LLM has no such sub-networks, so kdforge's stages are
+builds weight-sharing sub-networks of the same depth and increasing *width*, trained jointly beforehand. kdforge does
+exactly that where it trains the teacher itself (task image_classification: a slimmable teacher CNN and `width`
+stages, kdforge.tasks.image_classification.WidthCurriculum); a pretrained LLM has no such sub-networks, so this
+module's stages (causal_lm) are
 
   * depth-truncated sub-networks of the teacher: its first `layers` blocks followed by the shared final norm and
     head (e.g. 10, 20, then all 30 layers); only those blocks run, nothing is computed and discarded; and/or
