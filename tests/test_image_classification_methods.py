@@ -233,6 +233,23 @@ def test_pwkd_stages_restart_the_learning_rate_and_distil_from_each_width(tmp_pa
         assert not torch.allclose(setup.teacher(batch["inputs"], width=0.5), setup.teacher(batch["inputs"]))
 
 
+def test_a_width_stage_begun_mid_training_runs_on_the_teachers_device():
+    """WidthCurriculum computes a stage's logits when the stage begins, after kdforge.train has moved the teacher to
+    its device; the stored images (on the CPU) must go there too. The meta device stands in for a GPU: a CPU image
+    reaching a meta model raises."""
+    from kdforge.teachers.live import LiveTeacher
+
+    model = _slimmable("avgpool").to("meta")
+    data = ic.ImageSet(images=torch.rand(7, 1, 6, 6), labels=torch.zeros(7, dtype=torch.long), rows=torch.arange(7),
+                       source="seven images")
+    source = ic.WidthCurriculum(LiveTeacher(model), data, [(0, 2, 0.3), (2, 4, 1.0)])
+    batch = {"inputs": torch.rand(3, 1, 6, 6, device="meta"), "index": torch.tensor([0, 4, 6], device="meta")}
+    for step in (0, 3):
+        out = source(batch, step=step)
+        assert isinstance(source._current[1], ic.PrecomputedTeacher) and source._current[1].logits.shape == (7, 4)
+        assert out.logits.shape == (3, 4) and out.logits.device.type == "meta"
+
+
 def test_pwkd_recipe_runs_end_to_end(tmp_path):
     from kdforge.train import train
 

@@ -443,10 +443,13 @@ class PrecomputedTeacher:
     @classmethod
     def build(cls, live: LiveTeacher, data: ImageSet, taps, batch_size: int = EVAL_BATCH) -> "PrecomputedTeacher | None":
         """The outputs of `live` (with `taps`, the Distiller's teacher taps, or None) on all of `data`; None when a
-        tap holds something other than one tensor per batch, or the outputs would exceed MAX_BYTES."""
+        tap holds something other than one tensor per batch, or the outputs would exceed MAX_BYTES. The images go to
+        the teacher's device (WidthCurriculum builds a stage's outputs mid-training, after kdforge.train moved the
+        teacher), and the outputs stay there."""
+        device = next(live.model.parameters()).device
         logits, features = [], {}
         for i in range(0, len(data), batch_size):
-            out = live({"inputs": data.images[i: i + batch_size]}, taps)
+            out = live({"inputs": data.images[i: i + batch_size].to(device)}, taps)
             if not all(isinstance(v, Tensor) for v in out.features.values()):
                 return None
             logits.append(out.logits)
