@@ -132,6 +132,19 @@ def test_crossfit_split_writes_what_each_teacher_may_see(lm, tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
+def test_crossfit_split_refusals_name_the_fix(lm, tmp_path):
+    from kdforge.recipe import parse_recipe
+    from kdforge.tasks.causal_lm import crossfit_split
+
+    one_line(r"crossfit-split needs teacher.crossfit; set teacher: \{kind: cache, path: DIR, crossfit: \{folds: K\}\}",
+             lambda: crossfit_split(parse_recipe(with_teacher(lm["recipe"], crossfit=None)), tmp_path / "s"))
+    seq = parse_recipe({"task": "sequence_classification", "teacher": {"model": "all-minilm-l6-v2",
+                                                                        "crossfit": {"folds": 3}}})
+    one_line("task sequence_classification has none to write .*train their fold teachers themselves",
+             lambda: crossfit_split(seq, tmp_path / "s"))
+    assert not (tmp_path / "s").exists()
+
+
 def _direct_top_k(model_dir: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A teacher's top-k at T in float64, from its own logits: (ids sorted [n, T, k], log-probs [n, T, V])."""
     from transformers import AutoModelForCausalLM

@@ -52,17 +52,20 @@ def crossfit_split(recipe: Recipe, out: str | Path) -> dict[str, Any]:
     (kdforge.crossfit.write_crossfit_split). The manifest records the folds, the seed, the blocks' sha256 and the
     tokenizer, the same fingerprints the offline cache of the K teachers records. Returns the manifest.
 
-    Raises KDForgeError for a recipe without teacher.crossfit, another task, or data.prompts (padded prompt–response
-    blocks, which the offline cache does not store)."""
+    Raises KDForgeError (one line) for another task (image and sentiment recipes train their fold teachers
+    themselves) or a recipe without teacher.crossfit. (data.prompts cannot get here: the recipe refuses it with
+    teacher.kind: cache, which teacher.crossfit needs for causal_lm.)"""
     from ..crossfit import block_folds, write_crossfit_split
     from ..teachers.cache import data_sha256, tokenizer_fingerprint
 
     crossfit = recipe.teacher.crossfit if recipe.teacher is not None else None
-    if recipe.task != "causal_lm" or crossfit is None or recipe.data.prompts is not None:
-        raise KDForgeError(f"crossfit-split writes the folds of a causal_lm recipe with teacher.crossfit over a packed "
-                           f"corpus; this recipe has task {recipe.task}, teacher.crossfit "
-                           f"{'set' if crossfit is not None else 'unset'}, data.prompts {recipe.data.prompts!r}: set "
-                           "teacher.crossfit: {folds: K, models: [...]} (and no data.prompts)")
+    if recipe.task != "causal_lm":
+        raise KDForgeError(f"crossfit-split writes the training text of K causal-LM teachers that you fine-tune; task "
+                           f"{recipe.task} has none to write (task image_classification and sequence_classification "
+                           "train their fold teachers themselves from teacher.crossfit)")
+    if crossfit is None:
+        raise KDForgeError("crossfit-split needs teacher.crossfit; set teacher: {kind: cache, path: DIR, crossfit: "
+                           "{folds: K}} (teacher.crossfit.models is filled in after the K teachers are fine-tuned)")
     tokenizer = load_tokenizer(recipe.teacher)
     with phase(f"tokenizing {recipe.data.corpus}"):
         train_blocks, _ = tokenize_corpus(recipe, tokenizer)
