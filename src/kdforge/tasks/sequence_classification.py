@@ -418,9 +418,6 @@ class SequenceClassification:
                              "fold_teachers": [str(folder) for _, folder in fitted]}
         distiller = Distiller(source, student, recipe.objective, teacher_dtype=recipe.teacher.dtype,
                               seq_len=recipe.data.seq_len, example_batch=example)
-        if folds is not None and len(distiller.stepping_stones):
-            raise KDForgeError("teacher.crossfit serves each training text the outputs of its fold's teacher, but a "
-                               "block_kd term runs the full teacher's own blocks; remove block_kd or teacher.crossfit")
         return Setup(recipe, tokenizer, teacher, student, distiller, train, val, self)
 
     def make_batch(self, data: TextSet, index: Tensor) -> dict[str, Tensor]:
