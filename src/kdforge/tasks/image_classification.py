@@ -524,10 +524,10 @@ class WidthCurriculum:
     @classmethod
     def from_spec(cls, live: LiveTeacher, spec: CurriculumSpec, total_steps: int, data: ImageSet) -> "WidthCurriculum":
         """From a recipe's `teacher.curriculum` (stages with `width`, null: 1.0) over `total_steps` steps."""
-        stages, start = [], 0
-        for stage, n in zip(spec.stages, spec.stage_steps(total_steps)):
-            stages.append((start, start + n, stage.width if stage.width is not None else 1.0))
-            start += n
+        from ..teachers.curriculum import stage_spans
+
+        stages = [(start, stop, 1.0 if stage.width is None else stage.width)
+                  for start, stop, stage in stage_spans(spec, total_steps)]
         log.info("teacher curriculum (PWKD): %s", "; ".join(f"steps {a}-{b - 1}: width {w:g}" for a, b, w in stages))
         return cls(live, data, stages)
 

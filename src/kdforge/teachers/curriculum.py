@@ -43,6 +43,17 @@ from .stepping_stones import DecoderBlocks, blocks_of
 log = logging.getLogger("kdforge")
 
 
+def stage_spans(spec, total_steps: int) -> list[tuple[int, int, Any]]:
+    """[(start, stop, stage)] of a recipe's `teacher.curriculum` (kdforge.recipe.CurriculumSpec) over `total_steps`
+    training steps: each stage (a CurriculumStage) with its steps [start, stop), contiguous and in order, the lengths
+    from CurriculumSpec.stage_steps (which raises for steps that do not add up)."""
+    spans, start = [], 0
+    for stage, n in zip(spec.stages, spec.stage_steps(total_steps)):
+        spans.append((start, start + n, stage))
+        start += n
+    return spans
+
+
 @dataclass
 class TeacherStage:
     """One stage: steps [start, stop) learn from `model` (None: the main teacher; a name is loaded by `load`) cut to
@@ -89,10 +100,7 @@ class CurriculumTeacher:
     def from_spec(cls, model: nn.Module, spec, total_steps: int, *, dtype: str = "float32",
                   load: Callable[[str], nn.Module] | None = None) -> "CurriculumTeacher":
         """From a recipe's `teacher.curriculum` (kdforge.recipe.CurriculumSpec)."""
-        stages, start = [], 0
-        for stage, n in zip(spec.stages, spec.stage_steps(total_steps)):
-            stages.append(TeacherStage(start, start + n, stage.layers, stage.model))
-            start += n
+        stages = [TeacherStage(start, stop, s.layers, s.model) for start, stop, s in stage_spans(spec, total_steps)]
         return cls(model, stages, dtype=dtype, load=load)
 
     @property
