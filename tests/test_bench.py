@@ -152,3 +152,19 @@ def test_seeds_methods_and_recipe_overrides_from_the_command_line(tiny_assets, t
         load_matrix(matrix, only_methods=["nope"])
     res = CliRunner().invoke(app, ["bench", str(matrix), "--dry-run", "--seeds", "0,1", "--out", str(tmp_path / "o")])
     assert res.exit_code == 0 and "6 cells; CE baseline: plain" in res.output
+
+
+def test_results_markdown_names_an_embedding_matrix_first_row_a_reference_not_a_ce_baseline():
+    from kdforge.bench import results_markdown
+
+    def row(**m):
+        return {"seeds": 2, "failed": 0, "metrics": {k: {"mean": v, "std": 0.01, "n": 2} for k, v in m.items()}}
+
+    def data(summary):
+        return {"name": "m", "seeds": [0, 1], "statistics": "mean ± std", "baseline": "first", "summary": summary,
+                "methods": list(summary["default"]), "failed": []}
+
+    emb = results_markdown(data({"default": {"first": row(spearman_cosine=0.5), "kd": row(spearman_cosine=0.7)}}))
+    assert "Reference row: `first`." in emb and "| first (reference) |" in emb and "CE baseline" not in emb
+    ce = results_markdown(data({"default": {"first": row(perplexity=30.0), "kd": row(perplexity=25.0)}}))
+    assert "CE baseline: `first`." in ce and "| first (CE baseline) |" in ce

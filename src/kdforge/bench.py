@@ -5,7 +5,8 @@ Each cell is the base recipe plus the matrix's overrides, the student's, the met
 (`eval.json`, `cka.json/png`). Cells with final.json are not retrained, so a stopped bench resumes. A cell that fails
 is recorded with its one-line error and the others go on. `results.json` and `results.md` give, per metric, the mean
 and sample standard deviation over seeds of the last-step values (never the best of a run); every table has a
-cross-entropy-only baseline row (added to the matrix when it lacks one).
+cross-entropy-only baseline row (added to the matrix when it lacks one; a sentence-embedding matrix, which has no
+labels, takes its first method as the reference row instead).
 """
 from __future__ import annotations
 
@@ -503,7 +504,7 @@ def results_tables(summary: dict, baseline: str,
         for key, columns in (("map", MULTILABEL_QUALITY_COLUMNS), ("map50", DETECTION_QUALITY_COLUMNS)):
             if any(key in row["metrics"] for row in methods.values()):
                 kinds = (("quality", columns), ("cost", CLASSIFIER_COST_COLUMNS))
-        embedding = any("spearman_cosine" in row["metrics"] for row in methods.values())
+        embedding = _is_embedding(methods)
         if embedding:
             kinds = (("quality", EMBEDDING_QUALITY_COLUMNS), ("cost", EMBEDDING_COST_COLUMNS))
         if any("rougeL_reference" in row["metrics"] for row in methods.values()):
@@ -553,10 +554,18 @@ def write_results(out: Path, spec: MatrixSpec, baseline: str, cells: list[Cell],
     return data
 
 
+def _is_embedding(methods: dict[str, Any]) -> bool:
+    """Whether a student's summary rows ({method: {metrics, ...}}) are a sentence-embedding matrix's (no labels: its
+    first method is the reference row, not a cross-entropy baseline)."""
+    return any("spearman_cosine" in row["metrics"] for row in methods.values())
+
+
 def results_markdown(data: dict[str, Any]) -> str:
     teacher = data.get("teacher") or {}
+    embedding = any(_is_embedding(methods) for methods in data["summary"].values())
     parts = [f"# kdforge bench: {data['name']}", "",
-             f"Seeds {data['seeds']}; {data['statistics']}. CE baseline: `{data['baseline']}`.", ""]
+             f"Seeds {data['seeds']}; {data['statistics']}. {'Reference row' if embedding else 'CE baseline'}: "
+             f"`{data['baseline']}`.", ""]
     if teacher:
         parts += ["Teacher: " + ", ".join(f"{k.removeprefix('teacher_')} {v:.4g}" for k, v in teacher.items()), ""]
     for title, header, rows in results_tables(data["summary"], data["baseline"], data.get("methods")):
