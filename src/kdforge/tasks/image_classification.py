@@ -26,7 +26,6 @@ restarting at every stage (kdforge.train.lr_lambda).
 """
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import logging
@@ -48,6 +47,7 @@ from ..losses.cam import class_activation_maps
 from ..models import cache_dir, count_parameters
 from ..progress import phase
 from ..recipe import CNNSpec, CNNTeacherSpec, CurriculumSpec, Recipe, teacher_cnn_config
+from ..teachers.curriculum import StagedTeacher, stage_spans
 from ..teachers.live import LiveTeacher, TeacherOutput
 from .base import Setup, write_student_folder
 
@@ -502,7 +502,7 @@ class PrecomputedTeacher:
         return TeacherOutput(self.logits[idx].to(device), {k: v[idx].to(device) for k, v in self.features.items()})
 
 
-class WidthCurriculum:
+class WidthCurriculum(StagedTeacher):
     """PWKD's stages for images (Zhang, Zhang & Sun, arXiv 2109.12507): training steps [start, stop) of stage k learn
     from the width-w_k sub-network of the slimmable teacher (SlimmableCNN), partial first, whole last. Each stage's
     logits on every training image [N, K] are computed once when the stage begins (a PrecomputedTeacher of the
@@ -524,20 +524,10 @@ class WidthCurriculum:
     @classmethod
     def from_spec(cls, live: LiveTeacher, spec: CurriculumSpec, total_steps: int, data: ImageSet) -> "WidthCurriculum":
         """From a recipe's `teacher.curriculum` (stages with `width`, null: 1.0) over `total_steps` steps."""
-        from ..teachers.curriculum import stage_spans
-
         stages = [(start, stop, 1.0 if stage.width is None else stage.width)
                   for start, stop, stage in stage_spans(spec, total_steps)]
         log.info("teacher curriculum (PWKD): %s", "; ".join(f"steps {a}-{b - 1}: width {w:g}" for a, b, w in stages))
         return cls(live, data, stages)
-
-    @property
-    def boundaries(self) -> list[int]:
-        """Steps at which a new stage begins (the first stage's start excluded)."""
-        return self._starts[1:]
-
-    def stage_index(self, step: int) -> int:
-        return max(0, bisect.bisect_right(self._starts, step) - 1)
 
     def __call__(self, batch: dict[str, Tensor], taps=None, *, step: int = 0) -> TeacherOutput:
         k = self.stage_index(step)

@@ -54,6 +54,22 @@ def stage_spans(spec, total_steps: int) -> list[tuple[int, int, Any]]:
     return spans
 
 
+class StagedTeacher:
+    """What every teacher curriculum shares (CurriculumTeacher here; the image task's WidthCurriculum): `_starts`,
+    the first step of each stage in order (set by the subclass), gives the stage of a step and the boundaries."""
+
+    _starts: list[int]
+
+    @property
+    def boundaries(self) -> list[int]:
+        """Steps at which a new stage begins (the first stage's start excluded)."""
+        return self._starts[1:]
+
+    def stage_index(self, step: int) -> int:
+        """The stage that holds training step `step` (0 before the first stage's start)."""
+        return max(0, bisect.bisect_right(self._starts, step) - 1)
+
+
 @dataclass
 class TeacherStage:
     """One stage: steps [start, stop) learn from `model` (None: the main teacher; a name is loaded by `load`) cut to
@@ -71,7 +87,7 @@ class TeacherStage:
         return f"{who}, depth {depth}{of} layers"
 
 
-class CurriculumTeacher:
+class CurriculumTeacher(StagedTeacher):
     """Teacher view for step s from the stage that contains s. `model` is the main (whole) teacher."""
 
     def __init__(self, model: nn.Module, stages: list[TeacherStage], *, dtype: str = "float32",
@@ -102,14 +118,6 @@ class CurriculumTeacher:
         """From a recipe's `teacher.curriculum` (kdforge.recipe.CurriculumSpec)."""
         stages = [TeacherStage(start, stop, s.layers, s.model) for start, stop, s in stage_spans(spec, total_steps)]
         return cls(model, stages, dtype=dtype, load=load)
-
-    @property
-    def boundaries(self) -> list[int]:
-        """Steps at which a new stage begins (the first stage's start excluded)."""
-        return self._starts[1:]
-
-    def stage_index(self, step: int) -> int:
-        return max(0, bisect.bisect_right(self._starts, step) - 1)
 
     @staticmethod
     def _depth(model: nn.Module) -> int | None:
