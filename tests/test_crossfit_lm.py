@@ -132,6 +132,36 @@ def test_crossfit_split_writes_what_each_teacher_may_see(lm, tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
+def test_cache_teacher_checks_the_split_the_fold_teachers_were_fine_tuned_on(lm, tmp_path):
+    from kdforge.crossfit import write_crossfit_split
+    from kdforge.recipe import parse_recipe
+    from kdforge.tasks.causal_lm import crossfit_split
+    from kdforge.teachers.cache import CacheOptions, cache_recipe_teacher
+
+    split = tmp_path / "split"
+    crossfit_split(parse_recipe(with_teacher(lm["recipe"], crossfit={"folds": K, "seed": SEED})), split)
+    options = CacheOptions(k=TOP_K, temperature=T, batch_size=8)
+
+    def cache(crossfit: dict, out: str):
+        recipe = with_teacher(lm["recipe"], crossfit={"models": lm["models"][:K], **crossfit})
+        return cache_recipe_teacher(parse_recipe(recipe), out=tmp_path / out, options=options)
+
+    one_line(rf"teacher.crossfit.split '{split}' was written for other folds than the recipe's now \(seed {SEED} "
+             rf"there, {SEED + 1} now\), so a fold teacher may have seen its own fold",
+             lambda: cache({"folds": K, "seed": SEED + 1, "split": str(split)}, "c1"))
+    blocks = train_blocks(lm["recipe"], lm["tokenizer"])  # a split of other data (one block fewer)
+    other = tmp_path / "other"
+    write_crossfit_split(blocks[:-1], block_folds(len(blocks) - 1, K, seed=SEED), lm["tokenizer"], other,
+                         info={"seed": SEED, "n_blocks": len(blocks) - 1})
+    one_line(r"was written for other folds .*n_blocks 63 there, 64 now", lambda: cache(
+        {"folds": K, "seed": SEED, "split": str(other)}, "c2"))
+    one_line(r"teacher.crossfit.split '.*' holds no kdforge-crossfit-split manifest.json",
+             lambda: cache({"folds": K, "seed": SEED, "split": str(tmp_path)}, "c3"))
+    assert not any((tmp_path / c).exists() for c in ("c1", "c2", "c3"))  # refused before any teacher loads
+    index = cache({"folds": K, "seed": SEED, "split": str(split)}, "c4")[1]  # the split of these folds passes
+    assert index["complete"] and index["meta"]["crossfit"]["seed"] == SEED
+
+
 def test_crossfit_split_refusals_name_the_fix(lm, tmp_path):
     from kdforge.recipe import parse_recipe
     from kdforge.tasks.causal_lm import crossfit_split
@@ -203,10 +233,9 @@ def test_a_sampled_crossfit_cache_draws_from_the_fold_teacher(lm, tmp_path):
     drawn = cached(make_batch(TokenBlocks(blocks, torch.zeros(len(blocks))), torch.arange(len(blocks)))).logits.ids
     for block in range(len(blocks)):
         fold = int(folds[block])
-        place = int((folds[:block] == fold).sum())
         _, log_p = _direct_top_k(lm["models"][fold], blocks[block:block + 1])
         cdf = log_p[0].exp().cumsum(-1)
-        u = _uniforms(options, place, 1, blocks.shape[1]) * cdf[:, -1:]
+        u = _uniforms(options, [block], blocks.shape[1]) * cdf[:, -1:]  # seeded by its row in all the blocks
         assert torch.equal(drawn[block], torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1))
 
 
@@ -278,9 +307,10 @@ def test_bad_crossfit_recipes_are_one_line_refusals(lm, tiny_assets):
         with_teacher(recipe, crossfit={"folds": 2, "models": [models[0], models[0]]})))
     one_line("set teacher.kind: cache and teacher.path, and build it with `kdforge cache-teacher RECIPE`",
              lambda: parse_recipe(with_teacher(recipe, kind="live", path=None)))
-    one_line("teacher.crossfit.models lists trained fold teachers, which only task causal_lm takes",
-             lambda: parse_recipe({"task": "image_classification",
-                                   "teacher": {"model": "cnn", "crossfit": {"folds": 3, "models": models[:3]}}}))
+    for key, value in (("models", models[:3]), ("split", "some/split")):
+        one_line(f"teacher.crossfit.{key} describes fold teachers the user fine-tuned, which only task causal_lm "
+                 "takes", lambda: parse_recipe({"task": "image_classification",
+                                                "teacher": {"model": "cnn", "crossfit": {"folds": 3, key: value}}}))
     # sequence_classification cross-fits its own fine-tuned teachers (kdforge.tasks.sequence_classification)
     seq = parse_recipe({"task": "sequence_classification", "teacher": {"model": "all-minilm-l6-v2",
                                                                         "crossfit": {"folds": 3}}})

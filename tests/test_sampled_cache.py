@@ -53,7 +53,7 @@ def test_draws_follow_the_teacher_and_the_estimate_is_unbiased():
     (dense_grad,) = torch.autograd.grad(dense, student)
     for sampling in ("iid", "systematic"):
         opts = CacheOptions(mode="sampled", samples=n, sampling=sampling, temperature=t)
-        ids, entropy = sample_teacher(teacher, cache_mod._uniforms(opts, 0, 1, 1), t)
+        ids, entropy = sample_teacher(teacher, cache_mod._uniforms(opts, [0], 1), t)
         assert bool((ids[0, 1:] >= ids[0, :-1]).all()) and 7 not in ids.tolist()[0]
         freq = torch.bincount(ids[0], minlength=40).double() / n
         tol = 1.0 / n if sampling == "systematic" else 4 * (p * (1 - p) / n).sqrt().max().item()
@@ -131,7 +131,7 @@ def test_a_sampled_cache_stores_the_draws_and_the_entropy_and_reads_them_back(sa
         {"input_ids": ids[[4, 1]], "block_index": torch.tensor([4, 1])})
     with torch.no_grad():
         logits = teacher(input_ids=ids[[4, 1]]).logits
-    uniforms = torch.cat([cache_mod._uniforms(CacheOptions(mode="sampled", samples=8), b, 1, 16) for b in (4, 1)])
+    uniforms = torch.cat([cache_mod._uniforms(CacheOptions(mode="sampled", samples=8), [b], 16) for b in (4, 1)])
     want_ids, want_entropy = sample_teacher(logits.reshape(32, 300), uniforms, 2.0)
     assert isinstance(out.logits, SampledLogits) and out.logits.temperature == 2.0
     assert torch.equal(out.logits.ids.reshape(32, 8), want_ids)

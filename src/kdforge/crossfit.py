@@ -273,6 +273,29 @@ def write_crossfit_split(blocks_ids: torch.Tensor, folds: torch.Tensor, tokenize
     return manifest
 
 
+def check_split(folder, expected: dict[str, Any]) -> None:
+    """Refuse (KDForgeError, one line) a ``kdforge crossfit-split`` folder whose manifest.json differs from
+    ``expected`` on any of its keys (folds, seed, n_blocks, seq_len, data_sha256, tokenizer): fold teachers
+    fine-tuned on that split saw other folds than the ones a cache built now would label, so teacher k could have
+    seen blocks of fold k."""
+    import json
+
+    from .errors import KDForgeError
+
+    path = Path(folder) / "manifest.json"
+    if not _is_split(path):
+        raise KDForgeError(f"teacher.crossfit.split '{folder}' holds no {SPLIT_FORMAT} manifest.json; give the folder "
+                           "`kdforge crossfit-split RECIPE --out DIR` wrote, or remove teacher.crossfit.split")
+    manifest = json.loads(path.read_text())
+    differ = [f"{key} {manifest.get(key)!r} there, {value!r} now" for key, value in expected.items()
+              if manifest.get(key) != value]
+    if differ:
+        raise KDForgeError(f"teacher.crossfit.split '{folder}' was written for other folds than the recipe's now "
+                           f"({'; '.join(differ)}), so a fold teacher may have seen its own fold: restore the "
+                           "recipe's data and crossfit settings, or rerun kdforge crossfit-split and fine-tune the "
+                           "fold teachers again")
+
+
 def _is_split(path: Path) -> bool:
     import json
 

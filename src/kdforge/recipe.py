@@ -285,6 +285,10 @@ class CrossfitSpec(_Strict):
     """task causal_lm: the K teachers in fold order (embedded names, local folders or hub ids), teacher k fine-tuned
     without fold k; they must share teacher.model's tokenizer and vocabulary. null for the tasks that train their
     fold teachers themselves."""
+    split: str | None = None
+    """task causal_lm: the folder `kdforge crossfit-split` wrote for the fold teachers; `kdforge cache-teacher` checks
+    its manifest against the recipe's folds, seed, training blocks and tokenizer and refuses a mismatch (a fold
+    teacher would have seen its own fold). It never changes training, so it is not part of the run's identity."""
 
     @field_validator("folds", mode="before")
     @classmethod
@@ -997,9 +1001,11 @@ class Recipe(_Strict):
             return self
         if self.task == "causal_lm":
             return _crossfit_causal_lm(self)
-        if crossfit.models is not None:
-            raise ValueError(f"teacher.crossfit.models lists trained fold teachers, which only task causal_lm takes; "
-                             f"task {self.task} trains its K fold teachers itself: remove teacher.crossfit.models")
+        for key in ("models", "split"):
+            if getattr(crossfit, key) is not None:
+                raise ValueError(f"teacher.crossfit.{key} describes fold teachers the user fine-tuned, which only task "
+                                 f"causal_lm takes; task {self.task} trains its K fold teachers itself: remove "
+                                 f"teacher.crossfit.{key}")
         if self.task == "sequence_classification":
             return self
         if self.task != "image_classification":
@@ -1078,8 +1084,10 @@ class Recipe(_Strict):
             data["teacher"].pop("config", None)
         if data["teacher"] is not None and data["teacher"].get("crossfit") is None:  # and from before crossfit
             data["teacher"].pop("crossfit", None)
-        elif data["teacher"] is not None and data["teacher"]["crossfit"].get("models") is None:  # and crossfit.models
-            data["teacher"]["crossfit"].pop("models", None)
+        else:
+            if data["teacher"]["crossfit"].get("models") is None:  # and from before crossfit.models
+                data["teacher"]["crossfit"].pop("models", None)
+            data["teacher"]["crossfit"].pop("split", None)  # a check only: where the split was written
         data.pop("generate", None)  # only `kdforge generate` reads it
         if data.get("onpolicy") is None:  # recipes from before onpolicy keep their hash
             data.pop("onpolicy", None)

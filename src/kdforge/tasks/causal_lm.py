@@ -56,7 +56,7 @@ def crossfit_split(recipe: Recipe, out: str | Path) -> dict[str, Any]:
     themselves) or a recipe without teacher.crossfit. (data.prompts cannot get here: the recipe refuses it with
     teacher.kind: cache, which teacher.crossfit needs for causal_lm.)"""
     from ..crossfit import block_folds, write_crossfit_split
-    from ..teachers.cache import data_sha256, tokenizer_fingerprint
+    from ..teachers.cache import crossfit_split_identity
 
     crossfit = recipe.teacher.crossfit if recipe.teacher is not None else None
     if recipe.task != "causal_lm":
@@ -70,8 +70,7 @@ def crossfit_split(recipe: Recipe, out: str | Path) -> dict[str, Any]:
     with phase(f"tokenizing {recipe.data.corpus}"):
         train_blocks, _ = tokenize_corpus(recipe, tokenizer)
     folds = block_folds(len(train_blocks), crossfit.folds, seed=crossfit.seed)
-    info = {"seed": crossfit.seed, "data_sha256": data_sha256(train_blocks.ids),
-            "tokenizer": tokenizer_fingerprint(tokenizer), "models": list(crossfit.models or [])}
+    info = {**crossfit_split_identity(crossfit, train_blocks.ids, tokenizer), "models": list(crossfit.models or [])}
     return write_crossfit_split(train_blocks.ids, folds, tokenizer, out, info=info)
 
 

@@ -64,7 +64,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -461,12 +461,16 @@ def _torch_top_k_log_probs(logits_of: Callable[[int, int], torch.Tensor], m: int
 
 
 def encode_block_outputs(logits: torch.Tensor, features: Mapping[str, torch.Tensor], ids: torch.Tensor,
-                         options: CacheOptions, first_block: int = 0) -> dict[str, np.ndarray]:
+                         options: CacheOptions, first_block: int = 0,
+                         block_numbers: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Teacher logits [n, T, V] (+ features) of the n blocks from ``first_block`` on -> the arrays of a shard (numpy,
-    safetensors-ready): the top k (``options.mode`` "top_k") or samples of the distribution ("sampled")."""
+    safetensors-ready): the top k (``options.mode`` "top_k") or samples of the distribution ("sampled"), a block's
+    draws seeded by its number (``block_numbers[i]`` for block i, default i)."""
     n, seq, vocab = logits.shape
     if options.mode == "sampled":
-        drawn, entropy = sample_teacher(logits.reshape(n * seq, vocab), _uniforms(options, first_block, n, seq),
+        numbers = range(first_block, first_block + n) if block_numbers is None else \
+            block_numbers[first_block:first_block + n]
+        drawn, entropy = sample_teacher(logits.reshape(n * seq, vocab), _uniforms(options, numbers, seq),
                                         options.temperature)
         arrays = {"ids": _encode_id_array(drawn, vocab, options).reshape(n, seq, -1),
                   "entropy": entropy.reshape(n, seq).numpy()}
@@ -475,13 +479,13 @@ def encode_block_outputs(logits: torch.Tensor, features: Mapping[str, torch.Tens
     return encode_top_k(stats, vocab, features, ids, options)
 
 
-def _uniforms(options: CacheOptions, first_block: int, n: int, seq: int) -> torch.Tensor:
-    """[n·T, N] sorted uniforms in [0, 1) for the positions of blocks first_block .. first_block + n - 1: each block's
-    from its own generator (seeded by the cache seed and the block's index), so a build gives the same samples
-    whatever its batch size and wherever it resumed. "iid": N independent draws; "systematic": one offset U,
+def _uniforms(options: CacheOptions, numbers: Sequence[int], seq: int) -> torch.Tensor:
+    """[n·T, N] sorted uniforms in [0, 1) for the T positions of each of n blocks, each block's from its own
+    generator seeded by the cache seed and the block's number (its index in the training blocks), so a build gives
+    the same samples whatever its batch size and wherever it resumed. "iid": N independent draws; "systematic": one offset U,
     (j + U) / N for j < N (each id's count is then floor or ceil of N·p: unbiased with less variance)."""
     out = []
-    for block in range(first_block, first_block + n):
+    for block in numbers:
         g = torch.Generator().manual_seed((options.seed * 1_000_003 + block) % (1 << 63))
         if options.sampling == "systematic":
             u = (torch.arange(options.samples, dtype=torch.float64) + torch.rand(seq, 1, generator=g,
@@ -675,8 +679,12 @@ def _save_shard(arrays: Mapping[str, Any], meta: Mapping[str, str]) -> bytes:
 
 def build_cache(teacher: torch.nn.Module, tokenizer, blocks_ids: torch.Tensor, out: str | Path, *,
                 teacher_spec: Mapping[str, Any], options: CacheOptions | None = None,
-                progress: Callable[[str], None] | None = None, fuse: bool = True) -> dict[str, Any]:
+                progress: Callable[[str], None] | None = None, fuse: bool = True,
+                block_numbers: Sequence[int] | None = None) -> dict[str, Any]:
     """Run ``teacher`` over ``blocks_ids`` [N, T] and write (or finish) the cache in ``out``. Returns the index.
+
+    ``block_numbers`` [N]: what seeds each block's draws in a sampled cache (default: its row here); a fold of a
+    cross-fitted cache passes its blocks' rows in the whole training set, so no two folds share random numbers.
 
     ``fuse`` (the default): where the teacher allows it (see :func:`fused_teacher_top_k`), run its base model and
     make its logits a tile at a time, each reduced while in the CPU's cache, never holding a batch's [B, T, V]
@@ -735,7 +743,8 @@ def build_cache(teacher: torch.nn.Module, tokenizer, blocks_ids: torch.Tensor, o
             feats = {spec: _feature_tensor(raw_feats.get(spec), spec, ids.shape[0], seq, feat_dtype)
                      for spec in options.features}
             if fused is None:
-                parts.append(encode_block_outputs(result.logits.detach().cpu(), feats, ids, options, first_block=b0))
+                parts.append(encode_block_outputs(result.logits.detach().cpu(), feats, ids, options, first_block=b0,
+                                                  block_numbers=block_numbers))
             else:
                 parts.append(encode_top_k(stats, vocab, feats, ids, options))
             bar.update(bar.done + ids.shape[0])
@@ -1091,6 +1100,14 @@ def fold_teachers(spec) -> list[str] | None:
     return list(spec.crossfit.models)
 
 
+def crossfit_split_identity(crossfit, blocks_ids: torch.Tensor, tokenizer) -> dict[str, Any]:
+    """What a `kdforge crossfit-split` manifest records and teacher.crossfit.split is checked against: the folds and
+    their seed (a CrossfitSpec's), the training blocks [N, T] (count, length, sha256) and the tokenizer."""
+    return {"folds": crossfit.folds, "seed": crossfit.seed, "n_blocks": int(blocks_ids.shape[0]),
+            "seq_len": int(blocks_ids.shape[1]), "data_sha256": data_sha256(blocks_ids),
+            "tokenizer": tokenizer_fingerprint(tokenizer)}
+
+
 def build_crossfit_cache(spec, tokenizer, blocks_ids: torch.Tensor, out: str | Path, *,
                          options: CacheOptions | None = None,
                          progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -1100,12 +1117,13 @@ def build_crossfit_cache(spec, tokenizer, blocks_ids: torch.Tensor, out: str | P
     training blocks [N, T]; folds: :func:`kdforge.crossfit.block_folds` (crossfit.folds, crossfit.seed). Each fold's
     folder is an ordinary cache built by :func:`build_cache` (atomic and resumable), so a rerun skips the folds that
     are complete without loading their teachers. In a sampled cache the draws of a block derive from the cache seed
-    and the block's place in its fold (what :func:`build_cache` sees). Refused in one line, before any teacher loads:
+    and the block's row in ``blocks_ids`` (not its place in its fold), so the folds' draws are independent. Refused in one line, before any teacher loads:
     a fold teacher whose tokenizer or vocabulary size differs from ``spec.model``'s (which the student shares), more
-    folds than blocks, and a folder holding another cache.
+    folds than blocks, a folder holding another cache, and a ``crossfit.split`` folder written for other folds or
+    data (without one, nothing shows what the fold teachers were fine-tuned on: a warning says so).
     """
     from ..checks import check_student_tokenizer
-    from ..crossfit import block_folds
+    from ..crossfit import block_folds, check_split
     from ..models import load_teacher
     from ..models import vocab_size as model_vocab
     from ..recipe import ModelSpec
@@ -1115,6 +1133,11 @@ def build_crossfit_cache(spec, tokenizer, blocks_ids: torch.Tensor, out: str | P
     out, crossfit = Path(out), spec.crossfit
     fold_specs = [ModelSpec(model=m, dtype=spec.dtype) for m in fold_teachers(spec)]
     folds = block_folds(blocks_ids.shape[0], crossfit.folds, seed=crossfit.seed)
+    if crossfit.split is not None:
+        check_split(crossfit.split, crossfit_split_identity(crossfit, blocks_ids, tokenizer))
+    else:
+        log.warning("teacher.crossfit.split is not set, so nothing checks that fold teacher k was fine-tuned "
+                    "without this recipe's fold k; set it to the folder kdforge crossfit-split wrote")
     vocab = model_vocab(teacher_architecture(spec))
     for k, fold_spec in enumerate(fold_specs):
         role = f"teacher.crossfit.models[{k}]"
@@ -1148,7 +1171,8 @@ def build_crossfit_cache(spec, tokenizer, blocks_ids: torch.Tensor, out: str | P
                 "it never saw")
             teacher = load_teacher(fold_spec)
             part = build_cache(teacher, tokenizer, fold_ids, fold_out, teacher_spec=fold_spec.model_dump(),
-                               options=options, progress=progress)
+                               options=options, progress=progress,
+                               block_numbers=(folds == k).nonzero().squeeze(-1).tolist())
             del teacher
         parts.append(part)
     index["complete"] = True
