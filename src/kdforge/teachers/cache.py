@@ -1023,7 +1023,7 @@ def cached_teacher_for(recipe, tokenizer, train_blocks, student: torch.nn.Module
     spec = recipe.teacher
     vocab = None if student is None or recipe.truncate_to_shared_vocab else vocab_size(student)
     cached = CachedTeacher(spec.path, blocks_ids=train_blocks.ids, tokenizer=tokenizer, vocab_size=vocab)
-    want = spec.crossfit.identity() if fold_teachers(spec) is not None else None
+    want = spec.crossfit.identity() if listed_fold_teachers(spec) is not None else None
     have = cached.meta.get("crossfit")
     have = {key: have.get(key) for key in ("folds", "seed", "models")} if have is not None else None
     if want != have:
@@ -1074,7 +1074,7 @@ def cache_recipe_teacher(recipe, *, out: str | Path | None = None, options: Cach
         raise KDForgeError("the recipe has no teacher to cache; set teacher.model")
     if spec.curriculum is not None:
         raise KDForgeError("a teacher curriculum runs several teachers; cache-teacher caches one (drop curriculum)")
-    fold_teachers(spec)  # a cross-fitted recipe lists its K teachers
+    listed_fold_teachers(spec)  # a cross-fitted recipe lists its K teachers
     out = Path(out or spec.path or Path(recipe.output_dir) / "teacher_cache")
     if options is None:
         options = CacheOptions(temperature=recipe_temperature(recipe), batch_size=recipe.train.batch_size)
@@ -1088,7 +1088,7 @@ def cache_recipe_teacher(recipe, *, out: str | Path | None = None, options: Cach
     return out, index
 
 
-def fold_teachers(spec) -> list[str] | None:
+def listed_fold_teachers(spec) -> list[str] | None:
     """The K fold teachers of a cross-fitted recipe (teacher.crossfit.models), None without teacher.crossfit;
     KDForgeError (one line) when the recipe does not list them yet."""
     if spec.crossfit is None:
@@ -1131,7 +1131,7 @@ def build_crossfit_cache(spec, tokenizer, blocks_ids: torch.Tensor, out: str | P
     options = options or CacheOptions()
     options.check()
     out, crossfit = Path(out), spec.crossfit
-    fold_specs = [ModelSpec(model=m, dtype=spec.dtype) for m in fold_teachers(spec)]
+    fold_specs = [ModelSpec(model=m, dtype=spec.dtype) for m in listed_fold_teachers(spec)]
     folds = block_folds(blocks_ids.shape[0], crossfit.folds, seed=crossfit.seed)
     if crossfit.split is not None:
         check_split(crossfit.split, crossfit_split_identity(crossfit, blocks_ids, tokenizer))
