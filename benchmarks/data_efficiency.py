@@ -72,7 +72,7 @@ REACHED_AT_FIRST = "at or below the smallest fraction"
 NOT_REACHED = "not reached"
 
 
-# --------------------------------------------------------------------------- pure pieces (tests/test_data_efficiency.py)
+# --------------------------------------------------------------------------- pure pieces (tested in tests/)
 
 
 def round_budget(budget_tokens: int, batch: int, seq: int) -> int:
@@ -289,7 +289,8 @@ def write_results(args, cells: dict, methods: list[str], seeds: list[int], budge
     tokens = [budget_tokens * f.numerator // f.denominator for f in FRACTIONS]
     lines = ["# Data efficiency: held-out perplexity against training tokens", ""]
     if done < planned:
-        lines += [f"**PARTIAL**: {done} of {planned} cells measured; a row's seeds column says how many seeds it has.", ""]
+        lines += [f"**PARTIAL**: {done} of {planned} cells measured; a row's seeds column says how many seeds it has.",
+                  ""]
     loads = [c["load"] for v in cells.values() for c in v]
     wall = sum(c["cell_seconds"] for v in cells.values() for c in v) + info.get("cache", {}).get("seconds", 0) + \
         info.get("seqkd_seconds", 0)
@@ -305,8 +306,8 @@ def write_results(args, cells: dict, methods: list[str], seeds: list[int], budge
               f"{'sampled (T=1)' if args.decoding == 'sample' else 'greedy'} continuations of each block's first "
               f"{args.prompt_tokens} tokens (generated in {info.get('seqkd_seconds', 0):.0f} s; loss on the "
               f"{args.seq - args.prompt_tokens} generated tokens per block).", "",
-              f"CPU capability {cpu_capability()}, {args.threads} torch thread(s); load average (1 min) at the end of the "
-              f"cells {min(loads, default=0):.1f}-{max(loads, default=0):.1f}; wall time of the cells, the cache "
+              f"CPU capability {cpu_capability()}, {args.threads} torch thread(s); load average (1 min) at the end of "
+              f"the cells {min(loads, default=0):.1f}-{max(loads, default=0):.1f}; wall time of the cells, the cache "
               f"and the generations: {wall / 60:.1f} min.", "",
               "| method | " + " | ".join(f"{f} ({t:,} tokens)" for f, t in zip(FRACTIONS, tokens)) + " | seeds |",
               "|---|" + "---|" * (len(FRACTIONS) + 1)]
@@ -316,7 +317,8 @@ def write_results(args, cells: dict, methods: list[str], seeds: list[int], budge
             ppl = [c["perplexity"] for c in cells.get((m, f), [])]
             row.append(_fmt(*mean_std(ppl)) if ppl else "—")
         n = sorted({len(cells.get((m, f), [])) for f in FRACTIONS})
-        lines.append(f"| {m} | " + " | ".join(row) + f" | {'–'.join(map(str, (n[0], n[-1]) if n[0] != n[-1] else n[:1]))} |")
+        seeds_done = f"{n[0]}" if n[0] == n[-1] else f"{n[0]}–{n[-1]}"
+        lines.append(f"| {m} | " + " | ".join(row) + f" | {seeds_done} |")
     target, reach = headline(cells, methods)
     lines += ["", "Mean ± sample std of held-out perplexity over seeds.", ""]
     if target is not None:
