@@ -233,7 +233,7 @@ def test_the_sentiment_matrix_resolves_every_cell_and_a_slice_runs_through_kdfor
             "train.batch_size=16", "train.lr=0.002", "train.warmup_steps=2", "train.save_every=4"]
     spec, base = load_matrix(matrix)
     cells, baseline = plan_cells(spec, base, tmp_path / "plan")
-    assert baseline == "ce" and len(cells) == 6 * 3 and all(c.recipe is not None for c in cells), \
+    assert baseline == "ce" and len(cells) == 8 * 3 and all(c.recipe is not None for c in cells), \
         [c.error for c in cells if c.recipe is None]
     args = ["bench", str(matrix), "--out", str(tmp_path / "bench"), "--seeds", "0", "--methods", "kd"]
     for item in tiny:
