@@ -472,7 +472,8 @@ def bench(
             for c in cells:
                 mark = "done" if (Path(c.dir) / "final.json").is_file() else ("INVALID: " + c.error if c.error else "")
                 typer.echo(f"{c.key}  {c.dir}  {mark}")
-            typer.echo(f"{len(cells)} cells; CE baseline: {baseline}")
+            role = "reference row" if base.get("task") == "sentence_embedding" else "CE baseline"  # no labels there
+            typer.echo(f"{len(cells)} cells; {role}: {baseline}")
             return
         results = run_bench(matrix, out=out, workers=workers, recipe_overrides=set_ or [], seeds=seed_list,
                             only_methods=method_list, echo=typer.echo)
