@@ -17,7 +17,8 @@ Data. The Shakespeare training works are packed into blocks of --seq tokens; the
 on the first f of them: the fractions' data are nested prefixes of the budget's. The budget is rounded down to whole
 batches at every fraction. A cell at fraction f takes exactly one pass over its blocks (f·budget / (batch·seq)
 steps; the order within the pass comes from the cell's seed), so steps are proportional to tokens and no cell sees
-a block twice.
+a block twice. Budgets are nested too: a smaller budget's blocks are the first ones of a larger budget's, so a cell
+at fraction f of budget B repeats the cell at 2f of budget B/2 exactly (same blocks, steps and seed).
 
 Methods (the objectives of ce, forward_kl and fam are read from benchmarks/llm_matrix.yaml, so they are the matrix's):
 
@@ -294,18 +295,22 @@ def write_results(args, cells: dict, methods: list[str], seeds: list[int], budge
     loads = [c["load"] for v in cells.values() for c in v]
     wall = sum(c["cell_seconds"] for v in cells.values() for c in v) + info.get("cache", {}).get("seconds", 0) + \
         info.get("seqkd_seconds", 0)
+    setup = ""
+    if "cache" in info:
+        setup += (f" Forward KL and FAM from a sampled teacher cache, N={args.samples} draws per token at T=1, plus "
+                  f"the last layer's hidden states in bf16 ({info['cache']['bytes_per_token']:,.0f} bytes/token; built "
+                  f"in {info['cache']['seconds']:.0f} s).")
+    if "seqkd" in methods:
+        setup += (f" SeqKD on the teacher's {'sampled (T=1)' if args.decoding == 'sample' else 'greedy'} "
+                  f"continuations of each block's first {args.prompt_tokens} tokens (generated in "
+                  f"{info.get('seqkd_seconds', 0):.0f} s; loss on the {args.seq - args.prompt_tokens} generated "
+                  "tokens per block).")
     lines += [f"`{info['command']}`", "",
               f"Budget {budget_tokens:,} training tokens (blocks of {args.seq} tokens sampled from the Shakespeare "
               f"training works), batch {args.batch}×{args.seq}, one pass per cell (steps ∝ tokens); seeds "
               f"{', '.join(map(str, seeds))}; held out: lear + tempest, {args.eval_tokens:,} tokens. Teacher "
               f"SmolLM2-135M-Instruct ({info['teacher_dtype']}): held-out perplexity "
-              f"{info['teacher_perplexity']:.1f}. Student: the demo's 4-layer d=256 Llama. Forward KL and FAM from "
-              f"a sampled teacher cache, N={args.samples} draws per token at T=1, plus the last layer's hidden "
-              f"states in bf16 ({info.get('cache', {}).get('bytes_per_token', float('nan')):,.0f} bytes/token; built "
-              f"in {info.get('cache', {}).get('seconds', 0):.0f} s); SeqKD on the teacher's "
-              f"{'sampled (T=1)' if args.decoding == 'sample' else 'greedy'} continuations of each block's first "
-              f"{args.prompt_tokens} tokens (generated in {info.get('seqkd_seconds', 0):.0f} s; loss on the "
-              f"{args.seq - args.prompt_tokens} generated tokens per block).", "",
+              f"{info['teacher_perplexity']:.1f}. Student: the demo's 4-layer d=256 Llama.{setup}", "",
               f"CPU capability {cpu_capability()}, {args.threads} torch thread(s); load average (1 min) at the end of "
               f"the cells {min(loads, default=0):.1f}-{max(loads, default=0):.1f}; wall time of the cells, the cache "
               f"and the generations: {wall / 60:.1f} min.", "",
