@@ -1084,7 +1084,7 @@ class Recipe(_Strict):
             data["teacher"].pop("config", None)
         if data["teacher"] is not None and data["teacher"].get("crossfit") is None:  # and from before crossfit
             data["teacher"].pop("crossfit", None)
-        else:
+        elif data["teacher"] is not None:
             if data["teacher"]["crossfit"].get("models") is None:  # and from before crossfit.models
                 data["teacher"]["crossfit"].pop("models", None)
             data["teacher"]["crossfit"].pop("split", None)  # a check only: where the split was written
