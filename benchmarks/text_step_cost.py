@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from canvas_step_cost import timed  # (wall, CPU) seconds of one step; benchmarks/ is the script's path
 from kdforge.recipe import load_recipe
 from kdforge.train import param_groups, prepare
 
@@ -92,12 +93,6 @@ def embedding_plain_step(setup, recipe, batches):
         return (1 - F.cosine_similarity(emb, targets[tuple(b["index"].tolist())], dim=-1)).mean()
 
     return optimizer_step(param_groups(setup.distiller, recipe), recipe.train.lr, loss, batches)
-
-
-def timed(step) -> tuple[float, float]:
-    w, c = time.perf_counter(), time.thread_time()
-    step()
-    return time.perf_counter() - w, time.thread_time() - c
 
 
 def main() -> None:
