@@ -482,8 +482,8 @@ def encode_block_outputs(logits: torch.Tensor, features: Mapping[str, torch.Tens
 def _uniforms(options: CacheOptions, numbers: Sequence[int], seq: int) -> torch.Tensor:
     """[n·T, N] sorted uniforms in [0, 1) for the T positions of each of n blocks, each block's from its own
     generator seeded by the cache seed and the block's number (its index in the training blocks), so a build gives
-    the same samples whatever its batch size and wherever it resumed. "iid": N independent draws; "systematic": one offset U,
-    (j + U) / N for j < N (each id's count is then floor or ceil of N·p: unbiased with less variance)."""
+    the same samples whatever its batch size and wherever it resumed. "iid": N independent draws; "systematic": one
+    offset U, (j + U) / N for j < N (each id's count is then floor or ceil of N·p: unbiased with less variance)."""
     out = []
     for block in numbers:
         g = torch.Generator().manual_seed((options.seed * 1_000_003 + block) % (1 << 63))
@@ -1117,9 +1117,9 @@ def build_crossfit_cache(spec, tokenizer, blocks_ids: torch.Tensor, out: str | P
     training blocks [N, T]; folds: :func:`kdforge.crossfit.block_folds` (crossfit.folds, crossfit.seed). Each fold's
     folder is an ordinary cache built by :func:`build_cache` (atomic and resumable), so a rerun skips the folds that
     are complete without loading their teachers. In a sampled cache the draws of a block derive from the cache seed
-    and the block's row in ``blocks_ids`` (not its place in its fold), so the folds' draws are independent. Refused in one line, before any teacher loads:
-    a fold teacher whose tokenizer or vocabulary size differs from ``spec.model``'s (which the student shares), more
-    folds than blocks, a folder holding another cache, and a ``crossfit.split`` folder written for other folds or
+    and the block's row in ``blocks_ids`` (not its place in its fold), so the folds' draws are independent. Refused
+    in one line, before any teacher loads: a fold teacher whose tokenizer or vocabulary size differs from
+    ``spec.model``'s (which the student shares), more folds than blocks, a folder holding another cache, and a ``crossfit.split`` folder written for other folds or
     data (without one, nothing shows what the fold teachers were fine-tuned on: a warning says so).
     """
     from ..checks import check_student_tokenizer
@@ -1161,7 +1161,8 @@ def build_crossfit_cache(spec, tokenizer, blocks_ids: torch.Tensor, out: str | P
     say = progress or (lambda msg: log.info("%s", msg))
     parts = []
     for k, fold_spec in enumerate(fold_specs):
-        fold_ids = blocks_ids[folds == k]
+        rows = (folds == k).nonzero().squeeze(-1)  # fold k's blocks, by their row in blocks_ids
+        fold_ids = blocks_ids[rows]
         fold_out = out / f"fold_{k}"
         fold_meta = cache_meta(fold_spec.model_dump(), tokenizer, fold_ids, vocab, options)
         part = _read_index(fold_out) if fold_out.is_dir() else None
@@ -1171,8 +1172,7 @@ def build_crossfit_cache(spec, tokenizer, blocks_ids: torch.Tensor, out: str | P
                 "it never saw")
             teacher = load_teacher(fold_spec)
             part = build_cache(teacher, tokenizer, fold_ids, fold_out, teacher_spec=fold_spec.model_dump(),
-                               options=options, progress=progress,
-                               block_numbers=(folds == k).nonzero().squeeze(-1).tolist())
+                               options=options, progress=progress, block_numbers=rows.tolist())
             del teacher
         parts.append(part)
     index["complete"] = True
