@@ -1119,8 +1119,9 @@ def build_crossfit_cache(spec, tokenizer, blocks_ids: torch.Tensor, out: str | P
     are complete without loading their teachers. In a sampled cache the draws of a block derive from the cache seed
     and the block's row in ``blocks_ids`` (not its place in its fold), so the folds' draws are independent. Refused
     in one line, before any teacher loads: a fold teacher whose tokenizer or vocabulary size differs from
-    ``spec.model``'s (which the student shares), more folds than blocks, a folder holding another cache, and a ``crossfit.split`` folder written for other folds or
-    data (without one, nothing shows what the fold teachers were fine-tuned on: a warning says so).
+    ``spec.model``'s (which the student shares), more folds than blocks, a folder holding another cache, and a
+    ``crossfit.split`` folder written for other folds or data (without one, nothing shows what the fold teachers were
+    fine-tuned on: a warning says so).
     """
     from ..checks import check_student_tokenizer
     from ..crossfit import block_folds, check_split
