@@ -1,10 +1,11 @@
 """Teacher-cache quality: the same student, data, steps and seed trained from the live teacher (its full
-distribution), from top-k caches and from sampled caches; bytes/token, held-out perplexity, ECE,
+distribution), from top-k caches, from sampled caches and from hybrid caches; bytes/token, held-out perplexity, ECE,
 KL(teacher || student) and training tokens/s in one table.
 
     .venv/bin/python benchmarks/cache_quality.py [--steps 60] [--batch 4] [--seq 128] [--threads 2]
                                                  [--top-k 16,64,256] [--samples 8,16,32,64] [--sampling iid]
-                                                 [--arms ce,live,top_k,sampled] [--eval-tokens 8192]
+                                                 [--hybrid 4+8,8+8] [--arms ce,live,top_k,sampled,hybrid]
+                                                 [--eval-tokens 8192] [--out results.md]
 
 Setup shared by every arm: teacher = the embedded SmolLM2-135M-Instruct (the demo recipe's teacher, at its
 teacher.dtype); student = the demo recipe's 4-layer d=256 Llama, built with seed 0 (identical initial weights in
@@ -18,13 +19,16 @@ the demo recipe's optimiser and schedule. Arms:
   top_k K     an offline top-K cache (int6 values, packed ids; the "bucket" tail), K from --top-k
   sampled N   an offline sampled cache of N draws per token (--sampling), N from --samples; forward KL's
               unbiased estimate (Anshumann et al., ACL 2025)
+  hybrid K+N  an offline hybrid cache: the top K exactly (int6 values, packed ids, the exact tail mass) plus N draws
+              from the tail (--sampling), K+N from --hybrid; forward KL's unbiased estimate with the head exact
 
 Each cache is built once before its arm (its build time is printed, not counted in tokens/s). Each arm trains in its
 own subprocess. tokens/s = steps·batch·seq / wall time of the training loop. Held-out metrics = kdforge's
 evaluate_models on the held-out works with the teacher as reference (perplexity, ECE of the top-1 prediction,
-KL(teacher || student) in nats/token). Targets (issue 14): a sampled cache at <= 48 bytes/token whose student is
+KL(teacher || student) in nats/token). Targets (issue 14): a cache at <= 48 bytes/token whose student is
 within 1% of the live student's perplexity and no worse calibrated; the cached training step <= 1.1x a plain CE
-step (cached tokens/s >= CE tokens/s / 1.1).
+step (cached tokens/s >= CE tokens/s / 1.1). --out also writes the table as Markdown, with the load average
+(/proc/loadavg) at the start and the end of the run: tokens/s depend on the machine's load, quality figures do not.
 """
 from __future__ import annotations
 
@@ -63,7 +67,22 @@ def _cache_options(arm: str, args):
     kind, size = arm.split(":")
     if kind == "top_k":
         return CacheOptions(k=int(size), temperature=1.0, batch_size=8)
+    if kind == "hybrid":
+        k, n = size.split("+")
+        return CacheOptions(mode="hybrid", k=int(k), samples=int(n), sampling=args.sampling, temperature=1.0,
+                            batch_size=8)
     return CacheOptions(mode="sampled", samples=int(size), sampling=args.sampling, temperature=1.0, batch_size=8)
+
+
+def _folder(arm: str) -> str:
+    return arm.replace(":", "_").replace("+", "p")
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
 
 
 def build(args, arm: str) -> dict:
@@ -75,7 +94,7 @@ def build(args, arm: str) -> dict:
     teacher, tok = load_teacher(recipe.teacher), load_tokenizer(recipe.teacher)
     blocks, _ = tokenize_corpus(recipe, tok)
     t0 = time.perf_counter()
-    index = build_cache(teacher, tok, blocks.ids, Path(args.workdir) / arm.replace(":", "_"),
+    index = build_cache(teacher, tok, blocks.ids, Path(args.workdir) / _folder(arm),
                         teacher_spec=recipe.teacher.model_dump(), options=_cache_options(arm, args))
     return {"build_seconds": time.perf_counter() - t0, "bytes_per_token": index["bytes_per_token"]}
 
@@ -86,8 +105,8 @@ def run(args, arm: str) -> dict:
     from kdforge.models import load_teacher
 
     work = Path(args.workdir)
-    cache = work / arm.replace(":", "_") if ":" in arm else None
-    recipe = _recipe(args, work / f"run_{arm.replace(':', '_')}", arm, cache)
+    cache = work / _folder(arm) if ":" in arm else None
+    recipe = _recipe(args, work / f"run_{_folder(arm)}", arm, cache)
     setup = kt.prepare(recipe)
     result = {}
 
@@ -126,7 +145,9 @@ def main() -> None:
     ap.add_argument("--top-k", default="16,64,256")
     ap.add_argument("--samples", default="8,16,32,64")
     ap.add_argument("--sampling", default="iid", choices=["iid", "systematic"])
-    ap.add_argument("--arms", default="ce,live,top_k,sampled", help="which kinds of arm to run")
+    ap.add_argument("--hybrid", default="4+8,8+8", help="hybrid arms, K+N each (top-K head + N tail draws)")
+    ap.add_argument("--arms", default="ce,live,top_k,sampled,hybrid", help="which kinds of arm to run")
+    ap.add_argument("--out", default=None, help="also write the table as Markdown here")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--run", help=argparse.SUPPRESS)
     ap.add_argument("--build", help=argparse.SUPPRESS)
@@ -146,7 +167,10 @@ def main() -> None:
     arms = [k for k in ("ce", "live") if k in kinds]
     arms += [f"top_k:{k}" for k in args.top_k.split(",") if "top_k" in kinds and k]
     arms += [f"sampled:{n}" for n in args.samples.split(",") if "sampled" in kinds and n]
+    arms += [f"hybrid:{kn}" for kn in args.hybrid.split(",") if "hybrid" in kinds and kn]
     import torch
+
+    load_start, t_start = _loadavg(), time.time()
 
     with tempfile.TemporaryDirectory(prefix="kdforge-cache-quality-") as tmp:
         workdir = args.workdir or tmp
@@ -160,18 +184,23 @@ def main() -> None:
             print(f"[{arm}] {results[arm]}", file=sys.stderr, flush=True)
 
     tokens = args.steps * args.batch * args.seq
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\n{args.steps} steps x {args.batch}x{args.seq} tokens ({tokens:,}), forward KL at T=1, chunked; "
-          f"{args.threads} threads; CPU capability {torch.backends.cpu.get_cpu_capability()}; load at the end "
-          f"{load:.1f}; sampling {args.sampling}")
+    load_end, wall = _loadavg(), time.time() - t_start
+    header = (f"{args.steps} steps x {args.batch}x{args.seq} tokens ({tokens:,}), forward KL at T=1, chunked; "
+              f"{args.threads} threads; CPU capability {torch.backends.cpu.get_cpu_capability()}; sampling "
+              f"{args.sampling}; load average (1/5/15 min) at the start {load_start}, at the end {load_end}; "
+              f"wall {wall / 60:.1f} min")
+    print("\n" + header)
     ce_tps = tokens / results["ce"]["train_seconds"] if "train_seconds" in results.get("ce", {}) else float("nan")
     live = results.get("live", {})
     print(f"{'arm':<12}{'bytes/tok':>10}{'build s':>9}{'tok/s':>8}{'vs CE':>7}{'ppl':>9}{'vs live':>9}{'ECE':>8}"
           f"{'KL(t||s)':>10}")
+    md = ["| arm | bytes/token | build s | tokens/s | step vs CE | held-out ppl | vs live | ECE "
+          "| KL(teacher‖student) |", "|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         r = results[arm]
         if "error" in r:
             print(f"{arm:<12}  failed: {r['error']}")
+            md.append(f"| {arm} | failed: {r['error']} |")
             continue
         tps = tokens / r["train_seconds"]
         vs_live = r["perplexity"] / live["perplexity"] - 1 if "perplexity" in live else float("nan")
@@ -179,8 +208,17 @@ def main() -> None:
         build_s = f"{r['build_seconds']:.0f}" if "build_seconds" in r else "-"
         print(f"{arm:<12}{size:>10}{build_s:>9}{tps:>8,.0f}{ce_tps / tps:>7.2f}{r['perplexity']:>9.1f}"
               f"{vs_live:>+9.1%}{r['ece']:>8.4f}{r['kl']:>10.4f}")
+        md.append(f"| {arm} | {size} | {build_s} | {tps:,.0f} | {ce_tps / tps:.2f} | {r['perplexity']:.1f} | "
+                  f"{'—' if arm == 'live' else f'{vs_live:+.1%}'} | {r['ece']:.4f} | {r['kl']:.4f} |")
     if "teacher_perplexity" in live:
         print(f"teacher perplexity {live['teacher_perplexity']:.1f}; 'vs CE' = the arm's step time / the CE step's")
+    if args.out:
+        text = [f"# Teacher-cache quality (`benchmarks/cache_quality.py`)", "", header + ".", "", *md, ""]
+        if "teacher_perplexity" in live:
+            text.append(f"Teacher perplexity {live['teacher_perplexity']:.1f}. 'step vs CE' = the arm's training "
+                        "time / the CE arm's (depends on the load).")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("\n".join(text) + "\n")
 
 
 if __name__ == "__main__":

@@ -126,29 +126,33 @@ def distill(
 @app.command("cache-teacher")
 def cache_teacher(
     recipe: Path = typer.Argument(..., help="Recipe YAML: its teacher runs once over its training data."),
-    k: Optional[int] = typer.Option(None, "--k", help="Top-k logits kept per token (default 64)."),
+    k: Optional[int] = typer.Option(None, "--k", "--top-k", help="Top-k logits kept per token (default 64; the "
+                                    "head with --mode hybrid)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Cache folder (default: teacher.path, else "
                                        "OUTPUT_DIR/teacher_cache). Rerun to resume."),
     values: Optional[str] = typer.Option(None, help="Log-prob coding: int6 (default, <=150 bytes/token at k=64), "
                                          "int8, int4 or fp16."),
     ids: Optional[str] = typer.Option(None, help="Id coding: packed (Elias-Fano, default) or plain."),
-    temperature: Optional[float] = typer.Option(None, help="Temperature of the stored logsumexp, or of the draws with --mode sampled (default: the "
-                                                "objective's)."),
+    temperature: Optional[float] = typer.Option(None, help="Temperature of the stored logsumexp, or of the "
+                                                "distribution with --mode sampled/hybrid (default: the objective's)."),
     feature: Optional[List[str]] = typer.Option(None, "--feature", help="Also cache this teacher tap per token, "
                                                 "e.g. hidden_states.3 (repeatable)."),
     shard_blocks: Optional[int] = typer.Option(None, help="Blocks per shard file (default 256)."),
     mode: Optional[str] = typer.Option(None, help="top_k (default): the k largest logits per token; sampled: "
                                        "--samples ids drawn from the teacher's distribution at --temperature (an "
-                                       "unbiased estimate of it, for forward_kl)."),
-    samples: Optional[int] = typer.Option(None, help="Ids drawn per token with --mode sampled (default 16)."),
-    sampling: Optional[str] = typer.Option(None, help="With --mode sampled: iid (default) or systematic (one "
+                                       "unbiased estimate of it, for forward_kl); hybrid: the --top-k head exactly "
+                                       "plus --samples ids drawn from the rest (unbiased, less variance)."),
+    samples: Optional[int] = typer.Option(None, help="Ids drawn per token with --mode sampled, or from the tail "
+                                          "with --mode hybrid (default 16)."),
+    sampling: Optional[str] = typer.Option(None, help="With --mode sampled/hybrid: iid (default) or systematic (one "
                                            "uniform offset per token: each id's count is floor or ceil of N·p)."),
-    seed: Optional[int] = typer.Option(None, help="With --mode sampled: the seed the draws derive from (default 0)."),
+    seed: Optional[int] = typer.Option(None, help="With --mode sampled/hybrid: the seed the draws derive from "
+                                       "(default 0)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key, e.g. --set data.seq_len=256."),
 ) -> None:
-    """Run the recipe's teacher once over its training blocks and store top-k logits (or samples of its distribution)
-    for `teacher.kind: cache`; with teacher.crossfit, each block from the teacher of its fold
-    (teacher.crossfit.models)."""
+    """Run the recipe's teacher once over its training blocks and store top-k logits (or samples of its distribution,
+    or a top-k head plus samples of its tail) for `teacher.kind: cache`; with teacher.crossfit, each block from the
+    teacher of its fold (teacher.crossfit.models)."""
     from .recipe import load_recipe
 
     def body():
@@ -166,8 +170,13 @@ def cache_teacher(
         path, index = cache_recipe_teacher(r, out=out, options=options)  # progress: a bar, or a line every 30 s
         meta = index["meta"]
         opts = meta["options"]
-        what = (f"{opts['samples']} {opts['sampling']} samples at T={opts['temperature']}" if "samples" in opts
-                else f"k={opts['k']}, {opts['values']} values")
+        if opts.get("mode") == "hybrid":
+            what = (f"top-{opts['k']} head with {opts['values']} values + {opts['samples']} {opts['sampling']} tail "
+                    f"samples at T={opts['temperature']}")
+        elif "samples" in opts:
+            what = f"{opts['samples']} {opts['sampling']} samples at T={opts['temperature']}"
+        else:
+            what = f"k={opts['k']}, {opts['values']} values"
         typer.echo(f"cached {meta['data']['n_blocks']} blocks x {meta['data']['seq_len']} tokens to {path}: "
                    f"{index['bytes_per_token']:.1f} bytes/token ({what}, {opts['ids']} ids)")
         if "crossfit" in meta:

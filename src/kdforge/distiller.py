@@ -19,7 +19,7 @@ from .errors import KDForgeError
 from .batches import model_inputs, output_logits, shifted_targets
 from .feature_terms import FeatureTerm, gather, tap_specs
 from .losses.registry import check_arguments, lookup
-from .losses.sparse import SampledLogits
+from .losses.sparse import HybridLogits, SampledLogits
 from .models import plain_model, vocab_size
 from .recipe import Term
 from .teachers.live import LiveTeacher, TeacherOutput
@@ -296,7 +296,7 @@ class Distiller(nn.Module):
                 pass  # a classifier: one distribution per example, nothing to shift
             elif isinstance(t_logits, torch.Tensor):
                 t_logits = self._vocab(t_logits[:, :-1])
-            elif isinstance(t_logits, SampledLogits):
+            elif isinstance(t_logits, (SampledLogits, HybridLogits)):
                 t_logits = t_logits.select((slice(None), slice(0, -1)))
             else:  # a top-k teacher: drop the last position like the dense logits
                 t_logits = dataclasses.replace(

@@ -53,8 +53,9 @@ from torch.autograd.function import once_differentiable
 from ..lm_head import LogitTransform, check_logit_transform
 from .logits import (LABEL_LOSSES, LOGIT_LOSSES, correlation_aware_kd, cross_entropy, decoupled_kd, forward_kl,
                      generalized_jsd, needs_labels, reverse_kl, skew_forward_kl, skew_reverse_kl, total_variation)
-from .sparse import (SampledLogits, SparseLogits, check_policy, check_temperature, compute_dtype, log1mexp,
-                     safe_logsumexp, sampled_forward_kl_rows)
+from .sparse import (HybridLogits, SampledLogits, SparseLogits, check_policy, check_temperature, compute_dtype,
+                     hybrid_forward_kl_rows, hybrid_head_and_tail_weights, log1mexp, safe_logsumexp,
+                     sampled_forward_kl_rows)
 
 
 
@@ -94,7 +95,7 @@ class HeadLogits:
             return self.transform(z.to(torch.promote_types(z.dtype, torch.float32)))
 
 
-Teacher = torch.Tensor | SparseLogits | SampledLogits | HeadLogits
+Teacher = torch.Tensor | SparseLogits | SampledLogits | HybridLogits | HeadLogits
 
 DEFAULT_CHUNK_SIZE = 256  # 256 x 49,152 fp32 logits = 48 MiB per [chunk, V] buffer
 
@@ -261,7 +262,7 @@ def _dense(st: _ChunkState, teacher, valid, kwargs, allowed: set[str]) -> _Dense
     """The student's and a dense teacher's log-probs at the term's temperature (z-scored first with ``standardize``),
     uncounted teacher rows made uniform; None (the generic path) for a sparse teacher, an unknown keyword, or a
     non-finite row to standardize."""
-    if set(kwargs) - allowed or isinstance(teacher, (SparseLogits, SampledLogits)):
+    if set(kwargs) - allowed or isinstance(teacher, (SparseLogits, SampledLogits, HybridLogits)):
         return None
     temperature = float(kwargs.get("temperature", 1.0))
     check_temperature(temperature)
@@ -318,11 +319,14 @@ def _fast_cross_entropy(st: _ChunkState, teacher, labels, valid, coeff, kwargs):
 
 
 def _fast_forward_kl(st: _ChunkState, teacher, labels, valid, coeff, kwargs):
-    """KL(p || q)·T²: dL/du = T·(q - p). Dense (with or without standardize), "bucket" and "renormalize" teachers."""
+    """KL(p || q)·T²: dL/du = T·(q - p). Dense (with or without standardize), "bucket" and "renormalize" teachers;
+    sampled and hybrid caches with their estimate p̂ for p."""
     if set(kwargs) - {"temperature", "missing_mass", "standardize"}:
         return None
     if isinstance(teacher, SampledLogits):
         return _fast_sampled_forward_kl(st, teacher, valid, coeff, kwargs)
+    if isinstance(teacher, HybridLogits):
+        return _fast_hybrid_forward_kl(st, teacher, valid, coeff, kwargs)
     if not isinstance(teacher, SparseLogits):
         d = _dense(st, teacher, valid, kwargs, {"temperature", "missing_mass", "standardize"})
         if d is None:
@@ -389,6 +393,27 @@ def _fast_sampled_forward_kl(st: _ChunkState, teacher: SampledLogits, valid, coe
         weight = valid.to(dtype) * (coeff * temperature)
         st.add_rows(st.q(temperature, dtype), weight)
         st.scatter_add(ids, (-weight / teacher.n_samples).unsqueeze(-1).expand(ids.shape))
+    return value
+
+
+def _fast_hybrid_forward_kl(st: _ChunkState, teacher: HybridLogits, valid, coeff, kwargs):
+    """forward_kl on a hybrid teacher: T²·(-H - Σ_head p_i·log q_T[i] - (m/N)·Σ_j log q_T[tail_j]);
+    dL/dz = T·(q - p̂), p̂ = p on the head ids + (m/N)·counts on the tail draws (Σ p̂ = 1)."""
+    temperature = float(kwargs.get("temperature", 1.0))
+    if kwargs.get("standardize") or not math.isclose(temperature, teacher.temperature, rel_tol=1e-6):
+        return None  # the generic path refuses it with its message
+    dtype = compute_dtype(st.z)
+    clean = teacher.sanitized(valid)
+    rows = hybrid_forward_kl_rows(st.log_q(temperature, dtype), clean)
+    value = torch.where(valid, rows, 0.0).sum() * temperature**2
+    if not bool(torch.isfinite(value)):
+        return None
+    if st.want_grad:
+        weight = valid.to(dtype) * (coeff * temperature)
+        p_head, w_tail = hybrid_head_and_tail_weights(clean, dtype)
+        st.add_rows(st.q(temperature, dtype), weight)
+        st.scatter_add(clean.ids, -weight.unsqueeze(-1) * p_head)
+        st.scatter_add(clean.tail_ids, (-weight * w_tail).unsqueeze(-1).expand(clean.tail_ids.shape))
     return value
 
 
@@ -650,7 +675,7 @@ class _Plan:
         t = self.teacher
         if t is None:
             return None
-        if isinstance(t, SampledLogits):
+        if isinstance(t, (SampledLogits, HybridLogits)):
             return t.select(idx)
         if isinstance(t, HeadLogits):
             return t.rows(idx)
@@ -834,9 +859,10 @@ def chunked_logit_terms(
                 raise ValueError(f"teacher logits {tuple(teacher.shape)} (hidden states and head) do not match the "
                                  f"student's {(*lead, lm_head_weight.shape[0])}")
             flat_teacher = teacher.flatten()
-        elif isinstance(teacher, SampledLogits):
+        elif isinstance(teacher, (SampledLogits, HybridLogits)):
             if teacher.ids.shape[:-1] != lead:
-                raise ValueError(f"sampled teacher positions {tuple(teacher.ids.shape[:-1])} do not match the "
+                kind = "hybrid" if isinstance(teacher, HybridLogits) else "sampled"
+                raise ValueError(f"{kind} teacher positions {tuple(teacher.ids.shape[:-1])} do not match the "
                                  f"student's {tuple(lead)}")
             flat_teacher = teacher.flatten()
         elif isinstance(teacher, SparseLogits):

@@ -39,8 +39,11 @@ import torch
 import torch.nn.functional as F
 
 from kdforge.losses.sparse import (
+    HybridLogits,
     SampledLogits,
     SparseLogits,
+    hybrid_forward_kl_rows,
+    no_hybrid_estimator,
     no_sampled_estimator,
     sampled_forward_kl_rows,
     aligned_log_probs,
@@ -53,7 +56,7 @@ from kdforge.losses.sparse import (
     standardize_logits,
 )
 
-Teacher = torch.Tensor | SparseLogits | SampledLogits
+Teacher = torch.Tensor | SparseLogits | SampledLogits | HybridLogits
 
 REDUCTIONS = ("mean", "sum", "none")
 _NEG_INF = float("-inf")
@@ -88,6 +91,8 @@ def _sanitize(student: torch.Tensor, teacher: Teacher, valid: torch.Tensor) -> t
     """Replace uncounted positions by uniform logits so garbage there cannot make NaN gradients."""
     if isinstance(teacher, SampledLogits):
         raise no_sampled_estimator("this loss")
+    if isinstance(teacher, HybridLogits):
+        raise no_hybrid_estimator("this loss")
     keep = valid.unsqueeze(-1)
     student = torch.where(keep, student, torch.zeros_like(student))
     if isinstance(teacher, SparseLogits):
@@ -222,7 +227,7 @@ def forward_kl(
     (0, 1) or ``smoothing`` outside [0, 1].
     """
     _check_correction("forward_kl", correction, ("orthogonal",), eps, smoothing)
-    if isinstance(teacher_logits, SampledLogits):
+    if isinstance(teacher_logits, (SampledLogits, HybridLogits)):
         return _sampled_forward_kl(student_logits, teacher_logits, mask, temperature, reduction, standardize,
                                    correction)
     if correction is None:
@@ -250,27 +255,33 @@ def forward_kl(
     return _reduce(per_position, valid, reduction)
 
 
-def _sampled_forward_kl(student_logits, teacher: SampledLogits, mask, temperature, reduction, standardize,
-                        correction) -> torch.Tensor:
-    """forward_kl on a sampled teacher: T²·(-H(p_T) - (1/N)·Σ_j log q_T[ids_j]) per position, the unbiased estimate
-    of the dense value (see :class:`SampledLogits`). The samples were drawn at the cache's temperature, so another
+def _sampled_forward_kl(student_logits, teacher: SampledLogits | HybridLogits, mask, temperature, reduction,
+                        standardize, correction) -> torch.Tensor:
+    """forward_kl on a sampled teacher, T²·(-H(p_T) - (1/N)·Σ_j log q_T[ids_j]) per position, or on a hybrid one,
+    T²·(-H(p_T) - Σ_head p_i·log q_T[i] - m·(1/N)·Σ_j log q_T[tail_ids_j]): unbiased estimates of the dense value
+    (see :class:`SampledLogits`, :class:`HybridLogits`). The samples were drawn at the cache's temperature, so another
     ``temperature`` is refused, as are ``standardize`` and ``correction`` (no estimator)."""
     _check_reduction(reduction)
     check_temperature(temperature)
+    kind = "hybrid" if isinstance(teacher, HybridLogits) else "sampled"
     if standardize or correction is not None:
-        raise ValueError("forward_kl with standardize or a correction has no estimator for a sampled teacher cache; "
+        raise ValueError(f"forward_kl with standardize or a correction has no estimator for a {kind} teacher cache; "
                          "use a top-k cache or a live teacher")
     if not math.isclose(temperature, teacher.temperature, rel_tol=1e-6):
         raise ValueError(f"forward_kl at temperature {temperature} on a teacher sampled at {teacher.temperature}: "
                          f"rebuild the cache with --temperature {temperature}")
-    if teacher.ids.shape[:-1] != student_logits.shape[:-1]:
-        raise ValueError(f"sampled teacher positions {tuple(teacher.ids.shape[:-1])} do not match the student's "
+    lead = (teacher.ids if kind == "sampled" else teacher.tail_ids).shape[:-1]
+    if lead != student_logits.shape[:-1]:
+        raise ValueError(f"{kind} teacher positions {tuple(lead)} do not match the student's "
                          f"{tuple(student_logits.shape[:-1])}")
     valid = _valid_positions(mask, student_logits.shape[:-1], student_logits.device)
     student = torch.where(valid.unsqueeze(-1), student_logits, torch.zeros_like(student_logits))
-    ids = torch.where(valid.unsqueeze(-1), teacher.ids.long(), 0)
     log_q = F.log_softmax(student.to(compute_dtype(student)) / temperature, dim=-1)
-    rows = sampled_forward_kl_rows(log_q, SampledLogits(ids, teacher.entropy, teacher.temperature))
+    if kind == "hybrid":
+        rows = hybrid_forward_kl_rows(log_q, teacher.sanitized(valid))
+    else:
+        ids = torch.where(valid.unsqueeze(-1), teacher.ids.long(), 0)
+        rows = sampled_forward_kl_rows(log_q, SampledLogits(ids, teacher.entropy, teacher.temperature))
     return _reduce(rows * temperature**2, valid, reduction)
 
 

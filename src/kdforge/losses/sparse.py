@@ -121,6 +121,104 @@ class SampledLogits:
                              temperature=self.temperature)
 
 
+@dataclass
+class HybridLogits:
+    """A teacher given as its exact top-K head plus N draws from its tail, read from a hybrid offline cache
+    (``kdforge cache-teacher --mode hybrid --top-k K --samples N``).
+
+    Per position, at the cache ``temperature`` T: ``ids`` ``[..., K]`` int64, the teacher's K most probable ids;
+    ``log_probs`` ``[..., K]`` their log-probabilities log p_T (nats; summing in probability to 1 - tail mass);
+    ``tail_log_mass`` ``[...]`` the log of the exact mass m outside the head (-inf when the head holds everything);
+    ``tail_ids`` ``[..., N]`` int64, N ids drawn from the TAIL distribution p_T restricted to the ids outside the
+    head and renormalised (with repeats); ``entropy`` ``[...]`` H(p_T) of the whole distribution, in nats.
+
+    Forward KL is linear in p, KL(p‖q) = -H(p) - Σ_i p_i·log q_i, and the hybrid replaces p by
+    p̂ = p on the head + m·counts/N on the tail, so the estimate
+
+        -H(p) - Σ_head p_i·log q_i - m·(1/N)·Σ_j log q(tail_ids_j)
+
+    is unbiased in value and in gradient (the head term is exact; the tail term is a Monte-Carlo estimate of
+    Σ_tail p_i·log q_i, and E[counts_i/N] = p_i/m for the tail draws). Its variance is the sampled estimator's
+    restricted to the tail and scaled by m², so it is never larger than drawing all N ids from p_T and is zero when
+    the head holds all the mass. Sampling the teacher for KD is Anshumann et al., "Sparse Logit Sampling:
+    Accelerating Knowledge Distillation in LLMs", ACL 2025 (:class:`SampledLogits`); the exact head plus sampled
+    tail is kdforge's combination of that with the top-k cache. K = 0 (m = 1) is the sampled estimator; m = 0 is
+    the exact top-K forward KL. Only :func:`hybrid_forward_kl_rows` (forward KL) has an estimator; every other
+    logit loss refuses it.
+    """
+
+    ids: torch.Tensor
+    log_probs: torch.Tensor
+    tail_log_mass: torch.Tensor
+    tail_ids: torch.Tensor
+    entropy: torch.Tensor
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        lead = tuple(self.ids.shape[:-1])
+        if self.log_probs.shape != self.ids.shape:
+            raise ValueError(f"HybridLogits.log_probs {tuple(self.log_probs.shape)} and .ids "
+                             f"{tuple(self.ids.shape)} must have the same shape")
+        for name in ("tail_log_mass", "entropy"):
+            if tuple(getattr(self, name).shape) != lead:
+                raise ValueError(f"HybridLogits.{name} must have shape {lead}, got {tuple(getattr(self, name).shape)}")
+        if tuple(self.tail_ids.shape[:-1]) != lead:
+            raise ValueError(f"HybridLogits.tail_ids {tuple(self.tail_ids.shape)} must have the leading shape {lead}")
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+    @property
+    def n_samples(self) -> int:
+        return self.tail_ids.shape[-1]
+
+    def select(self, index) -> "HybridLogits":
+        """The same teacher at ``tensor[index]`` of every per-position tensor (as :meth:`SampledLogits.select`)."""
+        return HybridLogits(ids=self.ids[index], log_probs=self.log_probs[index],
+                            tail_log_mass=self.tail_log_mass[index], tail_ids=self.tail_ids[index],
+                            entropy=self.entropy[index], temperature=self.temperature)
+
+    def flatten(self) -> "HybridLogits":
+        """Positions flattened to rows: ids and log_probs ``[M, K]``, tail_ids ``[M, N]``, the rest ``[M]``."""
+        return HybridLogits(ids=self.ids.reshape(-1, self.k), log_probs=self.log_probs.reshape(-1, self.k),
+                            tail_log_mass=self.tail_log_mass.reshape(-1),
+                            tail_ids=self.tail_ids.reshape(-1, self.n_samples), entropy=self.entropy.reshape(-1),
+                            temperature=self.temperature)
+
+    def sanitized(self, valid: torch.Tensor) -> "HybridLogits":
+        """Positions where ``valid`` ``[...]`` is False made harmless (ids 0, no head mass, no tail mass, entropy 0),
+        so garbage there cannot reach a value or a gradient."""
+        keep = valid.unsqueeze(-1)
+        return HybridLogits(ids=torch.where(keep, self.ids.long(), 0),
+                            log_probs=torch.where(keep, self.log_probs, _NEG_INF),
+                            tail_log_mass=torch.where(valid, self.tail_log_mass, _NEG_INF),
+                            tail_ids=torch.where(keep, self.tail_ids.long(), 0),
+                            entropy=torch.where(valid, self.entropy, 0.0), temperature=self.temperature)
+
+
+def hybrid_head_and_tail_weights(teacher: HybridLogits, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p on the head ``[..., K]``, the weight m/N of each tail draw ``[...]``) in ``dtype``: p̂'s nonzero entries."""
+    return teacher.log_probs.to(dtype).exp(), teacher.tail_log_mass.to(dtype).exp() / max(teacher.n_samples, 1)
+
+
+def hybrid_forward_kl_rows(log_q: torch.Tensor, teacher: HybridLogits) -> torch.Tensor:
+    """Per-position unbiased estimate of KL(p_T ‖ q) from student log-probs ``log_q`` ``[..., V]`` at the teacher's
+    temperature: ``-H(p_T) - Σ_head p_i·log q_i - m·(1/N)·Σ_j log q[tail_ids_j]``, shape ``[...]`` (not yet scaled by
+    T²). A head id of probability 0, or a tail of mass 0, adds 0 even where log q is -inf."""
+    p_head, w_tail = hybrid_head_and_tail_weights(teacher, log_q.dtype)
+    head = log_q.gather(-1, teacher.ids.long())
+    head = torch.where(p_head > 0, p_head * head, 0.0).sum(-1)
+    tail = log_q.gather(-1, teacher.tail_ids.long()).sum(-1)
+    tail = torch.where(w_tail > 0, w_tail * tail, 0.0)
+    return -teacher.entropy.to(log_q.dtype) - head - tail
+
+
+def no_hybrid_estimator(loss: str) -> ValueError:
+    return ValueError(f"{loss} has no estimator for a hybrid teacher cache (top-k head plus sampled tail); "
+                      "use forward_kl on it, or build a top-k cache (kdforge cache-teacher --mode top_k)")
+
+
 def no_sampled_estimator(loss: str) -> ValueError:
     return ValueError(f"{loss} has no estimator for a sampled teacher cache (draws of the teacher's distribution); "
                       "use forward_kl on it, or build a top-k cache (kdforge cache-teacher --mode top_k)")

@@ -37,6 +37,16 @@ unbiased estimate of the distribution, so forward KL trains on them without the 
 from inverse-transform sampling of sorted uniforms, generated per block from the cache seed and the block's index:
 the same cache whatever the batch size or where a build resumed. ``sampling: "systematic"`` uses one uniform offset
 per token ((j + U) / N), so each id's count is the floor or ceiling of N·p: still unbiased, with less variance.
+
+A hybrid cache (``mode: "hybrid"``, ``kdforge cache-teacher --mode hybrid --top-k K --samples N``) holds both, per
+token: the top-K ``ids``, ``values`` (+ ``scale``) and ``log_rest`` coded exactly as a top-k cache codes them (no
+``logsumexp``: a hybrid cache serves forward KL at its own temperature only), ``tail_ids``: N ids drawn, as above, from
+the TAIL distribution (p_T restricted to the ids outside the top K, renormalised; Elias-Fano packed), and
+``entropy`` (float32) of the whole distribution. The exact head plus the tail's frequencies scaled by the tail mass
+estimate the distribution without bias and with less variance than draws alone (see
+:class:`kdforge.losses.sparse.HybridLogits`). The tail draws are seeded per block as in a sampled cache (``sampling``
+iid or systematic); reading rescales the decoded head probabilities to exactly ``1 - exp(log_rest)``. At V=49152,
+K=8 and N=8 with int6 values a token takes 15 + 10 + 2 + 15 + 4 = 46 bytes (+ the block hash's 16 per block).
 * optional ``feature.<i>``: a tapped teacher tensor ``[T, ...]`` per block (float16 by default), spec strings in the
   index.
 
@@ -71,7 +81,7 @@ import torch
 
 from ..errors import KDForgeError
 from ..io import atomic_write_bytes, atomic_write_json, remove_temporaries
-from ..losses.sparse import SampledLogits, SparseLogits, log1mexp
+from ..losses.sparse import HybridLogits, SampledLogits, SparseLogits, log1mexp
 from . import native
 from .live import LiveTeacher, TeacherOutput
 
@@ -83,7 +93,7 @@ INDEX = "index.json"
 VALUE_FORMATS = ("fp16", "int8", "int6", "int4")
 ID_FORMATS = ("packed", "plain")
 _BITS = {"int8": 8, "int6": 6, "int4": 4}
-MODES = ("top_k", "sampled")
+MODES = ("top_k", "sampled", "hybrid")
 SAMPLINGS = ("iid", "systematic")
 _SAMPLED_ONLY = ("samples", "sampling", "seed")  # options that exist only in sampled caches' metadata
 _MAX_NEG_LOG_P = 80.0  # -log p is clamped here (p = 2e-35): a -inf logit in the top-k stays finite
@@ -224,7 +234,14 @@ class CacheOptions:
     def check(self) -> None:
         if self.mode not in MODES:
             raise KDForgeError(f"--mode '{self.mode}' is not one of {', '.join(MODES)}")
-        if self.mode == "sampled":
+        if self.mode == "hybrid":
+            if self.k < 1:
+                raise KDForgeError(f"--top-k must be >= 1 with --mode hybrid, got {self.k} (no head: use --mode "
+                                   "sampled)")
+            if self.samples < 1:
+                raise KDForgeError(f"--samples must be >= 1 with --mode hybrid, got {self.samples} (no tail draws: use "
+                                   "--mode top_k)")
+        if self.mode in ("sampled", "hybrid"):
             if self.samples < 1:
                 raise KDForgeError(f"--samples must be >= 1, got {self.samples}")
             if self.sampling not in SAMPLINGS:
@@ -261,14 +278,17 @@ def cache_meta(teacher_spec: Mapping[str, Any], tokenizer, blocks_ids: torch.Ten
 
 def _meta_options(options: CacheOptions, k: int) -> dict[str, Any]:
     """The options a cache's metadata records: a top-k cache's as before sampled caches existed (so older caches
-    still resume and read); a sampled cache's without the top-k value coding, which it does not use."""
+    still resume and read); a sampled cache's without the top-k value coding, which it does not use; a hybrid
+    cache's all but the logsumexp's dtype (it stores none)."""
     opts = {**asdict(options), "k": k}
     if options.mode == "top_k":
         for key in ("mode", *_SAMPLED_ONLY):
             opts.pop(key)
-    else:
+    elif options.mode == "sampled":
         for key in ("k", "values", "lse_dtype"):
             opts.pop(key)
+    else:
+        opts.pop("lse_dtype")
     return opts
 
 
@@ -464,12 +484,22 @@ def encode_block_outputs(logits: torch.Tensor, features: Mapping[str, torch.Tens
                          options: CacheOptions, first_block: int = 0,
                          block_numbers: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Teacher logits [n, T, V] (+ features) of the n blocks from ``first_block`` on -> the arrays of a shard (numpy,
-    safetensors-ready): the top k (``options.mode`` "top_k") or samples of the distribution ("sampled"), a block's
-    draws seeded by its number (``block_numbers[i]`` for block i, default i)."""
+    safetensors-ready): the top k (``options.mode`` "top_k"), samples of the distribution ("sampled"), or the top k
+    and samples of the rest ("hybrid"), a block's draws seeded by its number (``block_numbers[i]`` for block i,
+    default i)."""
     n, seq, vocab = logits.shape
+    numbers = range(first_block, first_block + n) if block_numbers is None else \
+        block_numbers[first_block:first_block + n]
+    if options.mode == "hybrid":
+        flat = logits.reshape(n * seq, vocab)
+        stats = top_k_log_probs(flat, min(options.k, vocab), options.temperature)
+        tail, entropy = sample_teacher(flat, _uniforms(options, numbers, seq), options.temperature, exclude=stats[1])
+        arrays = encode_top_k(stats, vocab, features, ids, options)
+        del arrays["logsumexp"]
+        arrays["tail_ids"] = _encode_id_array(tail, vocab, options).reshape(n, seq, -1)
+        arrays["entropy"] = entropy.reshape(n, seq).numpy()
+        return arrays
     if options.mode == "sampled":
-        numbers = range(first_block, first_block + n) if block_numbers is None else \
-            block_numbers[first_block:first_block + n]
         drawn, entropy = sample_teacher(logits.reshape(n * seq, vocab), _uniforms(options, numbers, seq),
                                         options.temperature)
         arrays = {"ids": _encode_id_array(drawn, vocab, options).reshape(n, seq, -1),
@@ -497,10 +527,15 @@ def _uniforms(options: CacheOptions, numbers: Sequence[int], seq: int) -> torch.
 
 
 def sample_teacher(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float,
-                   rows_per_chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                   rows_per_chunk: int = 64, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ids from softmax(logits / T) by inverse transform: logits [M, V], sorted uniforms [M, N] in [0, 1) ->
     (sorted ids [M, N] int64, with repeats; the distribution's entropy [M] float32, in nats). An id of probability
-    0 (a -inf logit) is never drawn."""
+    0 (a -inf logit) is never drawn.
+
+    ``exclude`` [M, K] int64 (a hybrid cache's top-K ids): draw from the distribution restricted to the other ids
+    and renormalised (its probabilities taken in float64, so a tail of mass 1e-30 is still drawn from); the entropy
+    is still the whole distribution's. A row whose other ids have no mass at all draws id V - 1 (its draws get
+    weight 0: the tail mass)."""
     m, vocab = logits.shape
     ids = torch.empty(uniforms.shape, dtype=torch.int64)
     entropy = torch.empty(m)
@@ -510,7 +545,10 @@ def sample_teacher(logits: torch.Tensor, uniforms: torch.Tensor, temperature: fl
         log_p = z - lse
         p = log_p.exp()
         entropy[r0:r0 + rows_per_chunk] = -torch.where(p > 0, p * log_p, 0.0).sum(-1)
-        cdf = p.double().cumsum_(-1)
+        if exclude is None:
+            cdf = p.double().cumsum_(-1)
+        else:
+            cdf = log_p.double().exp_().scatter_(-1, exclude[r0:r0 + rows_per_chunk], 0.0).cumsum_(-1)
         u = uniforms[r0:r0 + rows_per_chunk] * cdf[:, -1:]
         ids[r0:r0 + rows_per_chunk] = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)
     return ids, entropy
@@ -803,8 +841,11 @@ class CachedTeacher:
     """A teacher read from an offline cache; same call interface as :class:`LiveTeacher`.
 
     Needs the batch's block indices (``batch["block_index"]``, added by :func:`kdforge.data.packing.make_batch`);
-    every row's token ids are checked against the cache's per-block hash. Returns :class:`SparseLogits` with the
-    logsumexp at ``temperature`` (the cache temperature), and the cached features asked for by ``taps``.
+    every row's token ids are checked against the cache's per-block hash. Returns, with the cached features asked
+    for by ``taps``: from a top-k cache :class:`SparseLogits` [B, T, k] with the logsumexp at ``temperature`` (the
+    cache temperature); from a sampled cache :class:`SampledLogits` [B, T, N]; from a hybrid cache
+    :class:`HybridLogits` (head [B, T, K], tail draws [B, T, N]). Raises KDForgeError (one line) for an incomplete,
+    corrupt or mismatched cache and for a batch whose tokens are not the cached blocks'.
     """
 
     def __init__(self, path: str | Path, *, blocks_ids: torch.Tensor | None = None, tokenizer=None,
@@ -825,6 +866,7 @@ class CachedTeacher:
         self.mode = opts.get("mode", "top_k")
         self.temperature = float(opts["temperature"])
         self.k = int(opts["samples"] if self.mode == "sampled" else opts["k"])  # ids stored per position
+        self.samples = int(opts["samples"]) if self.mode == "hybrid" else None  # a hybrid cache's tail draws
         self.values_format, self.ids_format = opts.get("values"), opts["ids"]
         self.feature_specs: list[str] = list(opts.get("features", []))
         self.vocab_size = int(meta["vocab_size"])
@@ -913,6 +955,9 @@ class CachedTeacher:
         want = self._feature_names(taps)
         if self.mode == "sampled":
             names = ["ids", "entropy", "block_hash"]
+        elif self.mode == "hybrid":
+            names = ["ids", "values", "log_rest", "tail_ids", "entropy", "block_hash"]
+            names += ["scale"] if self.values_format != "fp16" else []
         else:
             names = ["ids", "values", "logsumexp", "log_rest", "block_hash"]
             names += ["scale"] if self.values_format != "fp16" else []
@@ -940,6 +985,8 @@ class CachedTeacher:
         values = got["values"]
         values = values.numpy() if values.dtype != torch.float16 else values.float().numpy()
         log_p = decode_values(values.reshape(n * seq, -1), scale, k, self.values_format).reshape(n, seq, k)
+        if self.mode == "hybrid":
+            return TeacherOutput(self._hybrid(got, ids, log_p, n, seq, device), features)
         lse = got["logsumexp"].float()
         logits = self.temperature * (log_p + lse.unsqueeze(-1))
         # Rescale the (quantised) top-k probabilities to the exact top-k mass 1 - exp(log_rest): the bucket is exact
@@ -949,6 +996,21 @@ class CachedTeacher:
         sparse = SparseLogits(ids=ids.to(device), logits=logits.to(device), logsumexp=lse.to(device),
                               lse_temperature=self.temperature)
         return TeacherOutput(sparse, features)
+
+    def _hybrid(self, got: Mapping[str, torch.Tensor], ids: torch.Tensor, log_p: torch.Tensor, n: int, seq: int,
+                device) -> HybridLogits:
+        """A hybrid cache's rows: the decoded head log-probs ``log_p`` [n, T, K] rescaled to the exact head mass
+        1 - exp(log_rest), the tail draws [n, T, N] decoded."""
+        log_rest = got["log_rest"].float()
+        log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True) + log1mexp(log_rest).unsqueeze(-1)
+        if self.ids_format == "packed":
+            tail = decode_ids(got["tail_ids"].reshape(n * seq, -1).numpy(), self.samples, self.vocab_size)
+            tail = tail.reshape(n, seq, self.samples)
+        else:
+            tail = got["tail_ids"].to(torch.int64)
+        return HybridLogits(ids=ids.to(device), log_probs=log_p.to(device), tail_log_mass=log_rest.to(device),
+                            tail_ids=tail.to(device), entropy=got["entropy"].float().to(device),
+                            temperature=self.temperature)
 
     def _feature_names(self, taps) -> dict[str, str]:
         """tap name -> cached spec string, for a Taps object or a {name: spec} mapping."""
@@ -965,9 +1027,9 @@ class CachedTeacher:
 
     def check_temperatures(self, terms) -> None:
         """Refuse, before training, logit terms this cache cannot serve: on a top-k cache, terms whose exact
-        missing-mass policy needs another temperature than the stored logsumexp's; on a sampled cache, every logit
-        term but forward KL (the only one with an unbiased estimator from samples), and forward KL at another
-        temperature than the samples were drawn at."""
+        missing-mass policy needs another temperature than the stored logsumexp's; on a sampled or hybrid cache,
+        every logit term but forward KL (the only one with an unbiased estimator from samples), and forward KL at
+        another temperature than the samples were drawn at."""
         import inspect
 
         from ..losses.logits import forward_kl
@@ -980,10 +1042,10 @@ class CachedTeacher:
                 continue
             default = inspect.signature(fn).parameters.get("temperature")
             t = float(params.get("temperature", default.default if default is not None else 1.0))
-            if self.mode == "sampled":
+            if self.mode in ("sampled", "hybrid"):
                 if fn is not forward_kl or params.get("standardize") or params.get("correction"):
                     raise KDForgeError(
-                        f"term '{term.label}' ({term.loss}) has no estimator for the sampled teacher cache "
+                        f"term '{term.label}' ({term.loss}) has no estimator for the {self.mode} teacher cache "
                         f"'{self.path}': only forward_kl (without standardize or correction) trains from samples; "
                         "use forward_kl or build a top-k cache (kdforge cache-teacher --mode top_k)")
                 if not math.isclose(t, self.temperature, rel_tol=1e-6):
