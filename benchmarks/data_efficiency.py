@@ -133,9 +133,9 @@ def method_objectives() -> dict[str, list]:
 
 
 def base_recipe(args, out: Path):
-    from kdforge.demo import demo_recipe
+    from kdforge.demo import FRESH_STUDENT, demo_recipe
 
-    recipe = demo_recipe()
+    recipe = demo_recipe(student=FRESH_STUDENT)
     data = recipe.data.model_copy(update={"seq_len": args.seq, "max_eval_tokens": args.eval_tokens})
     return recipe.model_copy(update={"output_dir": str(out), "data": data})
 

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from kdforge.demo import demo_recipe
+from kdforge.demo import FRESH_STUDENT, demo_recipe
 from kdforge.recipe import Term
 from kdforge.train import prepare
 
@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=None, help="train.logit_chunk_size of the KD step (--cached)")
     ap.add_argument("--sampled", type=int, default=None, help="--cached: a sampled cache of this many draws per token")
     args = ap.parse_args()
-    recipe = demo_recipe()
+    recipe = demo_recipe(student=FRESH_STUDENT)
     recipe.data.seq_len = args.seq
     if args.cached:
         return cached_overhead(recipe, args)

