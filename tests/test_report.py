@@ -160,3 +160,41 @@ def test_gap_closed_is_the_share_of_the_log_perplexity_gap():
     assert gap_closed(72.14, 350.0, 309.2) == pytest.approx(direct) and round(direct, 4) == 0.0785
     assert gap_closed(72.14, 350.0, 72.14) == pytest.approx(1.0) and gap_closed(72.14, 350.0, 350.0) == 0.0
     assert gap_closed(72.14, 350.0, 400.0) < 0 and math.isnan(gap_closed(100.0, 90.0, 95.0))
+
+
+def test_a_demo_with_a_cut_student_reports_the_gap_closed_from_scratch(evaluated_run, tmp_path):
+    """A demo whose student is cut from the teacher also trains the same sizes from fresh weights (scratch): its row
+    comes first and metrics.json gives the share of the scratch-to-teacher gap the distilled student closes."""
+    from kdforge.demo import write_demo_report
+
+    demo = tmp_path / "demo"
+    perplexities = {"scratch": 600.0, "baseline": 270.0, "distilled": 237.0}
+    for name, ppl in perplexities.items():
+        shutil.copytree(evaluated_run, demo / name)
+        final = json.loads((demo / name / "final.json").read_text())
+        final["teacher"]["perplexity"], final["student"]["perplexity"] = 74.0, ppl
+        (demo / name / "final.json").write_text(json.dumps(final))
+    summary = write_demo_report(demo, {name: demo / name for name in perplexities})
+    assert [r["model"] for r in summary["rows"]][1:] == ["student, scratch (fresh weights)", "student, baseline",
+                                                         "student, distilled"]
+    log = math.log
+    assert summary["gap_closed"] == pytest.approx((log(270) - log(237)) / (log(270) - log(74)))
+    assert summary["gap_closed_from_scratch"] == pytest.approx((log(600) - log(237)) / (log(600) - log(74)))
+    md = (demo / "report.md").read_text()
+    assert f"closes {summary['gap_closed_from_scratch']:.0%} of the gap to the teacher" in md
+
+
+def test_the_scratch_run_is_the_baseline_with_fresh_weights_of_the_cut_students_sizes(tmp_path):
+    from transformers import LlamaConfig
+
+    from kdforge.demo import baseline_of, demo_recipe, scratch_of
+
+    distilled = demo_recipe(quick=True, out=tmp_path)
+    cut = LlamaConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=768, head_dim=64)
+    scratch = scratch_of(baseline_of(distilled, tmp_path), cut, tmp_path)
+    assert scratch.student.init == "config" and scratch.student.prune is None
+    assert scratch.student.config == {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                                      "num_key_value_heads": 2, "intermediate_size": 768, "head_dim": 64}
+    assert [t.loss for t in scratch.objective] == ["cross_entropy"] and scratch.seed == distilled.seed
+    assert scratch.output_dir == str(tmp_path / "scratch") and scratch.train == distilled.train

@@ -440,6 +440,9 @@ def demo(
         if summary["gap_closed"] is not None:
             typer.echo(f"gap closed: the distilled student closes {summary['gap_closed']:.0%} of the "
                        "baseline-to-teacher gap in log-perplexity")
+        if summary.get("gap_closed_from_scratch") is not None:
+            typer.echo(f"from scratch: against the same sizes from fresh weights (CE), it closes "
+                       f"{summary['gap_closed_from_scratch']:.0%} of the gap")
         typer.echo(f"report: {out / 'report.html'}")
 
     _run(body)

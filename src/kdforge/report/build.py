@@ -197,7 +197,8 @@ def demo_report(demo: Path, rep: Report) -> None:
     cross-entropy side by side (like for like: the distilled run's total loss also holds its KD term)."""
     summary = _read_json(demo / "metrics.json") or {}
     rep.heading("Held-out results")
-    rep.text("Same student, steps, data and seed for both runs; evaluated on the held-out works.")
+    rep.text("Same student, steps, data and seed for the baseline and the distilled run (and, where the student is "
+             "cut from the teacher, the same sizes from fresh weights: scratch); evaluated on the held-out works.")
     rep.table([label for _, label in DEMO_COLUMNS],
               [[row.get(key) for key, _ in DEMO_COLUMNS] for row in summary.get("rows", [])])
     gain = summary.get("baseline_over_distilled_perplexity")
@@ -209,7 +210,11 @@ def demo_report(demo: Path, rep: Report) -> None:
         rep.text("Gap closed: none to close (the baseline is not worse than the teacher)." if closed is None else
                  f"Gap closed: the distilled student closes {closed:.0%} of the baseline-to-teacher gap in "
                  "log-perplexity ((ln baseline - ln distilled) / (ln baseline - ln teacher)).")
-    runs = {name: demo / name for name in DEMO_RUNS}
+    if summary.get("gap_closed_from_scratch") is not None:
+        rep.text(f"From scratch: against the same sizes trained from fresh weights with cross-entropy, the distilled "
+                 f"student (cut from the teacher, then distilled) closes {summary['gap_closed_from_scratch']:.0%} "
+                 "of the gap to the teacher.")
+    runs = {name: demo / name for name in ("scratch", *DEMO_RUNS) if (demo / name / "final.json").is_file()}
     # like for like: the cross-entropy term of both runs (the distilled run's total also holds its KD term), and
     # held-out perplexity from the periodic evaluations plus the final one
     finals = {}
