@@ -8,10 +8,10 @@ KL(teacher || student) and training tokens/s in one table.
                                                  [--eval-tokens 8192] [--out results.md]
 
 Setup shared by every arm: teacher = the embedded SmolLM2-135M-Instruct (the demo recipe's teacher, at its
-teacher.dtype); student = the demo recipe's 4-layer d=256 Llama, built with seed 0 (identical initial weights in
-every arm); data = the first steps·batch·seq tokens of the Shakespeare training works in seq-token blocks, visited in
-kdforge's seeded order; objective = forward KL(teacher || student) at T=1 only, chunked (train.logit_chunk_size);
-the demo recipe's optimiser and schedule. Arms:
+teacher.dtype); student = a fresh 4-layer d=256 Llama (demo.FRESH_STUDENT), built with seed 0 (identical
+initial weights in every arm); data = the first steps·batch·seq tokens of the Shakespeare training works in seq-token
+blocks, visited in kdforge's seeded order; objective = forward KL(teacher || student) at T=1 only, chunked
+(train.logit_chunk_size); the demo recipe's optimiser and schedule. Arms:
 
   ce          cross-entropy on the data's next tokens only (no teacher): the plain step the cached steps are timed
               against
@@ -43,10 +43,10 @@ from pathlib import Path
 
 
 def _recipe(args, out: Path, arm: str, cache: Path | None = None):
-    from kdforge.demo import demo_recipe
+    from kdforge.demo import FRESH_STUDENT, demo_recipe
     from kdforge.recipe import Term
 
-    recipe = demo_recipe()
+    recipe = demo_recipe(student=FRESH_STUDENT)
     data = recipe.data.model_copy(update={"seq_len": args.seq, "max_train_tokens": args.steps * args.batch * args.seq,
                                           "max_eval_tokens": args.eval_tokens})
     train = recipe.train.model_copy(update={

@@ -8,7 +8,7 @@ matrix (FAM) and sequence-level KD, at the same steps per token; held-out perple
                      [--results benchmarks/results/data_efficiency]
 
 Setup shared by every cell: teacher = the embedded SmolLM2-135M-Instruct (the demo recipe's, teacher.dtype auto);
-student = the demo recipe's fresh 4-layer d=256 Llama (15.7M parameters), built from the cell's seed; the demo
+student = a fresh 4-layer d=256 Llama (demo.FRESH_STUDENT, 15.7M parameters), built from the cell's seed; the demo
 recipe's optimiser and learning rate, warm-up over the first tenth of the steps; held out = King Lear + The Tempest
 (the first --eval-tokens tokens, packed like the matrix's).
 

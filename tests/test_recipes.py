@@ -25,6 +25,8 @@ def tiny_version(path: Path, assets: dict, out: Path) -> dict:
     r["teacher"] = {**r["teacher"], "model": str(assets["teacher"]), "dtype": "float32"}
     if r["student"].get("init", "config") == "config":
         r["student"]["config"] = dict(TINY_STUDENT)
+    elif r["student"]["init"] == "pruned":  # the demo: cut to 2 of the tiny teacher's 3 blocks and 32 of its 48 channels
+        r["student"]["prune"] = {"layers": 2, "hidden_size": 32, "calibration_tokens": 128}
     else:
         r["student"]["layers"] = [0, -1]
     r["data"] = {"corpus": str(assets["train"]), "validation": [str(assets["val"])], "seq_len": 32,
