@@ -78,3 +78,15 @@ def tiny_recipe(tiny_assets, tmp_path):
         "train": {"steps": 6, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "save_every": 3, "log_every": 1,
                   "bf16": False},
     }
+
+
+@pytest.fixture(scope="module")
+def peaked_teacher():
+    """(a tiny 300-id Llama whose output distribution is peaked, 6 blocks of 16 ids): the teacher-cache tests' teacher."""
+    from kdforge.models import tiny_llama
+
+    teacher = tiny_llama(vocab_size=300, hidden=32, layers=2, heads=4, seed=0)
+    with torch.no_grad():  # a peaked teacher, as trained ones are
+        teacher.lm_head.weight.mul_(30)
+    ids = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(0))
+    return teacher, ids

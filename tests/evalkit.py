@@ -1,4 +1,5 @@
-"""Helpers shared by the evaluation, bench, report and reproduce tests (not a test module)."""
+"""Helpers shared by the evaluation, bench, report and reproduce tests, and the teacher-cache tests (not a test
+module)."""
 from __future__ import annotations
 
 import json
@@ -47,3 +48,14 @@ def chromium(url: str, tmp: Path, *extra: str, timeout: int = 60) -> dict:
     shutil.rmtree(tmp / "profile", ignore_errors=True)
     return {"stdout": proc.stdout, "stderr": proc.stderr, "returncode": proc.returncode, "console": console,
             "requests": requests}
+
+
+class SyntheticTokenizer:
+    """A 300-id vocabulary t0..t299: what a teacher cache records of a tokenizer (the sampled and hybrid cache tests)."""
+    name_or_path = "synthetic-300"
+
+    def get_vocab(self):
+        return {f"t{i}": i for i in range(300)}
+
+    def __len__(self):
+        return 300

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from evalkit import SyntheticTokenizer
 from kdforge.errors import KDForgeError
 from kdforge.losses import chunked as chunked_mod
 from kdforge.losses.chunked import ChunkedTerm, chunked_logit_terms
@@ -168,31 +169,10 @@ def test_losses_without_an_estimator_refuse_a_hybrid_teacher():
         forward_kl(student, hybrid, temperature=2.0)
 
 
-class _Tokenizer:
-    name_or_path = "synthetic-300"
-
-    def get_vocab(self):
-        return {f"t{i}": i for i in range(300)}
-
-    def __len__(self):
-        return 300
-
-
-@pytest.fixture(scope="module")
-def peaked_teacher():
-    from kdforge.models import tiny_llama
-
-    teacher = tiny_llama(vocab_size=300, hidden=32, layers=2, heads=4, seed=0)
-    with torch.no_grad():  # a peaked teacher, as trained ones are
-        teacher.lm_head.weight.mul_(30)
-    ids = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(0))
-    return teacher, ids
-
-
 def _hybrid_cache(tmp, teacher, blocks, **opts):
     options = CacheOptions(**{"mode": "hybrid", "k": 4, "samples": 8, "temperature": 2.0, "batch_size": 4,
                               "shard_blocks": 4, **opts})
-    return build_cache(teacher, _Tokenizer(), blocks, tmp, teacher_spec={"model": "synthetic"}, options=options)
+    return build_cache(teacher, SyntheticTokenizer(), blocks, tmp, teacher_spec={"model": "synthetic"}, options=options)
 
 
 @pytest.mark.parametrize("id_format", ["packed", "plain"])
@@ -253,7 +233,7 @@ def test_the_draws_do_not_depend_on_the_batch_size_or_a_resume(peaked_teacher, t
 
 def test_top_k_and_sampled_caches_record_the_same_metadata_as_before_the_hybrid():
     def options(**kw):
-        return set(cache_mod.cache_meta({"model": "m"}, _Tokenizer(), torch.zeros(2, 4, dtype=torch.long), 300,
+        return set(cache_mod.cache_meta({"model": "m"}, SyntheticTokenizer(), torch.zeros(2, 4, dtype=torch.long), 300,
                                         CacheOptions(**kw))["options"])
 
     base = {"ids", "temperature", "features", "feature_dtype", "shard_blocks", "batch_size"}

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from evalkit import SyntheticTokenizer
 from kdforge.errors import KDForgeError
 from kdforge.losses.chunked import ChunkedTerm, chunked_logit_terms
 from kdforge.losses.logits import forward_kl, reverse_kl
@@ -83,7 +84,7 @@ def test_chunked_fast_path_equals_the_plain_loss_in_value_and_gradient():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_losses_without_an_estimator_refuse_a_sampled_teacher():
+def test_losses_without_an_estimator_refuse_a_peaked_teacher():
     sampled = SampledLogits(torch.zeros(2, 3, dtype=torch.long), torch.ones(2), 1.0)
     with pytest.raises(ValueError, match="no estimator for a sampled teacher cache"):
         reverse_kl(torch.randn(2, 5), sampled)
@@ -93,35 +94,14 @@ def test_losses_without_an_estimator_refuse_a_sampled_teacher():
         forward_kl(torch.randn(2, 5), sampled, temperature=2.0)
 
 
-class _Tokenizer:
-    name_or_path = "synthetic-300"
-
-    def get_vocab(self):
-        return {f"t{i}": i for i in range(300)}
-
-    def __len__(self):
-        return 300
-
-
-@pytest.fixture(scope="module")
-def sampled_teacher():
-    from kdforge.models import tiny_llama
-
-    teacher = tiny_llama(vocab_size=300, hidden=32, layers=2, heads=4, seed=0)
-    with torch.no_grad():  # a peaked teacher, as trained ones are
-        teacher.lm_head.weight.mul_(30)
-    ids = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(0))
-    return teacher, ids
-
-
 def _sampled(tmp, teacher, ids, **opts):
     options = CacheOptions(**{"mode": "sampled", "samples": 8, "temperature": 2.0, "batch_size": 4,
                               "shard_blocks": 4, **opts})
-    return build_cache(teacher, _Tokenizer(), ids, tmp, teacher_spec={"model": "synthetic"}, options=options)
+    return build_cache(teacher, SyntheticTokenizer(), ids, tmp, teacher_spec={"model": "synthetic"}, options=options)
 
 
-def test_a_sampled_cache_stores_the_draws_and_the_entropy_and_reads_them_back(sampled_teacher, tmp_path):
-    teacher, ids = sampled_teacher
+def test_a_sampled_cache_stores_the_draws_and_the_entropy_and_reads_them_back(peaked_teacher, tmp_path):
+    teacher, ids = peaked_teacher
     index = _sampled(tmp_path / "c", teacher, ids)
     opts = index["meta"]["options"]
     assert opts["mode"] == "sampled" and opts["samples"] == 8 and "values" not in opts
@@ -140,8 +120,8 @@ def test_a_sampled_cache_stores_the_draws_and_the_entropy_and_reads_them_back(sa
                                rtol=1e-5, atol=1e-5)
 
 
-def test_the_draws_do_not_depend_on_the_batch_size_or_a_resume(sampled_teacher, tmp_path):
-    teacher, ids = sampled_teacher
+def test_the_draws_do_not_depend_on_the_batch_size_or_a_resume(peaked_teacher, tmp_path):
+    teacher, ids = peaked_teacher
     _sampled(tmp_path / "a", teacher, ids, batch_size=4)
     _sampled(tmp_path / "b", teacher, ids, batch_size=3)
     (tmp_path / "b" / "shard_00001.safetensors").unlink()  # as if killed before the last shard
@@ -159,7 +139,7 @@ def test_the_draws_do_not_depend_on_the_batch_size_or_a_resume(sampled_teacher, 
 
 
 def test_a_top_k_cache_records_the_same_metadata_as_before_sampling_existed():
-    meta = cache_mod.cache_meta({"model": "m"}, _Tokenizer(), torch.zeros(2, 4, dtype=torch.long), 300,
+    meta = cache_mod.cache_meta({"model": "m"}, SyntheticTokenizer(), torch.zeros(2, 4, dtype=torch.long), 300,
                                 CacheOptions(k=16))
     assert set(meta["options"]) == {"k", "values", "ids", "lse_dtype", "temperature", "features", "feature_dtype",
                                     "shard_blocks", "batch_size"}
@@ -173,10 +153,10 @@ def test_bad_sampling_options_are_refused_in_one_line(opts, message):
         CacheOptions(**{"mode": "sampled", **opts}).check()
 
 
-def test_training_terms_a_sampled_cache_cannot_serve_are_refused_naming_them(sampled_teacher, tmp_path):
+def test_training_terms_a_sampled_cache_cannot_serve_are_refused_naming_them(peaked_teacher, tmp_path):
     from kdforge.recipe import Term
 
-    teacher, ids = sampled_teacher
+    teacher, ids = peaked_teacher
     _sampled(tmp_path / "c", teacher, ids)
     cached = CachedTeacher(tmp_path / "c")
     cached.check_temperatures([Term(loss="forward_kl", temperature=2.0), Term(loss="cross_entropy")])
