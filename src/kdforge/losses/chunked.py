@@ -54,8 +54,7 @@ from ..lm_head import LogitTransform, check_logit_transform
 from .logits import (LABEL_LOSSES, LOGIT_LOSSES, correlation_aware_kd, cross_entropy, decoupled_kd, forward_kl,
                      generalized_jsd, needs_labels, reverse_kl, skew_forward_kl, skew_reverse_kl, total_variation)
 from .sparse import (HybridLogits, SampledLogits, SparseLogits, check_policy, check_temperature, compute_dtype,
-                     hybrid_forward_kl_rows, hybrid_head_and_tail_weights, log1mexp, safe_logsumexp,
-                     sampled_forward_kl_rows)
+                     hybrid_forward_kl_rows, hybrid_head_and_tail_weights, log1mexp, safe_logsumexp)
 
 
 
@@ -323,9 +322,7 @@ def _fast_forward_kl(st: _ChunkState, teacher, labels, valid, coeff, kwargs):
     sampled and hybrid caches with their estimate p̂ for p."""
     if set(kwargs) - {"temperature", "missing_mass", "standardize"}:
         return None
-    if isinstance(teacher, SampledLogits):
-        return _fast_sampled_forward_kl(st, teacher, valid, coeff, kwargs)
-    if isinstance(teacher, HybridLogits):
+    if isinstance(teacher, (SampledLogits, HybridLogits)):
         return _fast_hybrid_forward_kl(st, teacher, valid, coeff, kwargs)
     if not isinstance(teacher, SparseLogits):
         d = _dense(st, teacher, valid, kwargs, {"temperature", "missing_mass", "standardize"})
@@ -378,30 +375,15 @@ def _fast_forward_kl(st: _ChunkState, teacher, labels, valid, coeff, kwargs):
     return value
 
 
-def _fast_sampled_forward_kl(st: _ChunkState, teacher: SampledLogits, valid, coeff, kwargs):
-    """forward_kl on a sampled teacher: T²·(-H - mean_j log q_T[ids_j]); dL/dz = T·(q - p̂), p̂ = counts / N."""
-    temperature = float(kwargs.get("temperature", 1.0))
-    if kwargs.get("standardize") or not math.isclose(temperature, teacher.temperature, rel_tol=1e-6):
-        return None  # the generic path refuses it with its message
-    dtype = compute_dtype(st.z)
-    ids = torch.where(valid.unsqueeze(-1), teacher.ids.long(), 0)
-    rows = sampled_forward_kl_rows(st.log_q(temperature, dtype), SampledLogits(ids, teacher.entropy, temperature))
-    value = torch.where(valid, rows, 0.0).sum() * temperature**2
-    if not bool(torch.isfinite(value)):
-        return None
-    if st.want_grad:
-        weight = valid.to(dtype) * (coeff * temperature)
-        st.add_rows(st.q(temperature, dtype), weight)
-        st.scatter_add(ids, (-weight / teacher.n_samples).unsqueeze(-1).expand(ids.shape))
-    return value
-
-
-def _fast_hybrid_forward_kl(st: _ChunkState, teacher: HybridLogits, valid, coeff, kwargs):
+def _fast_hybrid_forward_kl(st: _ChunkState, teacher: HybridLogits | SampledLogits, valid, coeff, kwargs):
     """forward_kl on a hybrid teacher: T²·(-H - Σ_head p_i·log q_T[i] - (m/N)·Σ_j log q_T[tail_j]);
-    dL/dz = T·(q - p̂), p̂ = p on the head ids + (m/N)·counts on the tail draws (Σ p̂ = 1)."""
+    dL/dz = T·(q - p̂), p̂ = p on the head ids + (m/N)·counts on the tail draws (Σ p̂ = 1). A sampled teacher is the
+    hybrid one with no head (m = 1): p̂ = counts / N."""
     temperature = float(kwargs.get("temperature", 1.0))
     if kwargs.get("standardize") or not math.isclose(temperature, teacher.temperature, rel_tol=1e-6):
         return None  # the generic path refuses it with its message
+    if isinstance(teacher, SampledLogits):
+        teacher = teacher.as_hybrid()
     dtype = compute_dtype(st.z)
     clean = teacher.sanitized(valid)
     rows = hybrid_forward_kl_rows(st.log_q(temperature, dtype), clean)

@@ -45,7 +45,6 @@ from kdforge.losses.sparse import (
     hybrid_forward_kl_rows,
     no_hybrid_estimator,
     no_sampled_estimator,
-    sampled_forward_kl_rows,
     aligned_log_probs,
     check_policy,
     check_temperature,
@@ -277,11 +276,8 @@ def _sampled_forward_kl(student_logits, teacher: SampledLogits | HybridLogits, m
     valid = _valid_positions(mask, student_logits.shape[:-1], student_logits.device)
     student = torch.where(valid.unsqueeze(-1), student_logits, torch.zeros_like(student_logits))
     log_q = F.log_softmax(student.to(compute_dtype(student)) / temperature, dim=-1)
-    if kind == "hybrid":
-        rows = hybrid_forward_kl_rows(log_q, teacher.sanitized(valid))
-    else:
-        ids = torch.where(valid.unsqueeze(-1), teacher.ids.long(), 0)
-        rows = sampled_forward_kl_rows(log_q, SampledLogits(ids, teacher.entropy, teacher.temperature))
+    hybrid = teacher.as_hybrid() if isinstance(teacher, SampledLogits) else teacher  # sampled: no head, tail mass 1
+    rows = hybrid_forward_kl_rows(log_q, hybrid.sanitized(valid))
     return _reduce(rows * temperature**2, valid, reduction)
 
 

@@ -120,6 +120,15 @@ class SampledLogits:
         return SampledLogits(ids=self.ids.reshape(-1, self.n_samples), entropy=self.entropy.reshape(-1),
                              temperature=self.temperature)
 
+    def as_hybrid(self) -> "HybridLogits":
+        """The same estimator as a hybrid teacher with an empty head (K = 0, tail mass 1): the draws are the tail's,
+        so one forward-KL path serves both caches."""
+        lead = self.ids.shape[:-1]
+        return HybridLogits(ids=self.ids.new_zeros((*lead, 0)),
+                            log_probs=self.entropy.new_zeros((*lead, 0)),
+                            tail_log_mass=torch.zeros_like(self.entropy), tail_ids=self.ids, entropy=self.entropy,
+                            temperature=self.temperature)
+
 
 @dataclass
 class HybridLogits:
@@ -222,13 +231,6 @@ def no_hybrid_estimator(loss: str) -> ValueError:
 def no_sampled_estimator(loss: str) -> ValueError:
     return ValueError(f"{loss} has no estimator for a sampled teacher cache (draws of the teacher's distribution); "
                       "use forward_kl on it, or build a top-k cache (kdforge cache-teacher --mode top_k)")
-
-
-def sampled_forward_kl_rows(log_q: torch.Tensor, teacher: SampledLogits) -> torch.Tensor:
-    """Per-position unbiased estimate of KL(p_T ‖ q) from student log-probs ``log_q`` ``[..., V]`` at the teacher's
-    temperature: ``-H(p_T) - (1/N)·Σ_j log q[ids_j]``, shape ``[...]`` (not yet scaled by T²)."""
-    drawn = log_q.gather(-1, teacher.ids.long()).mean(-1)
-    return -teacher.entropy.to(log_q.dtype) - drawn
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
